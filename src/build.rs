@@ -1,0 +1,276 @@
+//! `keel build`: definition → bootstrap → /usr commit → erofs + verity → initrd → UKI → disk →
+//! manifest. Outputs are staged next to their final names and renamed only when all are whole.
+
+use crate::cache::{self, Cache};
+use crate::compose::{bootstrap, dpkg, overlay, usrify};
+use crate::image::{Definition, OutputFormat};
+use crate::manifest::{self, Artifact, Manifest, PartitionInfo, MANIFEST_FILE};
+use crate::progress::Stages;
+use crate::render::{disk, initrd, layout, uki, usr};
+use crate::store::{self, CommitRecord, Store};
+use crate::tools::{require_host_tool, run, HostTool, ToolsTree};
+use anyhow::{bail, Context, Result};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// SOURCE_DATE_EPOCH when the environment sets none: fixed, so builds are reproducible by default
+/// (2025-01-01T00:00:00Z).
+pub const DEFAULT_EPOCH: u64 = 1_735_689_600;
+
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    pub definition: PathBuf,
+    pub out: Option<PathBuf>,
+    pub repo: Option<PathBuf>,
+    /// Bootstrap again even when a cached tree exists (packages still come from the cache).
+    pub rebootstrap: bool,
+    pub quiet: bool,
+}
+
+/// The epoch from SOURCE_DATE_EPOCH, else [`DEFAULT_EPOCH`].
+pub fn source_date_epoch() -> Result<u64> {
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(v) => v.trim().parse().with_context(|| format!("SOURCE_DATE_EPOCH={v} is not a number of seconds")),
+        Err(_) => Ok(DEFAULT_EPOCH),
+    }
+}
+
+/// Removes a directory when dropped (work and staging directories of a build, on success or error).
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Err(e) = cache::remove_path(&self.0) {
+            tracing::warn!("leaving {}: {e:#}", self.0.display());
+        }
+    }
+}
+
+/// Default output directory for an image.
+pub fn default_out(name: &str) -> PathBuf {
+    PathBuf::from("build").join(name)
+}
+
+/// Default store location.
+pub fn default_repo(cache: &Cache) -> PathBuf {
+    cache.dir().join("repo")
+}
+
+/// Returns the base commit for the definition, bootstrapping when it is not in the store.
+fn ensure_base(store: &Store, cache: &Cache, def: &Definition, epoch: u64, rebootstrap: bool) -> Result<(String, String)> {
+    let key = bootstrap::base_key(def, epoch);
+    let base_ref = store::base_ref(&key);
+    if !rebootstrap {
+        if let Some(c) = store.resolve(&base_ref)? {
+            let kernel = store.entry(&c)?.record.map(|r| r.kernel).unwrap_or_default();
+            return Ok((c, kernel));
+        }
+    }
+    let mmdebstrap = require_host_tool(HostTool::Mmdebstrap)?;
+    let debs = cache.dir().join("debs").join(&def.suite);
+    fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
+    let staging = cache.staging("bootstrap", &key);
+    cache::remove_path(&staging)?;
+    let _cleanup = Scratch(staging.clone());
+    run(Command::new(mmdebstrap)
+        .env("SOURCE_DATE_EPOCH", epoch.to_string())
+        .args(bootstrap::mmdebstrap_args(def, &staging, &debs)))
+    .with_context(|| format!("bootstrapping {} from {} ({})", def.suite, def.mirror, def.path.display()))?;
+    let kernel = usrify::usrify(&staging)?;
+    let status = fs::read_to_string(staging.join("usr").join(usrify::DPKG_STATUS)).context("reading dpkg status")?;
+    let record = CommitRecord {
+        format: 1,
+        name: format!("base-{key}"),
+        version: String::new(),
+        kernel: kernel.clone(),
+        packages: dpkg::parse_status(&status),
+    };
+    let commit = store.commit_dir(&staging.join("usr"), &base_ref, None, &format!("base tree {key}"), Some(&record), epoch, None)?;
+    Ok((commit, kernel))
+}
+
+pub fn build(opts: &BuildOptions) -> Result<Manifest> {
+    let mut stages = Stages::new(opts.quiet);
+    let def = stages.run("load definition", || Ok(Definition::load(&opts.definition)?))?;
+    let epoch = source_date_epoch()?;
+    let cache = Cache::from_env()?;
+    let repo_path = opts.repo.clone().unwrap_or_else(|| default_repo(&cache));
+    let store = Store::open_or_create(&repo_path)?;
+    let out = opts.out.clone().unwrap_or_else(|| default_out(&def.name));
+    fs::create_dir_all(&out).with_context(|| format!("creating output directory {}", out.display()))?;
+    let out = out.canonicalize().with_context(|| format!("resolving {}", out.display()))?;
+    let pid = std::process::id();
+    let staging = out.join(format!(".keel-staging-{pid}"));
+    let work = cache.dir().join("work").join(format!("{}-{pid}", def.name));
+    cache::remove_path(&staging)?;
+    cache::remove_path(&work)?;
+    fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
+    fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let _guards = (Scratch(staging.clone()), Scratch(work.clone()));
+
+    let tools = stages.run("tools tree", || ToolsTree::ensure(&cache, &def.mirror))?;
+    let tools = tools.bind(&work).bind(&staging).env("SOURCE_DATE_EPOCH", &epoch.to_string());
+
+    let (base, kernel) = stages.run("bootstrap", || ensure_base(&store, &cache, &def, epoch, opts.rebootstrap))?;
+
+    // Compose: base checkout + keel's content, committed as the image's /usr.
+    let (commit, packages) = stages.run("compose and commit /usr", || {
+        let devino = ostree::RepoDevInoCache::new();
+        let tree = work.join("usr-compose");
+        store.checkout(&base, &tree, Some(&devino))?;
+        let binaries = def.project_dir.join("target/release");
+        overlay::apply(&tree, &def, &binaries)?;
+        let status = fs::read_to_string(tree.join(usrify::DPKG_STATUS)).context("reading the image's dpkg status")?;
+        let packages = dpkg::parse_status(&status);
+        let record = CommitRecord {
+            format: 1,
+            name: def.name.clone(),
+            version: def.version.clone(),
+            kernel: kernel.clone(),
+            packages: packages.clone(),
+        };
+        let image_ref = store::image_ref(&def.name);
+        let parent = store.resolve(&image_ref)?;
+        let subject = format!("{} {}", def.name, def.version);
+        let commit = store.commit_dir(&tree, &image_ref, parent.as_deref(), &subject, Some(&record), epoch, Some(&devino))?;
+        cache::remove_path(&tree)?;
+        Ok((commit, packages))
+    })?;
+    // Rendering depends only on the tree's content, not on the commit's parent or time.
+    let content_id = store.content_checksum(&commit)?;
+
+    let usr_tree = work.join("usr-render");
+    let erofs = work.join("usr.erofs");
+    let verity = work.join("usr.verity");
+    let root_hash = stages.run("erofs /usr and dm-verity", || {
+        store.checkout(&commit, &usr_tree, None)?;
+        usr::make_erofs(&tools, &usr_tree, &erofs, &content_id, epoch)?;
+        usr::make_verity(&tools, &erofs, &verity, &content_id)
+    })?;
+
+    let initrd_path = stages.run("initrd", || {
+        initrd::build(&cache, &tools, &work, &initrd::InitrdInput {
+            suite: &def.suite,
+            mirror: &def.mirror,
+            epoch,
+            usr: &usr_tree,
+            kernel_version: &kernel,
+            modules: &def.initrd_modules,
+        })
+    })?;
+
+    let cmdline = uki::cmdline(&root_hash, &def.kernel_cmdline);
+    let uki_out = staging.join(format!("{}.efi", def.name));
+    stages.run("UKI", || {
+        let os_release = work.join("os-release");
+        fs::copy(usr_tree.join("lib/os-release"), &os_release).context("copying os-release")?;
+        let kernel_file = work.join("vmlinuz");
+        fs::copy(usr_tree.join("lib/modules").join(&kernel).join("vmlinuz"), &kernel_file).context("copying the kernel")?;
+        let initrd_copy = work.join("initrd.img");
+        fs::copy(&initrd_path, &initrd_copy).context("copying the initrd")?;
+        uki::build(&tools, &uki::UkiInput {
+            kernel: &kernel_file,
+            initrd: &initrd_copy,
+            os_release: &os_release,
+            kernel_version: &kernel,
+            cmdline: &cmdline,
+        }, &uki_out)
+    })?;
+    cache::remove_path(&usr_tree)?;
+
+    let raw = staging.join(format!("{}.raw", def.name));
+    let usr_fs_bytes = fs::metadata(&erofs).context("reading the erofs size")?.len();
+    let parts = stages.run("disk image", || {
+        let esp = work.join("esp");
+        disk::prepare_esp(&tools, &esp, &uki_out, &def.version)?;
+        let esp_s = esp.display().to_string();
+        let erofs_s = erofs.display().to_string();
+        let verity_s = verity.display().to_string();
+        let label = format!("{}_{}", def.name, def.version);
+        let parts = layout::partitions(&layout::LayoutInput {
+            label: &label,
+            esp_dir: &esp_s,
+            esp_bytes: def.esp_size.bytes(),
+            usr_image: &erofs_s,
+            usr_image_bytes: usr_fs_bytes,
+            verity_image: &verity_s,
+            verity_image_bytes: fs::metadata(&verity).context("reading the verity size")?.len(),
+            slot_bytes: def.usr_size.bytes(),
+            root_hash: &root_hash,
+        })?;
+        let seed = usr::derived_uuid(&content_id, "repart-seed");
+        disk::write_disk(&tools, &parts, &work.join("repart.d"), &raw, &seed)?;
+        Ok(parts)
+    })?;
+    if def.formats.contains(&OutputFormat::Qcow2) {
+        let qcow2 = staging.join(format!("{}.qcow2", def.name));
+        stages.run("qcow2", || disk::to_qcow2(&tools, &raw, &qcow2))?;
+    }
+    if !def.formats.contains(&OutputFormat::Raw) {
+        fs::remove_file(&raw).context("removing the intermediate raw image")?;
+    }
+
+    let mut manifest = Manifest {
+        format: manifest::MANIFEST_FORMAT,
+        name: def.name.clone(),
+        version: def.version.clone(),
+        description: def.description.clone(),
+        definition: opts.definition.display().to_string(),
+        ostree_commit: commit.clone(),
+        ostree_repo: store.path().display().to_string(),
+        usr_root_hash: root_hash.clone(),
+        usr_filesystem_bytes: usr_fs_bytes,
+        cmdline,
+        kernel: kernel.clone(),
+        source_date_epoch: epoch,
+        uki: layout::uki_file_name(&def.version),
+        partitions: parts
+            .iter()
+            .map(|p| PartitionInfo { label: p.label.clone(), type_: p.type_.to_string(), uuid: p.uuid.clone(), size: p.size })
+            .collect(),
+        packages,
+        artifacts: Vec::new(),
+        timings: Vec::new(),
+    };
+    let files = stages.run("checksums", || {
+        let mut names: Vec<String> = fs::read_dir(&staging)?
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<Result<_, _>>()?;
+        names.sort();
+        let handles: Vec<_> = names
+            .iter()
+            .map(|n| {
+                let p = staging.join(n);
+                std::thread::spawn(move || manifest::digest_file(&p))
+            })
+            .collect();
+        let mut arts = Vec::new();
+        for (n, h) in names.iter().zip(handles) {
+            let (sha256, size) = h.join().map_err(|_| anyhow::anyhow!("checksum thread panicked"))??;
+            arts.push(Artifact { file: n.clone(), sha256, size });
+        }
+        Ok(arts)
+    })?;
+    manifest.artifacts = files;
+    manifest.timings = stages.timings.clone();
+    fs::write(staging.join(MANIFEST_FILE), serde_json::to_string_pretty(&manifest)? + "\n").context("writing manifest.json")?;
+
+    // Publish: every artifact is whole; rename into place, the manifest last.
+    for a in &manifest.artifacts {
+        fs::rename(staging.join(&a.file), out.join(&a.file)).with_context(|| format!("moving {} into {}", a.file, out.display()))?;
+    }
+    fs::rename(staging.join(MANIFEST_FILE), out.join(MANIFEST_FILE)).context("moving manifest.json into place")?;
+    Ok(manifest)
+}
+
+/// Checks that an output directory holds what a manifest says (used by tests and `keel inspect`).
+pub fn verify_outputs(out: &Path, m: &Manifest) -> Result<()> {
+    for a in &m.artifacts {
+        let (sha, size) = manifest::digest_file(&out.join(&a.file))?;
+        if sha != a.sha256 || size != a.size {
+            bail!("{} does not match the manifest (sha256 {sha}, size {size})", a.file);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,10 @@
+//! Image definitions: the TOML files under `images/` that say what an image contains.
+//!
+//! A definition is parsed strictly (unknown fields are errors), may `extends` another one, and is
+//! validated as a whole before any build work starts.
+
+mod definition;
+mod size;
+
+pub use definition::{Definition, DefinitionError, FileEntry, Located, Origin, OutputFormat};
+pub use size::ByteSize;

@@ -1,0 +1,14 @@
+//! Keel: build, boot and test a trusted, immutable cluster operating system made of Debian
+//! packages. See `docs/architecture.md` for how the modules fit together.
+
+pub mod build;
+pub mod cache;
+pub mod cli;
+pub mod compose;
+pub mod image;
+pub mod inspect;
+pub mod manifest;
+pub mod progress;
+pub mod render;
+pub mod store;
+pub mod tools;

@@ -1,0 +1,59 @@
+//! The GPT disk image: ESP with systemd-boot and the UKI, usr slot A with its verity partition,
+//! and an empty slot B, written by systemd-repart offline from the tools tree.
+
+use super::layout::{self, PartitionDef};
+use crate::tools::{run, run_capture, ToolsTree};
+use anyhow::{Context, Result};
+use std::fs;
+use std::path::Path;
+
+pub const LOADER_CONF: &str = "timeout 0\neditor no\nconsole-mode keep\n";
+
+/// Lays out the ESP directory: systemd-boot as the removable-media loader and under
+/// EFI/systemd, the UKI under EFI/Linux with its boot counter, and loader.conf.
+pub fn prepare_esp(tools: &ToolsTree, esp: &Path, uki: &Path, version: &str) -> Result<()> {
+    let sdboot = tools.file("usr/lib/systemd/boot/efi/systemd-bootx64.efi");
+    for dir in ["EFI/BOOT", "EFI/systemd", "EFI/Linux", "loader"] {
+        fs::create_dir_all(esp.join(dir)).with_context(|| format!("creating {}/{dir}", esp.display()))?;
+    }
+    fs::copy(&sdboot, esp.join("EFI/BOOT/BOOTX64.EFI")).with_context(|| format!("copying {}", sdboot.display()))?;
+    fs::copy(&sdboot, esp.join("EFI/systemd/systemd-bootx64.efi")).with_context(|| format!("copying {}", sdboot.display()))?;
+    fs::copy(uki, esp.join("EFI/Linux").join(layout::uki_file_name(version))).context("copying the UKI into the ESP")?;
+    fs::write(esp.join("loader/loader.conf"), LOADER_CONF).context("writing loader.conf")?;
+    Ok(())
+}
+
+/// Writes the repart definitions into `defs` and runs systemd-repart to create `disk`.
+/// `seed` makes the disk GUID and the UUIDs repart picks reproducible.
+pub fn write_disk(tools: &ToolsTree, parts: &[PartitionDef], defs: &Path, disk: &Path, seed: &str) -> Result<String> {
+    fs::create_dir_all(defs).with_context(|| format!("creating {}", defs.display()))?;
+    for p in parts {
+        fs::write(defs.join(&p.file), p.to_repart()).with_context(|| format!("writing {}", p.file))?;
+    }
+    crate::cache::remove_path(disk)?;
+    let out = run_capture(
+        tools
+            .command("systemd-repart")?
+            .arg("--offline=yes")
+            .arg("--sector-size=512")
+            .arg("--empty=create")
+            .arg("--size=auto")
+            .arg(format!("--seed={seed}"))
+            .arg(format!("--definitions={}", defs.display()))
+            .arg("--dry-run=no")
+            .arg("--json=short")
+            .arg(disk),
+    )
+    .context("writing the disk image with systemd-repart")?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Converts the raw disk to qcow2.
+pub fn to_qcow2(tools: &ToolsTree, raw: &Path, qcow2: &Path) -> Result<()> {
+    run(tools
+        .command("qemu-img")?
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(raw)
+        .arg(qcow2))
+    .context("converting the disk image to qcow2")
+}

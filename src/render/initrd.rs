@@ -1,0 +1,269 @@
+//! The initrd: a small Debian tree with systemd (as mkosi-initrd builds), the kernel modules that
+//! find and open the disk, and keel's first-boot units. systemd in the initrd opens /usr through
+//! dm-verity (`usrhash=`), creates the root partition with systemd-repart on first boot, fills /etc
+//! from the factory defaults, and switches root.
+
+use crate::cache::{self, Cache};
+use crate::tools::{require_host_tool, run, HostTool, ToolsTree};
+use anyhow::{Context, Result};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Packages of the initrd tree.
+pub const INITRD_PACKAGES: &[&str] = &[
+    "systemd",
+    "udev",
+    "kmod",
+    "systemd-repart",
+    "systemd-cryptsetup",
+    "e2fsprogs",
+    "util-linux",
+    "mount",
+];
+/// Bump when the initrd's keel content or trimming changes.
+const INITRD_FORMAT: &str = "initrd-2";
+
+/// Copies the factory /etc onto the new root partition, once, atomically (staging + rename).
+const ETC_SETUP: &str = r#"#!/bin/sh
+# keel: populate /etc on the root partition from the image's factory defaults (first boot only).
+set -eu
+if [ -e /sysroot/etc ]; then
+    exit 0
+fi
+rm -rf /sysroot/.keel-etc-new
+cp -a /sysusr/usr/share/factory/etc /sysroot/.keel-etc-new
+sync -f /sysroot/.keel-etc-new
+mv -T /sysroot/.keel-etc-new /sysroot/etc
+echo "keel: populated /etc from /usr/share/factory/etc" > /dev/kmsg
+"#;
+
+const ETC_SETUP_UNIT: &str = "\
+[Unit]
+Description=Keel: populate /etc from the image's factory defaults
+DefaultDependencies=no
+Requires=sysroot.mount
+After=sysroot.mount sysusr-usr.mount systemd-repart.service
+Before=initrd-root-fs.target initrd-parse-etc.service
+ConditionPathExists=/etc/initrd-release
+OnFailure=emergency.target
+OnFailureJobMode=isolate
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/lib/keel/etc-setup
+";
+
+/// Module files (paths relative to the modules directory) needed for `wanted`, with their
+/// dependencies, from the contents of `modules.dep` and `modules.builtin`. Returns the files and
+/// the requested names that exist neither as a module nor built in.
+pub fn resolve_modules(dep: &str, builtin: &str, wanted: &[String]) -> (Vec<String>, Vec<String>) {
+    let norm = |s: &str| s.replace('-', "_");
+    let name_of = |path: &str| {
+        let file = path.rsplit('/').next().unwrap_or(path);
+        norm(file.split(".ko").next().unwrap_or(file))
+    };
+    let mut deps: BTreeMap<String, (String, Vec<String>)> = BTreeMap::new();
+    for line in dep.lines() {
+        if let Some((module, rest)) = line.split_once(':') {
+            let list = rest.split_whitespace().map(|s| s.to_string()).collect();
+            deps.insert(name_of(module), (module.to_string(), list));
+        }
+    }
+    let builtins: BTreeSet<String> = builtin.lines().map(|l| name_of(l.trim())).collect();
+    let mut files = BTreeSet::new();
+    let mut missing = Vec::new();
+    for w in wanted {
+        let w = norm(w);
+        match deps.get(&w) {
+            Some((path, list)) => {
+                files.insert(path.clone());
+                files.extend(list.iter().cloned());
+            }
+            None if builtins.contains(&w) => {}
+            None => missing.push(w),
+        }
+    }
+    (files.into_iter().collect(), missing)
+}
+
+/// Directories and files removed from the initrd tree: documentation, locales, perl, package
+/// state — nothing the boot needs.
+const TRIM: &[&str] = &[
+    "usr/share/doc",
+    "usr/share/man",
+    "usr/share/info",
+    "usr/share/locale",
+    "usr/share/i18n",
+    "usr/share/zoneinfo",
+    "usr/share/perl5",
+    "usr/lib/x86_64-linux-gnu/perl-base",
+    "usr/lib/x86_64-linux-gnu/gconv",
+    "usr/bin/perl",
+    "var/lib/dpkg",
+    "var/lib/apt",
+    "var/cache",
+    "var/log",
+    "etc/systemd/system",
+];
+
+/// The cached initrd base tree (packages only), bootstrapped when missing.
+fn ensure_base(cache: &Cache, suite: &str, mirror: &str, epoch: u64) -> Result<(PathBuf, String)> {
+    let key = cache::key(
+        [INITRD_FORMAT.to_string(), suite.into(), mirror.into(), epoch.to_string()]
+            .into_iter()
+            .chain(INITRD_PACKAGES.iter().map(|s| s.to_string())),
+    );
+    let entry = cache.entry("initrd-base", &key);
+    if !entry.join("usr/lib/systemd/systemd").exists() {
+        let staging = cache.staging("initrd-base", &key);
+        cache::remove_path(&staging)?;
+        let mmdebstrap = require_host_tool(HostTool::Mmdebstrap)?;
+        run(Command::new(mmdebstrap)
+            .env("SOURCE_DATE_EPOCH", epoch.to_string())
+            .arg("--variant=essential")
+            .arg("--mode=root")
+            .arg(format!("--include={}", INITRD_PACKAGES.join(",")))
+            .arg("--dpkgopt=path-exclude=/usr/share/doc/*")
+            .arg("--dpkgopt=path-exclude=/usr/share/man/*")
+            .arg("--dpkgopt=path-exclude=/usr/share/locale/*")
+            .arg("--skip=output/dev")
+            .arg(suite)
+            .arg(&staging)
+            .arg(mirror))
+        .context("bootstrapping the initrd tree")?;
+        for t in TRIM {
+            cache::remove_path(&staging.join(t))?;
+        }
+        cache::publish(&staging, &entry)?;
+    }
+    Ok((entry, key))
+}
+
+/// Inputs that shape an image's initrd.
+pub struct InitrdInput<'a> {
+    pub suite: &'a str,
+    pub mirror: &'a str,
+    pub epoch: u64,
+    /// The image's /usr tree (for kernel modules and os-release).
+    pub usr: &'a Path,
+    pub kernel_version: &'a str,
+    pub modules: &'a [String],
+}
+
+/// Builds (or takes from the cache) the compressed initrd for an image; returns its path.
+pub fn build(cache: &Cache, tools: &ToolsTree, work: &Path, input: &InitrdInput) -> Result<PathBuf> {
+    let (base, base_key) = ensure_base(cache, input.suite, input.mirror, input.epoch)?;
+    let moddir = input.usr.join("lib/modules").join(input.kernel_version);
+    let dep = fs::read_to_string(moddir.join("modules.dep")).with_context(|| format!("reading {}/modules.dep", moddir.display()))?;
+    let builtin = fs::read_to_string(moddir.join("modules.builtin")).unwrap_or_default();
+    let (files, missing) = resolve_modules(&dep, &builtin, input.modules);
+    if !missing.is_empty() {
+        tracing::warn!(kernel = input.kernel_version, ?missing, "initrd modules not found in the kernel; skipped");
+    }
+    let osr = fs::read_to_string(input.usr.join("lib/os-release")).context("reading the image's os-release")?;
+    // The modules are identified by the kernel they were built with (its digest) and their paths.
+    let vmlinuz = fs::read(moddir.join("vmlinuz")).with_context(|| format!("reading {}/vmlinuz", moddir.display()))?;
+    let kernel_digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&vmlinuz));
+    let key = cache::key([
+        base_key,
+        input.kernel_version.to_string(),
+        kernel_digest,
+        files.join(","),
+        osr.clone(),
+        ETC_SETUP.into(),
+        ETC_SETUP_UNIT.into(),
+        input.epoch.to_string(),
+    ]);
+    let entry = cache.entry("initrd", &key).join("initrd.cpio.zst");
+    if entry.exists() {
+        return Ok(entry);
+    }
+    let tree = work.join("initrd-tree");
+    cache::remove_path(&tree)?;
+    run(Command::new("cp").arg("-a").arg(&base).arg(&tree)).context("copying the initrd base tree")?;
+
+    let target_moddir = tree.join("usr/lib/modules").join(input.kernel_version);
+    cache::remove_path(&tree.join("usr/lib/modules"))?;
+    fs::create_dir_all(&target_moddir).with_context(|| format!("creating {}", target_moddir.display()))?;
+    for f in &files {
+        let dst = target_moddir.join(f);
+        if let Some(p) = dst.parent() {
+            fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
+        }
+        fs::copy(moddir.join(f), &dst).with_context(|| format!("copying module {f}"))?;
+    }
+    for f in ["modules.builtin", "modules.builtin.modinfo", "modules.order"] {
+        if moddir.join(f).exists() {
+            fs::copy(moddir.join(f), target_moddir.join(f)).with_context(|| format!("copying {f}"))?;
+        }
+    }
+    fs::write(tree.join("etc/initrd-release"), &osr).context("writing initrd-release")?;
+    fs::write(tree.join("etc/machine-id"), "").context("writing machine-id")?;
+    cache::remove_path(&tree.join("init"))?;
+    symlink("usr/lib/systemd/systemd", tree.join("init")).context("linking /init")?;
+    let keel_lib = tree.join("usr/lib/keel");
+    fs::create_dir_all(&keel_lib).context("creating usr/lib/keel")?;
+    crate::compose::overlay::replace_file(&keel_lib.join("etc-setup"), ETC_SETUP.as_bytes(), 0o755)?;
+    let units = tree.join("usr/lib/systemd/system");
+    crate::compose::overlay::replace_file(&units.join("keel-etc-setup.service"), ETC_SETUP_UNIT.as_bytes(), 0o644)?;
+    let wants = units.join("initrd-root-fs.target.wants");
+    fs::create_dir_all(&wants).context("creating initrd-root-fs.target.wants")?;
+    symlink("../keel-etc-setup.service", wants.join("keel-etc-setup.service")).context("enabling keel-etc-setup")?;
+
+    let tools = tools.clone().bind(work).env("SOURCE_DATE_EPOCH", &input.epoch.to_string());
+    run(tools.command("depmod")?.arg("-b").arg(&tree).arg(input.kernel_version)).context("running depmod for the initrd")?;
+    let out = work.join("initrd.cpio.zst");
+    let script = format!(
+        "set -e; cd '{tree}'; find . -exec touch -h -d @{epoch} {{}} +; \
+         find . -mindepth 1 -printf '%P\\n' | LC_ALL=C sort | cpio --quiet -o -H newc --reproducible -R 0:0 | zstd -q -T0 -12 -o '{out}'",
+        tree = tree.display(),
+        epoch = input.epoch,
+        out = out.display()
+    );
+    run(tools.command("sh")?.arg("-c").arg(script)).context("packing the initrd")?;
+    cache::remove_path(&tree)?;
+    if let Some(p) = entry.parent() {
+        fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
+    }
+    let staging = entry.with_extension(format!("partial-{}", std::process::id()));
+    fs::copy(&out, &staging).context("caching the initrd")?;
+    cache::publish(&staging, &entry)?;
+    Ok(entry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEP: &str = "kernel/fs/ext4/ext4.ko.xz: kernel/lib/crc16.ko.xz kernel/fs/mbcache.ko.xz kernel/fs/jbd2/jbd2.ko.xz\n\
+kernel/drivers/md/dm-verity.ko.xz: kernel/drivers/md/dm-bufio.ko.xz kernel/drivers/md/dm-mod.ko.xz\n\
+kernel/drivers/md/dm-mod.ko.xz:\n\
+kernel/lib/crc16.ko.xz:\n";
+    const BUILTIN: &str = "kernel/drivers/char/tpm/tpm_tis.ko\n";
+
+    #[test]
+    fn modules_resolve_with_dependencies() {
+        let (files, missing) = resolve_modules(DEP, BUILTIN, &["ext4".into(), "dm_verity".into(), "tpm_tis".into(), "nope".into()]);
+        assert_eq!(files, vec![
+            "kernel/drivers/md/dm-bufio.ko.xz",
+            "kernel/drivers/md/dm-mod.ko.xz",
+            "kernel/drivers/md/dm-verity.ko.xz",
+            "kernel/fs/ext4/ext4.ko.xz",
+            "kernel/fs/jbd2/jbd2.ko.xz",
+            "kernel/fs/mbcache.ko.xz",
+            "kernel/lib/crc16.ko.xz",
+        ]);
+        assert_eq!(missing, vec!["nope"], "built-in tpm_tis is not missing");
+    }
+
+    #[test]
+    fn dash_and_underscore_names_are_the_same_module() {
+        let (files, missing) = resolve_modules(DEP, "", &["dm-mod".into()]);
+        assert_eq!(files, vec!["kernel/drivers/md/dm-mod.ko.xz"]);
+        assert!(missing.is_empty());
+    }
+}
