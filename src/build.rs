@@ -70,7 +70,7 @@ fn ensure_base(store: &Store, cache: &Cache, def: &Definition, epoch: u64, reboo
     let mmdebstrap = require_host_tool(HostTool::Mmdebstrap)?;
     let debs = cache.dir().join("debs").join(&def.suite);
     fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
-    let staging = cache.staging("bootstrap", &key);
+    let staging = cache.staging("bootstrap", &key)?;
     cache::remove_path(&staging)?;
     let _cleanup = Scratch(staging.clone());
     run(Command::new(mmdebstrap)

@@ -44,8 +44,10 @@ impl Cache {
 
     /// A scratch path next to the entry, on the same file system, for building it before the
     /// rename that publishes it.
-    pub fn staging(&self, kind: &str, key: &str) -> PathBuf {
-        self.dir.join(kind).join(format!(".{key}.partial-{}", std::process::id()))
+    pub fn staging(&self, kind: &str, key: &str) -> Result<PathBuf> {
+        let dir = self.dir.join(kind);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(dir.join(format!(".{key}.partial-{}", std::process::id())))
     }
 }
 

@@ -24,7 +24,7 @@ pub const INITRD_PACKAGES: &[&str] = &[
     "mount",
 ];
 /// Bump when the initrd's keel content or trimming changes.
-const INITRD_FORMAT: &str = "initrd-2";
+const INITRD_FORMAT: &str = "initrd-4";
 
 /// Copies the factory /etc onto the new root partition, once, atomically (staging + rename).
 const ETC_SETUP: &str = r#"#!/bin/sh
@@ -57,36 +57,86 @@ RemainAfterExit=yes
 ExecStart=/usr/lib/keel/etc-setup
 ";
 
-/// Module files (paths relative to the modules directory) needed for `wanted`, with their
-/// dependencies, from the contents of `modules.dep` and `modules.builtin`. Returns the files and
-/// the requested names that exist neither as a module nor built in.
-pub fn resolve_modules(dep: &str, builtin: &str, wanted: &[String]) -> (Vec<String>, Vec<String>) {
+/// The kernel's module index files, as text.
+pub struct ModuleIndex<'a> {
+    pub dep: &'a str,
+    pub builtin: &'a str,
+    pub softdep: &'a str,
+    pub alias: &'a str,
+}
+
+/// Module files (paths relative to the modules directory) needed for `wanted`: each module, its
+/// dependencies, and its soft dependencies (e.g. libcrc32c needs a crc32c implementation, found
+/// through modules.alias). Returns the files and the requested names that exist neither as a
+/// module nor built in.
+pub fn resolve_modules(index: &ModuleIndex, wanted: &[String]) -> (Vec<String>, Vec<String>) {
     let norm = |s: &str| s.replace('-', "_");
     let name_of = |path: &str| {
         let file = path.rsplit('/').next().unwrap_or(path);
         norm(file.split(".ko").next().unwrap_or(file))
     };
     let mut deps: BTreeMap<String, (String, Vec<String>)> = BTreeMap::new();
-    for line in dep.lines() {
+    for line in index.dep.lines() {
         if let Some((module, rest)) = line.split_once(':') {
             let list = rest.split_whitespace().map(|s| s.to_string()).collect();
             deps.insert(name_of(module), (module.to_string(), list));
         }
     }
-    let builtins: BTreeSet<String> = builtin.lines().map(|l| name_of(l.trim())).collect();
-    let mut files = BTreeSet::new();
-    let mut missing = Vec::new();
-    for w in wanted {
-        let w = norm(w);
-        match deps.get(&w) {
-            Some((path, list)) => {
-                files.insert(path.clone());
-                files.extend(list.iter().cloned());
+    let builtins: BTreeSet<String> = index.builtin.lines().map(|l| name_of(l.trim())).collect();
+    let mut soft: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for line in index.softdep.lines() {
+        let mut words = line.split_whitespace();
+        if words.next() != Some("softdep") {
+            continue;
+        }
+        let Some(module) = words.next() else { continue };
+        let names = words.filter(|w| !w.ends_with(':')).map(|w| w.to_string()).collect();
+        soft.insert(norm(module), names);
+    }
+    let mut aliases: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for line in index.alias.lines() {
+        let mut words = line.split_whitespace();
+        if let (Some("alias"), Some(a), Some(m)) = (words.next(), words.next(), words.next()) {
+            if !a.contains(['*', '?', '[']) {
+                aliases.entry(a.to_string()).or_default().push(norm(m));
             }
-            None if builtins.contains(&w) => {}
-            None => missing.push(w),
         }
     }
+    let mut files = BTreeSet::new();
+    let mut missing = Vec::new();
+    let mut done: BTreeSet<String> = BTreeSet::new();
+    let mut queue: Vec<(String, bool)> = wanted.iter().map(|w| (w.clone(), true)).collect();
+    while let Some((raw, top)) = queue.pop() {
+        let name = norm(&raw);
+        if !done.insert(name.clone()) {
+            continue;
+        }
+        let modules: Vec<String> = if deps.contains_key(&name) || builtins.contains(&name) {
+            vec![name.clone()]
+        } else {
+            aliases.get(&raw).or_else(|| aliases.get(&name)).cloned().unwrap_or_default()
+        };
+        if modules.is_empty() {
+            if top {
+                missing.push(name);
+            }
+            continue;
+        }
+        for m in modules {
+            if let Some((path, list)) = deps.get(&m) {
+                files.insert(path.clone());
+                for d in list {
+                    files.insert(d.clone());
+                    queue.push((name_of(d), false));
+                }
+            }
+            for s in soft.get(&m).into_iter().flatten() {
+                queue.push((s.clone(), false));
+            }
+            done.insert(m);
+        }
+    }
+    missing.sort();
     (files.into_iter().collect(), missing)
 }
 
@@ -108,6 +158,8 @@ const TRIM: &[&str] = &[
     "var/cache",
     "var/log",
     "etc/systemd/system",
+    "etc/hostname",
+    "etc/resolv.conf",
 ];
 
 /// The cached initrd base tree (packages only), bootstrapped when missing.
@@ -119,7 +171,7 @@ fn ensure_base(cache: &Cache, suite: &str, mirror: &str, epoch: u64) -> Result<(
     );
     let entry = cache.entry("initrd-base", &key);
     if !entry.join("usr/lib/systemd/systemd").exists() {
-        let staging = cache.staging("initrd-base", &key);
+        let staging = cache.staging("initrd-base", &key)?;
         cache::remove_path(&staging)?;
         let mmdebstrap = require_host_tool(HostTool::Mmdebstrap)?;
         run(Command::new(mmdebstrap)
@@ -159,8 +211,10 @@ pub fn build(cache: &Cache, tools: &ToolsTree, work: &Path, input: &InitrdInput)
     let (base, base_key) = ensure_base(cache, input.suite, input.mirror, input.epoch)?;
     let moddir = input.usr.join("lib/modules").join(input.kernel_version);
     let dep = fs::read_to_string(moddir.join("modules.dep")).with_context(|| format!("reading {}/modules.dep", moddir.display()))?;
-    let builtin = fs::read_to_string(moddir.join("modules.builtin")).unwrap_or_default();
-    let (files, missing) = resolve_modules(&dep, &builtin, input.modules);
+    let read = |f: &str| fs::read_to_string(moddir.join(f)).unwrap_or_default();
+    let (builtin, softdep, alias) = (read("modules.builtin"), read("modules.softdep"), read("modules.alias"));
+    let index = ModuleIndex { dep: &dep, builtin: &builtin, softdep: &softdep, alias: &alias };
+    let (files, missing) = resolve_modules(&index, input.modules);
     if !missing.is_empty() {
         tracing::warn!(kernel = input.kernel_version, ?missing, "initrd modules not found in the kernel; skipped");
     }
@@ -242,12 +296,21 @@ mod tests {
     const DEP: &str = "kernel/fs/ext4/ext4.ko.xz: kernel/lib/crc16.ko.xz kernel/fs/mbcache.ko.xz kernel/fs/jbd2/jbd2.ko.xz\n\
 kernel/drivers/md/dm-verity.ko.xz: kernel/drivers/md/dm-bufio.ko.xz kernel/drivers/md/dm-mod.ko.xz\n\
 kernel/drivers/md/dm-mod.ko.xz:\n\
+kernel/fs/erofs/erofs.ko.xz: kernel/lib/libcrc32c.ko.xz\n\
+kernel/lib/libcrc32c.ko.xz:\n\
+kernel/crypto/crc32c_generic.ko.xz:\n\
 kernel/lib/crc16.ko.xz:\n";
     const BUILTIN: &str = "kernel/drivers/char/tpm/tpm_tis.ko\n";
+    const SOFTDEP: &str = "# comment\nsoftdep libcrc32c pre: crc32c\n";
+    const ALIAS: &str = "alias crc32c crc32c_generic\nalias pci:v*d* virtio_pci\n";
+
+    fn index() -> ModuleIndex<'static> {
+        ModuleIndex { dep: DEP, builtin: BUILTIN, softdep: SOFTDEP, alias: ALIAS }
+    }
 
     #[test]
     fn modules_resolve_with_dependencies() {
-        let (files, missing) = resolve_modules(DEP, BUILTIN, &["ext4".into(), "dm_verity".into(), "tpm_tis".into(), "nope".into()]);
+        let (files, missing) = resolve_modules(&index(), &["ext4".into(), "dm_verity".into(), "tpm_tis".into(), "nope".into()]);
         assert_eq!(files, vec![
             "kernel/drivers/md/dm-bufio.ko.xz",
             "kernel/drivers/md/dm-mod.ko.xz",
@@ -260,9 +323,18 @@ kernel/lib/crc16.ko.xz:\n";
         assert_eq!(missing, vec!["nope"], "built-in tpm_tis is not missing");
     }
 
+    /// erofs needs libcrc32c, which needs a crc32c implementation only named as a soft
+    /// dependency; without it erofs does not load and /usr cannot be mounted.
+    #[test]
+    fn soft_dependencies_are_followed_through_aliases() {
+        let (files, _) = resolve_modules(&index(), &["erofs".into()]);
+        assert!(files.contains(&"kernel/crypto/crc32c_generic.ko.xz".to_string()), "{files:?}");
+        assert!(files.contains(&"kernel/lib/libcrc32c.ko.xz".to_string()));
+    }
+
     #[test]
     fn dash_and_underscore_names_are_the_same_module() {
-        let (files, missing) = resolve_modules(DEP, "", &["dm-mod".into()]);
+        let (files, missing) = resolve_modules(&index(), &["dm-mod".into()]);
         assert_eq!(files, vec!["kernel/drivers/md/dm-mod.ko.xz"]);
         assert!(missing.is_empty());
     }

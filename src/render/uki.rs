@@ -5,9 +5,11 @@ use crate::tools::{run, ToolsTree};
 use anyhow::{Context, Result};
 use std::path::Path;
 
-/// The kernel command line of an image: the /usr root hash first, then the definition's extras.
+/// The kernel command line of an image: the /usr root hash first, then what every keel image
+/// needs (a writable root; no interactive first-boot wizard, since nodes are configured by
+/// provisioning), then the definition's extras.
 pub fn cmdline(root_hash: &str, extra: &[String]) -> String {
-    let mut parts = vec![format!("usrhash={root_hash}"), "rw".to_string()];
+    let mut parts = vec![format!("usrhash={root_hash}"), "rw".to_string(), "systemd.firstboot=off".to_string()];
     parts.extend(extra.iter().cloned());
     parts.join(" ")
 }
@@ -39,6 +41,6 @@ mod tests {
 
     #[test]
     fn cmdline_starts_with_usrhash() {
-        assert_eq!(cmdline("ab", &["console=ttyS0".into()]), "usrhash=ab rw console=ttyS0");
+        assert_eq!(cmdline("ab", &["console=ttyS0".into()]), "usrhash=ab rw systemd.firstboot=off console=ttyS0");
     }
 }

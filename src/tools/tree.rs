@@ -52,7 +52,7 @@ impl ToolsTree {
         let entry = cache.entry("tools", &key);
         if !entry.join("usr/bin/systemd-repart").exists() {
             let mmdebstrap = require_host_tool(HostTool::Mmdebstrap)?;
-            let staging = cache.staging("tools", &key);
+            let staging = cache.staging("tools", &key)?;
             cache::remove_path(&staging)?;
             tracing::info!(path = %entry.display(), "bootstrapping the tools tree (Debian {TOOLS_SUITE}), once");
             run(Command::new(mmdebstrap)
