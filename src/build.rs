@@ -183,7 +183,7 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
     let usr_fs_bytes = fs::metadata(&erofs).context("reading the erofs size")?.len();
     let parts = stages.run("disk image", || {
         let esp = work.join("esp");
-        disk::prepare_esp(&tools, &esp, &uki_out, &def.version)?;
+        disk::prepare_esp(&tools, &esp, &uki_out, &def.version, epoch)?;
         let esp_s = esp.display().to_string();
         let erofs_s = erofs.display().to_string();
         let verity_s = verity.display().to_string();
@@ -218,6 +218,7 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
         description: def.description.clone(),
         definition: opts.definition.display().to_string(),
         ostree_commit: commit.clone(),
+        ostree_base_commit: base.clone(),
         ostree_repo: store.path().display().to_string(),
         usr_root_hash: root_hash.clone(),
         usr_filesystem_bytes: usr_fs_bytes,

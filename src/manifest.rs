@@ -37,6 +37,8 @@ pub struct Manifest {
     /// The definition file, as given to `keel build`.
     pub definition: String,
     pub ostree_commit: String,
+    /// The cached base tree the image was composed on (same packages, same base).
+    pub ostree_base_commit: String,
     pub ostree_repo: String,
     pub usr_root_hash: String,
     /// Bytes of the erofs /usr file system (the slot itself is `usr-size`).
@@ -104,6 +106,7 @@ mod tests {
             description: String::new(),
             definition: "images/x.toml".into(),
             ostree_commit: "c".into(),
+            ostree_base_commit: "b".into(),
             ostree_repo: "/r".into(),
             usr_root_hash: "h".into(),
             usr_filesystem_bytes: 1,

@@ -101,9 +101,8 @@ pub fn factory_tmpfiles(usr: &Path) -> Result<String> {
 /// Applies everything keel adds to the base tree. `binaries_dir` holds built node programs.
 pub fn apply(usr: &Path, def: &Definition, binaries_dir: &Path) -> Result<()> {
     for unit in &def.units {
-        let src = def.project_dir.join("units").join(unit);
-        let content = fs::read(&src).with_context(|| format!("reading unit {}", src.display()))?;
-        replace_file(&usr.join("lib/systemd/system").join(unit), &content, 0o644)?;
+        let content = fs::read(&unit.source).with_context(|| format!("reading unit {}", unit.source.display()))?;
+        replace_file(&usr.join("lib/systemd/system").join(&unit.name), &content, 0o644)?;
     }
     for f in &def.files {
         let content = fs::read(&f.source).with_context(|| format!("reading {} (listed at {})", f.source.display(), f.origin))?;
@@ -126,6 +125,8 @@ pub fn apply(usr: &Path, def: &Definition, binaries_dir: &Path) -> Result<()> {
     let osr_path = usr.join("lib/os-release");
     let base = fs::read_to_string(&osr_path).with_context(|| format!("reading {}", osr_path.display()))?;
     replace_file(&osr_path, os_release(&base, def).as_bytes(), 0o644)?;
+    // Provisioning replaces it; until then the node is named after its image.
+    replace_file(&usr.join(FACTORY_ETC).join("hostname"), format!("{}\n", def.name).as_bytes(), 0o644)?;
     let tmpfiles = factory_tmpfiles(usr)?;
     replace_file(&usr.join("lib/tmpfiles.d/keel-factory-etc.conf"), tmpfiles.as_bytes(), 0o644)?;
     Ok(())
@@ -195,7 +196,7 @@ mod tests {
         fs::write(usr.join("lib/os-release"), "ID=debian\n").expect("write");
         let mut d = bootstrap_sample();
         d.project_dir = proj.clone();
-        d.units = vec!["a.service".into()];
+        d.units = vec![crate::image::UnitEntry { name: "a.service".into(), source: proj.join("units/a.service") }];
         d.enable = vec!["a.service".into()];
         d.files = vec![crate::image::FileEntry {
             source: proj.join("configs/e.env"),

@@ -21,14 +21,6 @@ impl fmt::Display for Origin {
     }
 }
 
-/// A value together with the place in a definition file it was written.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Located<T> {
-    pub value: T,
-    #[serde(skip)]
-    pub origin: Origin,
-}
-
 /// Everything that can be wrong with a definition. Each case names the file and, where it applies,
 /// the line, column and field.
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +110,15 @@ pub struct FileEntry {
     pub origin: Origin,
 }
 
+/// A unit file from a project's `units/` directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UnitEntry {
+    /// Path below /usr/lib/systemd/system (e.g. `etcd.service.d/10-keel.conf`).
+    pub name: String,
+    /// Absolute path of the source on the build machine.
+    pub source: PathBuf,
+}
+
 /// A fully resolved and validated image definition.
 #[derive(Debug, Clone, Serialize)]
 pub struct Definition {
@@ -135,7 +136,7 @@ pub struct Definition {
     pub components: Vec<String>,
     pub packages: Vec<String>,
     /// Unit files from `units/`, installed into `/usr/lib/systemd/system`.
-    pub units: Vec<String>,
+    pub units: Vec<UnitEntry>,
     pub enable: Vec<String>,
     pub disable: Vec<String>,
     /// keel node programs built from this repository, installed into `/usr/bin`.
@@ -390,8 +391,10 @@ fn merge(layers: Vec<Layer>) -> Result<Definition, DefinitionError> {
             validate_package(p.get_ref()).map_err(|m| bad(p.span(), "packages", m))?;
             push_unique(&mut def.packages, &mut pkg_seen, p.get_ref());
         }
+        // Each layer takes units/ and configs/ from its own project.
+        let layer_project = project_dir_of(path);
         for u in raw.units.iter().flatten() {
-            let file = project_dir.join("units").join(u.get_ref());
+            let file = layer_project.join("units").join(u.get_ref());
             if u.get_ref().contains("..") || !file.is_file() {
                 return Err(bad(
                     u.span(),
@@ -399,7 +402,9 @@ fn merge(layers: Vec<Layer>) -> Result<Definition, DefinitionError> {
                     format!("unit `{}` not found: expected the file {}", u.get_ref(), file.display()),
                 ));
             }
-            push_unique(&mut def.units, &mut unit_seen, u.get_ref());
+            if unit_seen.insert(u.get_ref().clone()) {
+                def.units.push(UnitEntry { name: u.get_ref().clone(), source: file });
+            }
         }
         for u in raw.enable.iter().flatten() {
             validate_unit_name(u.get_ref()).map_err(|m| bad(u.span(), "enable", m))?;
@@ -458,7 +463,7 @@ fn merge(layers: Vec<Layer>) -> Result<Definition, DefinitionError> {
             if !(src_rel.starts_with("units/") || src_rel.starts_with("configs/")) || src_rel.contains("..") {
                 return Err(bad(f.source.span(), "files.source", format!("`{src_rel}` must be a path under units/ or configs/ of the project")));
             }
-            let source = project_dir.join(src_rel);
+            let source = layer_project.join(src_rel);
             if !source.is_file() {
                 return Err(bad(f.source.span(), "files.source", format!("{} does not exist or is not a file", source.display())));
             }
@@ -689,6 +694,19 @@ mode = 0o600
             assert!(err.contains("t.toml"), "case {name}: no file in `{err}`");
             assert!(err.contains(want), "case {name}: `{err}` lacks `{want}`");
         }
+    }
+
+    /// A variant in another project extends a shipped definition: each layer's units and
+    /// configs come from its own project.
+    #[test]
+    fn extends_across_projects_resolves_files_per_layer() {
+        let base = project(&[("images/base.toml", BASE), ("units/a.service", ""), ("configs/x.conf", "x")]);
+        let variant = format!("extends = \"{}\"\nname = \"v\"\nunits = [\"b.service\"]\n", base.path().join("images/base.toml").display());
+        let other = project(&[("images/v.toml", &variant), ("units/b.service", "")]);
+        let d = Definition::load(&other.path().join("images/v.toml")).expect("loads");
+        assert!(d.units[0].source.starts_with(base.path().canonicalize().expect("canon")));
+        assert!(d.units[1].source.starts_with(other.path().canonicalize().expect("canon")));
+        assert!(d.files[0].source.starts_with(base.path().canonicalize().expect("canon")));
     }
 
     #[test]

@@ -6,5 +6,5 @@
 mod definition;
 mod size;
 
-pub use definition::{Definition, DefinitionError, FileEntry, Located, Origin, OutputFormat};
+pub use definition::{Definition, DefinitionError, FileEntry, Origin, OutputFormat, UnitEntry};
 pub use size::ByteSize;

@@ -7,11 +7,12 @@ use anyhow::{Context, Result};
 use std::fs;
 use std::path::Path;
 
+
 pub const LOADER_CONF: &str = "timeout 0\neditor no\nconsole-mode keep\n";
 
 /// Lays out the ESP directory: systemd-boot as the removable-media loader and under
 /// EFI/systemd, the UKI under EFI/Linux with its boot counter, and loader.conf.
-pub fn prepare_esp(tools: &ToolsTree, esp: &Path, uki: &Path, version: &str) -> Result<()> {
+pub fn prepare_esp(tools: &ToolsTree, esp: &Path, uki: &Path, version: &str, epoch: u64) -> Result<()> {
     let sdboot = tools.file("usr/lib/systemd/boot/efi/systemd-bootx64.efi");
     for dir in ["EFI/BOOT", "EFI/systemd", "EFI/Linux", "loader"] {
         fs::create_dir_all(esp.join(dir)).with_context(|| format!("creating {}/{dir}", esp.display()))?;
@@ -20,6 +21,20 @@ pub fn prepare_esp(tools: &ToolsTree, esp: &Path, uki: &Path, version: &str) -> 
     fs::copy(&sdboot, esp.join("EFI/systemd/systemd-bootx64.efi")).with_context(|| format!("copying {}", sdboot.display()))?;
     fs::copy(uki, esp.join("EFI/Linux").join(layout::uki_file_name(version))).context("copying the UKI into the ESP")?;
     fs::write(esp.join("loader/loader.conf"), LOADER_CONF).context("writing loader.conf")?;
+    // FAT directory entries carry times; mcopy takes them from the files, so pin them.
+    set_times(esp, epoch)
+}
+
+/// Sets the modification and access time of everything under `dir` (itself included) to `epoch`.
+pub fn set_times(dir: &Path, epoch: u64) -> Result<()> {
+    use nix::sys::stat::{utimensat, UtimensatFlags};
+    use nix::sys::time::TimeSpec;
+    let t = TimeSpec::new(i64::try_from(epoch).context("epoch out of range")?, 0);
+    for entry in walkdir::WalkDir::new(dir).contents_first(true) {
+        let entry = entry.with_context(|| format!("walking {}", dir.display()))?;
+        utimensat(nix::fcntl::AT_FDCWD, entry.path(), &t, &t, UtimensatFlags::NoFollowSymlink)
+            .with_context(|| format!("setting times of {}", entry.path().display()))?;
+    }
     Ok(())
 }
 
@@ -56,4 +71,21 @@ pub fn to_qcow2(tools: &ToolsTree, raw: &Path, qcow2: &Path) -> Result<()> {
         .arg(raw)
         .arg(qcow2))
     .context("converting the disk image to qcow2")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn times_are_pinned_recursively() {
+        let t = tempfile::tempdir().expect("tempdir");
+        fs::create_dir_all(t.path().join("EFI/Linux")).expect("mkdir");
+        fs::write(t.path().join("EFI/Linux/a.efi"), "x").expect("write");
+        set_times(t.path(), 1_000_000).expect("set");
+        for p in ["", "EFI", "EFI/Linux", "EFI/Linux/a.efi"] {
+            assert_eq!(fs::metadata(t.path().join(p)).expect("meta").mtime(), 1_000_000, "{p}");
+        }
+    }
 }

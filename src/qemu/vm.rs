@@ -1,0 +1,181 @@
+//! A running VM: its swtpm and QEMU processes, stopped (and waited for) when the `Vm` is dropped,
+//! so no emulator outlives keel on error or Ctrl-C.
+
+use super::cmdline::VmSpec;
+use crate::tools::{require_host_tool, run, run_capture, HostTool};
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// Requires a firmware or data file that a Debian package provides.
+pub fn require_file(path: &Path, package: &str) -> Result<()> {
+    if path.exists() {
+        Ok(())
+    } else {
+        bail!("{} is missing: install the Debian package `{package}` (apt-get install {package})", path.display())
+    }
+}
+
+/// Virtual size in bytes of a raw or qcow2 image.
+pub fn virtual_size(image: &Path) -> Result<u64> {
+    let qemu_img = require_host_tool(HostTool::QemuImg)?;
+    let out = run_capture(Command::new(qemu_img).args(["info", "--output=json"]).arg(image))
+        .with_context(|| format!("reading {}", image.display()))?;
+    let v: serde_json::Value = serde_json::from_slice(&out).context("parsing qemu-img info")?;
+    v["virtual-size"].as_u64().with_context(|| format!("qemu-img reports no size for {}", image.display()))
+}
+
+/// Creates a qcow2 overlay over `image` (never modified) with `size` bytes of virtual disk.
+pub fn create_overlay(image: &Path, overlay: &Path, size: u64) -> Result<()> {
+    let qemu_img = require_host_tool(HostTool::QemuImg)?;
+    let image = image.canonicalize().with_context(|| format!("resolving {}", image.display()))?;
+    let format = if image.extension().is_some_and(|e| e == "qcow2") { "qcow2" } else { "raw" };
+    run(Command::new(qemu_img)
+        .args(["create", "-q", "-f", "qcow2", "-F", format, "-b"])
+        .arg(&image)
+        .arg(overlay)
+        .arg(size.to_string()))
+    .with_context(|| format!("creating overlay {} over {}", overlay.display(), image.display()))
+}
+
+fn wait_for_path(path: &Path, child: &mut Child, what: &str, timeout: Duration) -> Result<()> {
+    let start = Instant::now();
+    while !path.exists() {
+        if let Some(status) = child.try_wait()? {
+            bail!("{what} exited ({status}) before creating {}", path.display());
+        }
+        if start.elapsed() > timeout {
+            bail!("{what} did not create {} within {}s", path.display(), timeout.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Stops a child: SIGTERM, a grace period, then SIGKILL; always reaps it.
+fn stop(child: &mut Child, grace: Duration) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    if let Ok(pid) = i32::try_from(child.id()) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+    }
+    let start = Instant::now();
+    while start.elapsed() < grace {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+pub struct Vm {
+    pub spec: VmSpec,
+    qemu: Child,
+    swtpm: Child,
+}
+
+impl Vm {
+    /// Starts swtpm with state in `tpm_dir`, then QEMU. Interactive VMs (no console file) inherit
+    /// the terminal.
+    pub fn start(spec: VmSpec, tpm_dir: &Path) -> Result<Vm> {
+        let qemu_bin = require_host_tool(HostTool::QemuSystem)?;
+        let swtpm_bin = require_host_tool(HostTool::Swtpm)?;
+        require_file(&spec.firmware.code, "ovmf")?;
+        std::fs::create_dir_all(tpm_dir).with_context(|| format!("creating {}", tpm_dir.display()))?;
+        let tpm_dir = tpm_dir.canonicalize().with_context(|| format!("resolving {}", tpm_dir.display()))?;
+        let _ = std::fs::remove_file(&spec.swtpm_socket);
+        let mut swtpm = Command::new(swtpm_bin)
+            .arg("socket")
+            .arg("--tpm2")
+            .arg("--tpmstate")
+            .arg(format!("dir={}", tpm_dir.display()))
+            .arg("--ctrl")
+            .arg(format!("type=unixio,path={}", spec.swtpm_socket.display()))
+            .arg("--log")
+            .arg(format!("file={},level=1", tpm_dir.join("swtpm.log").display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting swtpm")?;
+        if let Err(e) = wait_for_path(&spec.swtpm_socket, &mut swtpm, "swtpm", Duration::from_secs(10)) {
+            stop(&mut swtpm, Duration::from_secs(1));
+            return Err(e);
+        }
+        let mut cmd = Command::new(qemu_bin);
+        cmd.args(spec.args());
+        tracing::debug!(command = %crate::tools::display_cmd(&cmd), "starting QEMU");
+        if spec.console.is_some() {
+            cmd.stdin(Stdio::null()).stdout(Stdio::null());
+            let log = spec.console.as_ref().map(|c| c.with_extension("qemu.log"));
+            match log.map(std::fs::File::create) {
+                Some(Ok(f)) => {
+                    cmd.stderr(f);
+                }
+                _ => {
+                    cmd.stderr(Stdio::null());
+                }
+            }
+        }
+        let qemu = match cmd.spawn() {
+            Ok(q) => q,
+            Err(e) => {
+                stop(&mut swtpm, Duration::from_secs(1));
+                return Err(e).context("starting qemu-system-x86_64");
+            }
+        };
+        Ok(Vm { spec, qemu, swtpm })
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.qemu.try_wait(), Ok(None))
+    }
+
+    /// Waits until QEMU exits or `interrupted` turns true.
+    pub fn wait(&mut self, interrupted: &std::sync::atomic::AtomicBool) -> Result<Option<ExitStatus>> {
+        loop {
+            if let Some(s) = self.qemu.try_wait().context("waiting for QEMU")? {
+                stop(&mut self.swtpm, Duration::from_secs(2));
+                return Ok(Some(s));
+            }
+            if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
+                self.kill();
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits up to `timeout` for QEMU to exit by itself (after a guest power-off).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<bool> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if self.qemu.try_wait()?.is_some() {
+                stop(&mut self.swtpm, Duration::from_secs(2));
+                return Ok(true);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(false)
+    }
+
+    /// Stops QEMU and swtpm (hard power-off).
+    pub fn kill(&mut self) {
+        stop(&mut self.qemu, Duration::from_secs(5));
+        stop(&mut self.swtpm, Duration::from_secs(2));
+    }
+
+    pub fn console(&self) -> Option<&PathBuf> {
+        self.spec.console.as_ref()
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
