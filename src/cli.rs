@@ -52,6 +52,10 @@ pub enum Commands {
         #[arg(long)]
         json: bool,
     },
+    /// Boot an image in QEMU (OVMF, software TPM); builds images/NAME.toml first when given a name.
+    Boot(BootArgs),
+    /// Run the QEMU integration tests in qemu-tests/ against an image.
+    Test(TestArgs),
     /// Internal: run a command inside the tools tree.
     #[command(name = "__sandbox", hide = true)]
     Sandbox {
@@ -83,6 +87,61 @@ pub struct BuildArgs {
     /// Print the manifest as JSON when done.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BootArgs {
+    /// An image name from images/ (built first), a build directory, or a .raw/.qcow2 file.
+    #[arg(default_value = "cluster-node")]
+    pub image: String,
+    /// Use the existing build of an image name instead of building it.
+    #[arg(long)]
+    pub no_build: bool,
+    /// Write the serial console to FILE instead of the terminal.
+    #[arg(long, value_name = "FILE")]
+    pub console: Option<PathBuf>,
+    /// Keep the VM's disk (a qcow2 overlay) at PATH and reuse it on the next boot.
+    #[arg(long, value_name = "PATH")]
+    pub persist: Option<PathBuf>,
+    /// Keep the software TPM's state in DIR (default: a fresh TPM per boot).
+    #[arg(long, value_name = "DIR")]
+    pub tpm_state: Option<PathBuf>,
+    /// Ignition config passed to the guest as fw_cfg opt/com.coreos/config.
+    #[arg(long, value_name = "FILE")]
+    pub ignition: Option<PathBuf>,
+    /// Forward a host TCP port to the guest, HOST:GUEST (repeatable).
+    #[arg(long = "forward", value_name = "HOST:GUEST")]
+    pub forwards: Vec<String>,
+    #[arg(long, default_value_t = 2048)]
+    pub memory: u32,
+    #[arg(long, default_value_t = 2)]
+    pub cpus: u32,
+    /// kvm or tcg (default: probe KVM, fall back to tcg).
+    #[arg(long, value_parser = ["kvm", "tcg"])]
+    pub accel: Option<String>,
+    /// GiB of disk beyond the image, for the root partition created on first boot.
+    #[arg(long, default_value_t = 6)]
+    pub disk_gib: u64,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TestArgs {
+    /// Test names, name prefixes (boot), globs (boot.*), scenario names or tags; default all.
+    pub filters: Vec<String>,
+    /// The image: a build directory or an image name (default: cluster-node-test, built first).
+    #[arg(long, default_value = "cluster-node-test")]
+    pub image: String,
+    /// Use the existing build of an image name instead of building it.
+    #[arg(long)]
+    pub no_build: bool,
+    /// Where tests are found.
+    #[arg(long, default_value = "qemu-tests")]
+    pub tests: PathBuf,
+    /// Results directory (default: build/test-results/TIMESTAMP).
+    #[arg(long)]
+    pub results: Option<PathBuf>,
+    #[arg(long, value_parser = ["kvm", "tcg"])]
+    pub accel: Option<String>,
 }
 
 fn repo_or_default(repo: Option<PathBuf>) -> Result<PathBuf> {
@@ -200,6 +259,42 @@ pub fn run(cli: Cli) -> Result<()> {
                     "{} packages added, {} removed, {} changed; {} files added, {} removed, {} modified",
                     pkgs.added.len(), pkgs.removed.len(), pkgs.changed.len(), files.added.len(), files.removed.len(), files.modified.len()
                 );
+            }
+            Ok(())
+        }
+        Commands::Boot(a) => {
+            let forwards = a.forwards.iter().map(|f| crate::boot::parse_forward(f)).collect::<Result<Vec<_>>>()?;
+            crate::boot::boot(&crate::boot::BootOptions {
+                image: a.image,
+                no_build: a.no_build,
+                console: a.console,
+                persist: a.persist,
+                tpm_state: a.tpm_state,
+                ignition: a.ignition,
+                forwards,
+                memory_mib: a.memory,
+                cpus: a.cpus,
+                accel: a.accel,
+                disk_gib: a.disk_gib,
+            })
+        }
+        Commands::Test(a) => {
+            let image = crate::boot::resolve_image(&a.image, a.no_build)?;
+            let dir = image.dir.context("keel test needs a build directory with manifest.json")?;
+            let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            let results = a.results.unwrap_or_else(|| PathBuf::from("build/test-results").join(chrono_like(stamp).replace([' ', ':'], "-")));
+            let all = crate::testing::run(&crate::testing::TestOptions {
+                image_dir: dir,
+                tests_dir: a.tests,
+                filters: a.filters,
+                results: results.clone(),
+                accel: a.accel,
+            })?;
+            println!("results in {} (report.json, consoles, journals)", results.display());
+            let line = crate::testing::report::summary(&all);
+            println!("{line}");
+            if all.iter().any(|r| r.result == crate::testing::report::Outcome::Fail) {
+                anyhow::bail!("{line}");
             }
             Ok(())
         }

@@ -1,7 +1,9 @@
 //! Keel: build, boot and test a trusted, immutable cluster operating system made of Debian
 //! packages. See `docs/architecture.md` for how the modules fit together.
 
+pub mod boot;
 pub mod build;
+pub mod qemu;
 pub mod cache;
 pub mod cli;
 pub mod compose;
@@ -11,4 +13,5 @@ pub mod manifest;
 pub mod progress;
 pub mod render;
 pub mod store;
+pub mod testing;
 pub mod tools;

@@ -263,7 +263,7 @@ fn parse_raw(path: &Path, text: &str) -> Result<RawDefinition, DefinitionError> 
 }
 
 /// 1-based line and column of a byte offset.
-pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
     let column = before.rfind('\n').map_or(before.len(), |i| before.len() - i - 1) + 1;

@@ -6,5 +6,5 @@
 mod definition;
 mod size;
 
-pub use definition::{Definition, DefinitionError, FileEntry, Origin, OutputFormat, UnitEntry};
+pub use definition::{line_col as definition_line_col, DEFAULT_MIRROR, Definition, DefinitionError, FileEntry, Origin, OutputFormat, UnitEntry};
 pub use size::ByteSize;

@@ -1,0 +1,366 @@
+//! QEMU test files (`qemu-tests/*.toml`): a scenario of one or more VMs and an ordered list of
+//! steps, each belonging to a named test. Several named tests may share one scenario when they
+//! need the same machine state (one boot serves them all). Files are discovered, not registered.
+
+use crate::image::definition_line_col as line_col;
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A duration written as `"90s"`, `"5m"` or a number of seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Secs(pub Duration);
+
+impl<'de> Deserialize<'de> for Secs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        let secs = match Raw::deserialize(d)? {
+            Raw::N(n) => n,
+            Raw::S(s) => parse_secs(&s).map_err(serde::de::Error::custom)?,
+        };
+        Ok(Secs(Duration::from_secs(secs)))
+    }
+}
+
+pub fn parse_secs(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = if let Some(n) = t.strip_suffix('m') {
+        (n, 60)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1)
+    } else {
+        (t, 1)
+    };
+    num.trim().parse::<u64>().map(|n| n * mult).map_err(|_| format!("`{s}` is not a duration (e.g. \"90s\" or \"5m\")"))
+}
+
+/// Which nodes a step runs on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeSel {
+    One(usize),
+    All,
+}
+
+impl<'de> Deserialize<'de> for NodeSel {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(usize),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) if n >= 1 => Ok(NodeSel::One(n)),
+            Raw::S(s) if s == "all" => Ok(NodeSel::All),
+            _ => Err(serde::de::Error::custom("node must be a number from 1 or \"all\"")),
+        }
+    }
+}
+
+/// Host-side or VM-lifecycle actions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    /// Reboot from inside the guest and wait until it is back with a new boot ID.
+    Reboot,
+    /// Cut the power (QEMU stops; disk and TPM state stay).
+    PowerOff,
+    /// Start a powered-off node on the same disk and TPM.
+    Start,
+    /// Change bytes of a file's data in usr slot A on the node's disk (node must be off).
+    TamperUsr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Step {
+    /// The named test this step belongs to (`boot.basic`); reported by this name.
+    pub test: String,
+    #[serde(default = "default_node")]
+    pub node: NodeSel,
+    /// A shell command run in the guest through the guest agent.
+    pub run: Option<String>,
+    pub action: Option<Action>,
+    /// For `tamper-usr`: the file under /usr whose data is changed.
+    pub path: Option<String>,
+    /// Substrings that must all appear in stdout (templates like `{usr_root_hash}` expanded).
+    #[serde(default)]
+    pub expect: Vec<String>,
+    /// Substrings that must not appear in stdout or stderr.
+    #[serde(default)]
+    pub expect_not: Vec<String>,
+    /// Substrings that must appear in stderr.
+    #[serde(default)]
+    pub expect_stderr: Vec<String>,
+    /// Required exit status (default 0).
+    pub expect_exit: Option<i64>,
+    /// Repeat the command until it passes, for at most this long.
+    pub retry_for: Option<Secs>,
+    /// Time limit of one run of the command.
+    pub timeout: Option<Secs>,
+    /// Save trimmed stdout under this name for later `{name}` templates.
+    pub save: Option<String>,
+    /// Record the time from the node's start until this step passed, under this name.
+    pub mark: Option<String>,
+    /// What the step checks, for the report.
+    pub why: Option<String>,
+}
+
+fn default_node() -> NodeSel {
+    NodeSel::One(1)
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct NodeConfig {
+    /// Ignition config passed through fw_cfg, relative to the test file.
+    pub ignition: Option<PathBuf>,
+    pub memory_mib: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawTestFile {
+    pub description: String,
+    #[serde(default = "default_nodes")]
+    pub nodes: usize,
+    pub timeout: Secs,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Checks for failed units / emergency mode are skipped for these tests.
+    #[serde(default)]
+    pub allow_failures: Vec<String>,
+    /// Nodes share a private switch (in addition to user networking on node 1... none).
+    #[serde(default)]
+    pub network: bool,
+    #[serde(default)]
+    pub node: Vec<NodeConfig>,
+    pub step: Vec<Step>,
+}
+
+fn default_nodes() -> usize {
+    1
+}
+
+/// One test file, validated.
+#[derive(Debug, Clone)]
+pub struct TestFile {
+    pub path: PathBuf,
+    /// The file name without extension: names the scenario's results directory.
+    pub scenario: String,
+    pub spec: RawTestFile,
+}
+
+impl TestFile {
+    /// The named tests this file reports, in order of first appearance.
+    pub fn test_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for s in &self.spec.step {
+            if !names.contains(&s.test) {
+                names.push(s.test.clone());
+            }
+        }
+        names
+    }
+
+    pub fn node_config(&self, index: usize) -> NodeConfig {
+        self.spec.node.get(index).cloned().unwrap_or_default()
+    }
+
+    /// True when any of `filters` names one of its tests (prefix or exact), its scenario or a tag.
+    pub fn matches(&self, filters: &[String]) -> bool {
+        filters.is_empty()
+            || filters.iter().any(|f| {
+                self.scenario == *f
+                    || self.spec.tags.contains(f)
+                    || self.test_names().iter().any(|n| n == f || n.starts_with(&format!("{f}.")) || glob_match(f, n))
+            })
+    }
+}
+
+/// `*` matches any run of characters.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    if !pattern.contains('*') {
+        return pattern == name;
+    }
+    let parts: Vec<&str> = pattern.split('*').collect();
+    let mut rest = name;
+    for (i, p) in parts.iter().enumerate() {
+        if i == 0 {
+            match rest.strip_prefix(p) {
+                Some(r) => rest = r,
+                None => return false,
+            }
+        } else if i == parts.len() - 1 {
+            return rest.ends_with(p);
+        } else if let Some(pos) = rest.find(p) {
+            rest = &rest[pos + p.len()..];
+        } else {
+            return false;
+        }
+    }
+    true
+}
+
+pub fn parse(path: &Path, text: &str) -> Result<TestFile> {
+    let spec: RawTestFile = toml::from_str(text).map_err(|e| {
+        let (l, c) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+        anyhow::anyhow!("{}:{l}:{c}: {}", path.display(), e.message())
+    })?;
+    let scenario = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    if spec.nodes == 0 || spec.nodes > 8 {
+        bail!("{}: nodes must be 1 to 8", path.display());
+    }
+    if spec.step.is_empty() {
+        bail!("{}: a test needs at least one [[step]]", path.display());
+    }
+    for (i, s) in spec.step.iter().enumerate() {
+        let n = i + 1;
+        let kinds = usize::from(s.run.is_some()) + usize::from(s.action.is_some());
+        if kinds != 1 {
+            bail!("{}: step {n} ({}) must have exactly one of `run` or `action`", path.display(), s.test);
+        }
+        if let NodeSel::One(k) = s.node {
+            if k > spec.nodes {
+                bail!("{}: step {n} ({}) names node {k} but the test has {} node(s)", path.display(), s.test, spec.nodes);
+            }
+        }
+        if s.action == Some(Action::TamperUsr) && s.path.as_deref().is_none_or(|p| !p.starts_with("/usr/")) {
+            bail!("{}: step {n} ({}): tamper-usr needs `path` of a file under /usr/", path.display(), s.test);
+        }
+        if s.test.is_empty() || s.test.contains(char::is_whitespace) {
+            bail!("{}: step {n}: `test` must be a name like boot.basic", path.display());
+        }
+    }
+    Ok(TestFile { path: path.to_path_buf(), scenario, spec })
+}
+
+/// All test files under `dir` (recursively), sorted by path.
+pub fn discover(dir: &Path) -> Result<Vec<TestFile>> {
+    let mut out = Vec::new();
+    for e in walkdir::WalkDir::new(dir).sort_by_file_name() {
+        let e = e.with_context(|| format!("reading {}", dir.display()))?;
+        if e.file_type().is_file() && e.path().extension().is_some_and(|x| x == "toml") {
+            let text = std::fs::read_to_string(e.path()).with_context(|| format!("reading {}", e.path().display()))?;
+            out.push(parse(e.path(), &text)?);
+        }
+    }
+    let mut seen = std::collections::BTreeMap::new();
+    for f in &out {
+        for n in f.test_names() {
+            if let Some(other) = seen.insert(n.clone(), f.path.clone()) {
+                bail!("test {n} is defined in both {} and {}", other.display(), f.path.display());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Expands `{name}` templates from `vars`; unknown names are an error (a typo must not pass).
+pub fn expand(text: &str, vars: &std::collections::BTreeMap<String, String>) -> Result<String> {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(start) = rest.find('{') {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 1..];
+        match after.find('}') {
+            Some(end) if after[..end].chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && end > 0 => {
+                let key = &after[..end];
+                let v = vars.get(key).with_context(|| format!("unknown template {{{key}}} in `{text}`"))?;
+                out.push_str(v);
+                rest = &after[end + 1..];
+            }
+            _ => {
+                out.push('{');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    const GOOD: &str = r#"
+description = "one node"
+timeout = "10m"
+tags = ["boot"]
+
+[[step]]
+test = "boot.basic"
+run = "systemctl is-system-running --wait"
+expect = ["running"]
+
+[[step]]
+test = "boot.persist"
+action = "reboot"
+
+[[step]]
+test = "boot.persist"
+run = "cat /var/x"
+retry-for = "30s"
+"#;
+
+    #[test]
+    fn parses_and_lists_test_names_in_order() {
+        let f = parse(Path::new("qemu-tests/single.toml"), GOOD).expect("parse");
+        assert_eq!(f.scenario, "single");
+        assert_eq!(f.test_names(), vec!["boot.basic", "boot.persist"]);
+        assert_eq!(f.spec.timeout, Secs(Duration::from_secs(600)));
+        assert_eq!(f.spec.step[2].retry_for, Some(Secs(Duration::from_secs(30))));
+        assert_eq!(f.spec.step[1].action, Some(Action::Reboot));
+    }
+
+    #[test]
+    fn filters_by_name_prefix_tag_and_glob() {
+        let f = parse(Path::new("single.toml"), GOOD).expect("parse");
+        for (filter, want) in [("boot", true), ("boot.basic", true), ("boot.*", true), ("etcd", false), ("single", true), ("*.persist", true), ("net.two-nodes", false)] {
+            assert_eq!(f.matches(&[filter.to_string()]), want, "filter {filter}");
+        }
+        assert!(f.matches(&[]));
+    }
+
+    #[test]
+    fn bad_files_are_refused_with_position() {
+        let cases = [
+            ("unknown field", "description = \"x\"\ntimeout = 5\nbogus = 1\n[[step]]\ntest = \"a\"\nrun = \"true\"\n", "t.toml:3:1"),
+            ("run and action", "description = \"x\"\ntimeout = 5\n[[step]]\ntest = \"a\"\nrun = \"true\"\naction = \"reboot\"\n", "exactly one of"),
+            ("node out of range", "description = \"x\"\ntimeout = 5\n[[step]]\ntest = \"a\"\nnode = 3\nrun = \"true\"\n", "names node 3"),
+            ("tamper without path", "description = \"x\"\ntimeout = 5\n[[step]]\ntest = \"a\"\naction = \"tamper-usr\"\n", "tamper-usr needs"),
+            ("bad duration", "description = \"x\"\ntimeout = \"5h\"\n[[step]]\ntest = \"a\"\nrun = \"true\"\n", "not a duration"),
+        ];
+        for (name, text, want) in cases {
+            let err = format!("{:#}", parse(Path::new("t.toml"), text).expect_err(name));
+            assert!(err.contains(want), "{name}: {err}");
+        }
+    }
+
+    #[test]
+    fn templates_expand_and_unknown_names_fail() {
+        let mut v = BTreeMap::new();
+        v.insert("usr_root_hash".to_string(), "abc".to_string());
+        assert_eq!(expand("hash {usr_root_hash} ok", &v).expect("expand"), "hash abc ok");
+        assert_eq!(expand("printf '{a b}'", &v).expect("expand"), "printf '{a b}'");
+        assert!(expand("{nope}", &v).is_err());
+    }
+
+    #[test]
+    fn shipped_tests_parse_and_cover_the_required_names() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("qemu-tests");
+        let files = discover(&root).expect("discover");
+        let names: Vec<String> = files.iter().flat_map(|f| f.test_names()).collect();
+        for want in ["boot.basic", "boot.persist", "boot.verity-tamper", "etcd.single-node", "net.two-nodes"] {
+            assert!(names.iter().any(|n| n == want), "{want} missing from qemu-tests: {names:?}");
+        }
+    }
+}

@@ -1,0 +1,472 @@
+//! Runs test scenarios against a built image: fresh overlay and TPM per node, steps through the
+//! guest agent, host-side actions, implicit checks, consoles and journals saved per node.
+
+use super::definition::{expand, Action, NodeSel, Step, TestFile};
+use super::report::{self, Outcome, TestResult};
+use super::tamper;
+use crate::cache::Cache;
+use crate::manifest::Manifest;
+use crate::qemu::cmdline::{node_mac, Firmware, NetSpec, VmSpec};
+use crate::qemu::qga::{ExecResult, Qga};
+use crate::qemu::switch::Switch;
+use crate::qemu::vm::{create_overlay, virtual_size, Vm};
+use crate::tools::ToolsTree;
+use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// Extra virtual disk beyond the image, for the root partition made on first boot.
+const ROOT_SPACE: u64 = 6 << 30;
+const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(120);
+const REBOOT_TIMEOUT: Duration = Duration::from_secs(360);
+
+/// Console lines that fail every test unless the test allows failures.
+pub const CONSOLE_FAILURES: &[&str] = &["Kernel panic", "You are in emergency mode", "Entering emergency mode", "Failed to start "];
+
+pub struct RunContext<'a> {
+    pub image_dir: &'a Path,
+    pub manifest: &'a Manifest,
+    pub raw: PathBuf,
+    pub results: &'a Path,
+    pub accel: String,
+    pub interrupted: &'a AtomicBool,
+    pub cache: &'a Cache,
+}
+
+struct Node {
+    index: usize,
+    dir: PathBuf,
+    overlay: PathBuf,
+    vars: PathBuf,
+    tpm: PathBuf,
+    qga_socket: PathBuf,
+    qmp_socket: PathBuf,
+    ignition: Option<PathBuf>,
+    memory_mib: u32,
+    nets: Vec<NetSpec>,
+    vm: Option<Vm>,
+    boots: usize,
+    started: Instant,
+    consoles: Vec<PathBuf>,
+}
+
+impl Node {
+    fn spec(&self, accel: &str, console: PathBuf) -> VmSpec {
+        VmSpec {
+            name: format!("node{}", self.index),
+            accel: accel.to_string(),
+            memory_mib: self.memory_mib,
+            cpus: 2,
+            firmware: Firmware::debian(),
+            vars: self.vars.clone(),
+            disk: self.overlay.clone(),
+            swtpm_socket: self.dir.join("swtpm.sock"),
+            console: Some(console),
+            qga_socket: Some(self.qga_socket.clone()),
+            qmp_socket: Some(self.qmp_socket.clone()),
+            ignition: self.ignition.clone(),
+            nets: self.nets.clone(),
+        }
+    }
+
+    fn start(&mut self, accel: &str) -> Result<()> {
+        self.boots += 1;
+        let console = self.dir.join(format!("node{}.boot{}.console.log", self.index, self.boots));
+        self.consoles.push(console.clone());
+        let vm = Vm::start(self.spec(accel, console), &self.tpm)?;
+        self.vm = Some(vm);
+        self.started = Instant::now();
+        Ok(())
+    }
+
+    fn qga(&self) -> Qga {
+        Qga::new(&self.qga_socket)
+    }
+
+    fn running(&mut self) -> bool {
+        self.vm.as_mut().is_some_and(|v| v.is_running())
+    }
+
+    fn power_off(&mut self) {
+        if let Some(mut vm) = self.vm.take() {
+            vm.kill();
+        }
+    }
+}
+
+/// The state of one named test while its scenario runs.
+struct TestState {
+    started: Option<Instant>,
+    failed: Option<String>,
+    ran: bool,
+    timings: BTreeMap<String, f64>,
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Checks one command result against a step's expectations; `None` means it passed.
+pub fn judge(step: &Step, r: &ExecResult, vars: &BTreeMap<String, String>) -> Result<Option<String>> {
+    let want = step.expect_exit.unwrap_or(0);
+    if r.code != want {
+        return Ok(Some(format!(
+            "exit status {} (expected {want})\nstdout: {}\nstderr: {}",
+            r.code,
+            tail(&r.stdout, 15),
+            tail(&r.stderr, 15)
+        )));
+    }
+    for e in &step.expect {
+        let e = expand(e, vars)?;
+        if !r.stdout.contains(&e) {
+            return Ok(Some(format!("stdout lacks `{e}`\nstdout: {}", tail(&r.stdout, 15))));
+        }
+    }
+    for e in &step.expect_stderr {
+        let e = expand(e, vars)?;
+        if !r.stderr.contains(&e) {
+            return Ok(Some(format!("stderr lacks `{e}`\nstderr: {}", tail(&r.stderr, 15))));
+        }
+    }
+    for e in &step.expect_not {
+        let e = expand(e, vars)?;
+        if r.stdout.contains(&e) || r.stderr.contains(&e) {
+            return Ok(Some(format!("output contains `{e}`")));
+        }
+    }
+    Ok(None)
+}
+
+/// Console text that fails a test: a panic, emergency mode, or a unit that failed to start.
+pub fn console_problem(text: &str) -> Option<String> {
+    text.lines()
+        .find(|l| CONSOLE_FAILURES.iter().any(|f| l.contains(f)))
+        .map(|l| format!("console: {}", l.trim()))
+}
+
+fn run_command(node: &Node, step: &Step, vars: &BTreeMap<String, String>, deadline: Instant) -> Result<(ExecResult, Option<String>)> {
+    let cmd = expand(step.run.as_deref().unwrap_or_default(), vars)?;
+    let timeout = step.timeout.map(|s| s.0).unwrap_or(DEFAULT_STEP_TIMEOUT);
+    let retry_until = step.retry_for.map(|r| Instant::now() + r.0).unwrap_or_else(Instant::now).min(deadline);
+    loop {
+        let attempt = node.qga().sh(&cmd, timeout);
+        let (r, verdict) = match attempt {
+            Ok(r) => {
+                let v = judge(step, &r, vars)?;
+                (r, v)
+            }
+            Err(e) => (ExecResult { code: -1, stdout: String::new(), stderr: format!("{e:#}") }, Some(format!("could not run `{cmd}`: {e:#}"))),
+        };
+        if verdict.is_none() || Instant::now() >= retry_until {
+            return Ok((r, verdict.map(|v| format!("`{cmd}` on node{}: {v}", node.index))));
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+fn wait_boot(node: &Node, old_boot: Option<&str>, deadline: Instant) -> Result<String> {
+    let qga = node.qga();
+    loop {
+        if Instant::now() > deadline {
+            bail!("node{} did not come back (guest agent silent)", node.index);
+        }
+        if qga.ping(Duration::from_secs(3)) {
+            if let Ok(id) = qga.boot_id() {
+                if old_boot != Some(id.as_str()) {
+                    return Ok(id);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+fn slot_a_offset(raw: &Path, root_hash: &str) -> Result<u64> {
+    let info = crate::inspect::inspect(raw)?;
+    let (data_uuid, _) = crate::render::layout::verity_uuids(root_hash)?;
+    info.partitions
+        .iter()
+        .find(|p| p.uuid == data_uuid)
+        .map(|p| p.offset)
+        .with_context(|| format!("no usr partition with UUID {data_uuid} in {}", raw.display()))
+}
+
+fn action(ctx: &RunContext, node: &mut Node, step: &Step, deadline: Instant) -> Result<()> {
+    match step.action {
+        Some(Action::Reboot) => {
+            let old = node.qga().boot_id().context("reading boot ID before reboot")?;
+            // The command may not return: the agent goes down with the system.
+            let _ = node.qga().sh("systemctl reboot", Duration::from_secs(10));
+            let new = wait_boot(node, Some(&old), deadline.min(Instant::now() + REBOOT_TIMEOUT))?;
+            tracing::info!(node = node.index, boot_id = %new, "rebooted");
+            node.started = Instant::now();
+            Ok(())
+        }
+        Some(Action::PowerOff) => {
+            node.power_off();
+            Ok(())
+        }
+        Some(Action::Start) => {
+            if node.running() {
+                bail!("node{} is already running", node.index);
+            }
+            node.start(&ctx.accel)?;
+            wait_boot(node, None, deadline).map(|_| ())
+        }
+        Some(Action::TamperUsr) => {
+            if node.running() {
+                bail!("tamper-usr needs node{} powered off (add an action = \"power-off\" step first)", node.index);
+            }
+            let path = step.path.as_deref().unwrap_or_default();
+            let tools = ToolsTree::ensure(ctx.cache, crate::image::DEFAULT_MIRROR)?;
+            let offset = slot_a_offset(&ctx.raw, &ctx.manifest.usr_root_hash)?;
+            let at = tamper::tamper(&tools, &ctx.raw, offset, path, &node.overlay)?;
+            tracing::info!(node = node.index, path, at, "overwrote {} bytes of usr slot A", tamper::LEN);
+            Ok(())
+        }
+        None => Ok(()),
+    }
+}
+
+/// Failed units and console problems on every running node.
+fn implicit_checks(nodes: &mut [Node]) -> Option<String> {
+    for n in nodes.iter_mut() {
+        for c in &n.consoles {
+            if let Some(p) = std::fs::read_to_string(c).ok().as_deref().and_then(console_problem) {
+                return Some(format!("node{}: {p}", n.index));
+            }
+        }
+        if n.running() {
+            match n.qga().sh("systemctl --failed --no-legend --plain", Duration::from_secs(60)) {
+                Ok(r) if !r.stdout.trim().is_empty() => return Some(format!("node{}: failed units:\n{}", n.index, r.stdout.trim())),
+                Ok(_) => {}
+                Err(e) => return Some(format!("node{}: could not list failed units: {e:#}", n.index)),
+            }
+        }
+    }
+    None
+}
+
+fn collect_journals(nodes: &mut [Node]) {
+    for n in nodes.iter_mut() {
+        if !n.running() {
+            continue;
+        }
+        let path = n.dir.join(format!("node{}.journal.txt", n.index));
+        match n.qga().sh("journalctl --no-pager -o short-monotonic", Duration::from_secs(120)) {
+            Ok(r) => {
+                let _ = std::fs::write(&path, r.stdout);
+            }
+            Err(e) => tracing::warn!(node = n.index, "could not collect the journal: {e:#}"),
+        }
+    }
+}
+
+/// Runs one test file; returns a result per named test in it.
+pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>> {
+    let dir = ctx.results.join(&file.scenario);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let names = file.test_names();
+    let mut state: BTreeMap<String, TestState> = names
+        .iter()
+        .map(|n| (n.clone(), TestState { started: None, failed: None, ran: false, timings: BTreeMap::new() }))
+        .collect();
+    let deadline = Instant::now() + file.spec.timeout.0;
+    let mut vars: BTreeMap<String, String> = BTreeMap::new();
+    vars.insert("usr_root_hash".into(), ctx.manifest.usr_root_hash.clone());
+    vars.insert("image_name".into(), ctx.manifest.name.clone());
+    vars.insert("image_version".into(), ctx.manifest.version.clone());
+
+    let switch = if file.spec.network || file.spec.nodes > 1 { Some(Switch::start(&dir)?) } else { None };
+    let size = virtual_size(&ctx.raw)? + ROOT_SPACE;
+    let mut nodes: Vec<Node> = Vec::new();
+    for i in 1..=file.spec.nodes {
+        let ndir = dir.join(format!("node{i}"));
+        std::fs::create_dir_all(&ndir).with_context(|| format!("creating {}", ndir.display()))?;
+        let overlay = ndir.join("disk.qcow2");
+        create_overlay(&ctx.raw, &overlay, size)?;
+        let vars_fd = ndir.join("OVMF_VARS.fd");
+        std::fs::copy(Firmware::VARS, &vars_fd).with_context(|| format!("copying {} (package ovmf)", Firmware::VARS))?;
+        let cfg = file.node_config(i - 1);
+        let ignition = cfg.ignition.map(|p| file.path.parent().unwrap_or(Path::new(".")).join(p));
+        let mut nets = vec![NetSpec::User { forwards: vec![] }];
+        if let Some(sw) = &switch {
+            nets.push(NetSpec::Vde { switch: sw.socket.clone(), mac: node_mac(i - 1) });
+        }
+        nodes.push(Node {
+            index: i,
+            dir: ndir.clone(),
+            overlay,
+            vars: vars_fd,
+            tpm: ndir.join("tpm"),
+            qga_socket: ndir.join("qga.sock"),
+            qmp_socket: ndir.join("qmp.sock"),
+            ignition,
+            memory_mib: cfg.memory_mib.unwrap_or(2048),
+            nets,
+            vm: None,
+            boots: 0,
+            started: Instant::now(),
+            consoles: Vec::new(),
+        });
+    }
+    let mut aborted: Option<String> = None;
+    for n in nodes.iter_mut() {
+        if let Err(e) = n.start(&ctx.accel) {
+            aborted = Some(format!("starting node{}: {e:#}", n.index));
+            break;
+        }
+    }
+    if aborted.is_none() {
+        for n in &nodes {
+            if let Err(e) = wait_boot(n, None, deadline) {
+                aborted = Some(format!("{e:#}"));
+                break;
+            }
+        }
+    }
+
+    let steps: &[Step] = &file.spec.step;
+    for (si, step) in steps.iter().enumerate() {
+        if ctx.interrupted.load(Ordering::SeqCst) {
+            aborted.get_or_insert_with(|| "interrupted".into());
+        }
+        let st = state.get_mut(&step.test).context("step of an unknown test")?;
+        st.started.get_or_insert_with(Instant::now);
+        st.ran = true;
+        if let Some(why) = &aborted {
+            st.failed.get_or_insert_with(|| format!("not run: {why}"));
+            continue;
+        }
+        if st.failed.is_some() {
+            continue;
+        }
+        if Instant::now() > deadline {
+            aborted = Some(format!("scenario timeout of {}s reached at step {}", file.spec.timeout.0.as_secs(), si + 1));
+            st.failed = aborted.clone();
+            continue;
+        }
+        let targets: Vec<usize> = match step.node {
+            NodeSel::One(k) => vec![k - 1],
+            NodeSel::All => (0..nodes.len()).collect(),
+        };
+        tracing::info!(test = %step.test, step = si + 1, "{}", step.run.as_deref().map(|r| r.to_string()).unwrap_or_else(|| format!("{:?}", step.action)));
+        for t in targets {
+            let node = &mut nodes[t];
+            vars.insert("node".into(), node.index.to_string());
+            vars.insert("mac".into(), node_mac(node.index - 1));
+            let outcome: Result<Option<String>> = if step.run.is_some() {
+                if !node.running() {
+                    Ok(Some(format!("node{} is not running", node.index)))
+                } else {
+                    run_command(node, step, &vars, deadline).map(|(r, verdict)| {
+                        if verdict.is_none() {
+                            if let Some(name) = &step.save {
+                                vars.insert(name.clone(), r.stdout.trim().to_string());
+                            }
+                        }
+                        verdict
+                    })
+                }
+            } else {
+                action(ctx, node, step, deadline).map(|_| None)
+            };
+            let st = state.get_mut(&step.test).context("unknown test")?;
+            match outcome {
+                Ok(None) => {
+                    if let Some(m) = &step.mark {
+                        st.timings.insert(m.clone(), (node.started.elapsed().as_secs_f64() * 10.0).round() / 10.0);
+                    }
+                    if step.run.as_deref().is_some_and(|r| r.contains("is-system-running")) {
+                        if let Ok(r) = node.qga().sh("systemd-analyze time", Duration::from_secs(60)) {
+                            for (k, v) in report::parse_startup(&r.stdout) {
+                                st.timings.entry(k).or_insert(v);
+                            }
+                            st.timings.entry("ready_wall".into()).or_insert((node.started.elapsed().as_secs_f64() * 10.0).round() / 10.0);
+                        }
+                    }
+                }
+                Ok(Some(why)) => {
+                    st.failed = Some(format!("step {}: {why}", si + 1));
+                    break;
+                }
+                Err(e) => {
+                    // A failed action leaves the machines in an unknown state: stop here.
+                    let why = format!("step {} ({:?}) failed: {e:#}", si + 1, step.action);
+                    st.failed = Some(why.clone());
+                    aborted = Some(why);
+                    break;
+                }
+            }
+        }
+        // After a test's last step: the implicit checks.
+        let last_of_test = !steps[si + 1..].iter().any(|s| s.test == step.test);
+        if last_of_test && aborted.is_none() && !file.spec.allow_failures.contains(&step.test) {
+            let st = state.get_mut(&step.test).context("unknown test")?;
+            if st.failed.is_none() {
+                if let Some(p) = implicit_checks(&mut nodes) {
+                    st.failed = Some(format!("implicit check: {p}"));
+                }
+            }
+        }
+    }
+    collect_journals(&mut nodes);
+    for n in nodes.iter_mut() {
+        n.power_off();
+        let _ = std::fs::remove_file(&n.overlay);
+    }
+    drop(switch);
+
+    Ok(names
+        .iter()
+        .map(|name| {
+            let st = &state[name];
+            TestResult {
+                name: name.clone(),
+                result: if st.failed.is_some() { Outcome::Fail } else if st.ran { Outcome::Pass } else { Outcome::Skip },
+                duration_s: st.started.map(|s| (s.elapsed().as_secs_f64() * 10.0).round() / 10.0).unwrap_or(0.0),
+                reason: st.failed.clone(),
+                scenario: file.path.display().to_string(),
+                timings: st.timings.clone(),
+            }
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::definition::parse;
+
+    fn step(toml_step: &str) -> Step {
+        let text = format!("description = \"x\"\ntimeout = 5\n[[step]]\ntest = \"t.x\"\n{toml_step}\n");
+        parse(Path::new("t.toml"), &text).expect("parse").spec.step[0].clone()
+    }
+
+    #[test]
+    fn judge_checks_exit_expect_and_expect_not() {
+        let mut vars = BTreeMap::new();
+        vars.insert("usr_root_hash".to_string(), "abc".to_string());
+        let r = |code, out: &str, err: &str| ExecResult { code, stdout: out.into(), stderr: err.into() };
+        let s = step("run = \"x\"\nexpect = [\"hash {usr_root_hash}\"]\nexpect-not = [\"ZZZZ\"]");
+        assert_eq!(judge(&s, &r(0, "hash abc", ""), &vars).expect("judge"), None);
+        assert!(judge(&s, &r(0, "hash xyz", ""), &vars).expect("judge").is_some_and(|w| w.contains("lacks `hash abc`")));
+        assert!(judge(&s, &r(1, "hash abc", ""), &vars).expect("judge").is_some_and(|w| w.contains("exit status 1")));
+        assert!(judge(&s, &r(0, "hash abc ZZZZ", ""), &vars).expect("judge").is_some());
+        let e = step("run = \"cat f\"\nexpect-exit = 1\nexpect-stderr = [\"Input/output error\"]");
+        assert_eq!(judge(&e, &r(1, "", "cat: f: Input/output error"), &vars).expect("judge"), None);
+        assert!(judge(&e, &r(0, "", ""), &vars).expect("judge").is_some());
+    }
+
+    #[test]
+    fn console_problems_are_found() {
+        assert!(console_problem("[ 1.0] ok\n[ 2.0] Kernel panic - not syncing: VFS").is_some());
+        assert!(console_problem("You are in emergency mode. After logging in").is_some());
+        assert!(console_problem("[FAILED] Failed to start etcd.service - etcd").is_some());
+        assert_eq!(console_problem("[  OK  ] Reached target multi-user.target"), None);
+    }
+}

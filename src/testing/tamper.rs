@@ -1,0 +1,73 @@
+//! Host-side disk tampering for the verity test: find where a file's data lives in usr slot A
+//! (dump.erofs from the tools tree, on the built image) and overwrite those bytes in the VM's
+//! overlay (qemu-io), leaving the built image itself untouched.
+
+use crate::tools::{run, run_capture, ToolsTree};
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+use std::process::Command;
+
+/// The byte pattern written over the file's data; the guest must never read it back.
+pub const PATTERN: u8 = 0x5a;
+pub const LEN: u64 = 4096;
+
+/// Physical byte offset (inside the erofs image) of the first data extent in `dump.erofs -e`
+/// output.
+pub fn first_extent_offset(dump: &str) -> Result<u64> {
+    for line in dump.lines() {
+        // "   0:        0..    5420 |    5420 :     331776..    335872 |    4096"
+        let Some((_, right)) = line.split_once(':') else { continue };
+        let cols: Vec<&str> = right.split('|').collect();
+        if cols.len() != 3 {
+            continue;
+        }
+        let Some((_, phys)) = cols[1].split_once(':') else { continue };
+        if let Some((start, _)) = phys.split_once("..") {
+            if let Ok(n) = start.trim().parse::<u64>() {
+                return Ok(n);
+            }
+        }
+    }
+    bail!("dump.erofs printed no extents:\n{dump}")
+}
+
+/// Overwrites the first data block of `usr_path` (a path under /usr) in `overlay`, whose backing
+/// image is `raw`; slot A starts at `slot_offset` bytes.
+pub fn tamper(tools: &ToolsTree, raw: &Path, slot_offset: u64, usr_path: &str, overlay: &Path) -> Result<u64> {
+    let inner = usr_path.strip_prefix("/usr").unwrap_or(usr_path);
+    let dir = raw.parent().context("image has no directory")?;
+    let tools = tools.clone().bind(dir);
+    let out = run_capture(
+        tools
+            .command("dump.erofs")?
+            .arg(format!("--offset={slot_offset}"))
+            .arg(format!("--path={inner}"))
+            .arg("-e")
+            .arg(raw),
+    )
+    .with_context(|| format!("locating {usr_path} in usr slot A"))?;
+    let offset = slot_offset + first_extent_offset(&String::from_utf8_lossy(&out))?;
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c"])
+        .arg(format!("write -P {PATTERN:#x} {offset} {LEN}"))
+        .arg(overlay))
+    .with_context(|| format!("writing over {usr_path} in {}", overlay.display()))?;
+    Ok(offset)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DUMP: &str = "Path : /bin/bash\nSize: 1298416  On-disk size: 847872  regular file\n\
+NID: 423546   Links: 1   Layout: 3   Compression ratio: 65.30%\nTimestamp: 1970-01-01 00:00:00.000000000\n\n \
+Ext:   logical offset   |  length :     physical offset    |  length\n   \
+0:        0..    5420 |    5420 :     331776..    335872 |    4096\n   \
+1:     5420..   11227 |    5807 :     335872..    339968 |    4096\n";
+
+    #[test]
+    fn first_extent_is_found() {
+        assert_eq!(first_extent_offset(DUMP).expect("offset"), 331_776);
+        assert!(first_extent_offset("Path : /x\nSize: 0\n").is_err());
+    }
+}
