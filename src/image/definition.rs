@@ -174,6 +174,7 @@ const BASE_INITRD_MODULES: &[&str] = &[
     "qemu_fw_cfg",
     "tpm_tis",
     "tpm_crb",
+    "autofs4",
 ];
 
 /// One layer of the `extends` chain while merging.

@@ -99,6 +99,7 @@ impl Node {
 /// The state of one named test while its scenario runs.
 struct TestState {
     started: Option<Instant>,
+    finished: Option<Instant>,
     failed: Option<String>,
     ran: bool,
     timings: BTreeMap<String, f64>,
@@ -273,7 +274,7 @@ pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>
     let names = file.test_names();
     let mut state: BTreeMap<String, TestState> = names
         .iter()
-        .map(|n| (n.clone(), TestState { started: None, failed: None, ran: false, timings: BTreeMap::new() }))
+        .map(|n| (n.clone(), TestState { started: None, finished: None, failed: None, ran: false, timings: BTreeMap::new() }))
         .collect();
     let deadline = Instant::now() + file.spec.timeout.0;
     let mut vars: BTreeMap<String, String> = BTreeMap::new();
@@ -403,6 +404,9 @@ pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>
                 }
             }
         }
+        if let Some(st) = state.get_mut(&step.test) {
+            st.finished = Some(Instant::now());
+        }
         // After a test's last step: the implicit checks.
         let last_of_test = !steps[si + 1..].iter().any(|s| s.test == step.test);
         if last_of_test && aborted.is_none() && !file.spec.allow_failures.contains(&step.test) {
@@ -428,7 +432,10 @@ pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>
             TestResult {
                 name: name.clone(),
                 result: if st.failed.is_some() { Outcome::Fail } else if st.ran { Outcome::Pass } else { Outcome::Skip },
-                duration_s: st.started.map(|s| (s.elapsed().as_secs_f64() * 10.0).round() / 10.0).unwrap_or(0.0),
+                duration_s: match (st.started, st.finished) {
+                    (Some(s), Some(f)) => ((f - s).as_secs_f64() * 10.0).round() / 10.0,
+                    _ => 0.0,
+                },
                 reason: st.failed.clone(),
                 scenario: file.path.display().to_string(),
                 timings: st.timings.clone(),

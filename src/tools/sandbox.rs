@@ -30,6 +30,10 @@ pub fn exec_in(root: &Path, binds: &[PathBuf], env: &[(String, String)], argv: &
     unshare(CloneFlags::CLONE_NEWNS).context("creating a mount namespace (keel must run as root)")?;
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
         .context("making mounts private")?;
+    // Make the tree a mount point of its own: tools that set up their own sandbox (mkosi)
+    // remount `/` and need it to be one.
+    mount(Some(root), root, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+        .with_context(|| format!("binding {} onto itself", root.display()))?;
     mount(Some("proc"), &root.join("proc"), Some("proc"), MsFlags::empty(), None::<&str>)
         .with_context(|| format!("mounting /proc in {}", root.display()))?;
     for dir in ["dev", "sys"] {
