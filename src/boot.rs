@@ -23,8 +23,16 @@ pub fn resolve_image(spec: &str, no_build: bool) -> Result<ResolvedImage> {
     if p.is_dir() {
         let m = Manifest::find(p)?;
         let disk = p.join(format!("{}.raw", m.name));
-        let disk = if disk.exists() { disk } else { p.join(format!("{}.qcow2", m.name)) };
-        return Ok(ResolvedImage { disk, dir: Some(p.to_path_buf()), manifest: Some(m) });
+        let disk = if disk.exists() {
+            disk
+        } else {
+            p.join(format!("{}.qcow2", m.name))
+        };
+        return Ok(ResolvedImage {
+            disk,
+            dir: Some(p.to_path_buf()),
+            manifest: Some(m),
+        });
     }
     if p.is_file() {
         let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
@@ -33,17 +41,33 @@ pub fn resolve_image(spec: &str, no_build: bool) -> Result<ResolvedImage> {
         }
         let dir = p.parent().map(Path::to_path_buf);
         let manifest = dir.as_ref().and_then(|d| Manifest::find(d).ok());
-        return Ok(ResolvedImage { disk: p.to_path_buf(), dir, manifest });
+        return Ok(ResolvedImage {
+            disk: p.to_path_buf(),
+            dir,
+            manifest,
+        });
     }
     let def = PathBuf::from("images").join(format!("{spec}.toml"));
     if !def.exists() {
-        bail!("`{spec}` is neither a disk image, a build directory, nor an image in images/ (no {})", def.display());
+        bail!(
+            "`{spec}` is neither a disk image, a build directory, nor an image in images/ (no {})",
+            def.display()
+        );
     }
     let out = build::default_out(spec);
     if !no_build {
-        build::build(&BuildOptions { definition: def, out: Some(out.clone()), repo: None, rebootstrap: false, quiet: false })?;
+        build::build(&BuildOptions {
+            definition: def,
+            out: Some(out.clone()),
+            repo: None,
+            rebootstrap: false,
+            quiet: false,
+        })?;
     } else if !out.join(crate::manifest::MANIFEST_FILE).exists() {
-        bail!("{spec} has not been built yet (no {}): drop --no-build", out.display());
+        bail!(
+            "{spec} has not been built yet (no {}): drop --no-build",
+            out.display()
+        );
     }
     resolve_image(&out.display().to_string(), true)
 }
@@ -65,8 +89,13 @@ pub struct BootOptions {
 
 /// Parses `HOST:GUEST` port forwards.
 pub fn parse_forward(s: &str) -> Result<(u16, u16)> {
-    let (h, g) = s.split_once(':').with_context(|| format!("`{s}` is not HOST:GUEST (e.g. 2222:22)"))?;
-    Ok((h.parse().with_context(|| format!("`{h}` is not a port"))?, g.parse().with_context(|| format!("`{g}` is not a port"))?))
+    let (h, g) = s
+        .split_once(':')
+        .with_context(|| format!("`{s}` is not HOST:GUEST (e.g. 2222:22)"))?;
+    Ok((
+        h.parse().with_context(|| format!("`{h}` is not a port"))?,
+        g.parse().with_context(|| format!("`{g}` is not a port"))?,
+    ))
 }
 
 pub fn boot(opts: &BootOptions) -> Result<()> {
@@ -79,7 +108,10 @@ pub fn boot(opts: &BootOptions) -> Result<()> {
         }
     }
     let interrupted = crate::qemu::interrupt_flag()?;
-    let tmp = tempfile::Builder::new().prefix("keel-boot-").tempdir().context("creating a temporary VM directory")?;
+    let tmp = tempfile::Builder::new()
+        .prefix("keel-boot-")
+        .tempdir()
+        .context("creating a temporary VM directory")?;
     let overlay = match &opts.persist {
         Some(p) => p.clone(),
         None => tmp.path().join("disk.qcow2"),
@@ -88,18 +120,28 @@ pub fn boot(opts: &BootOptions) -> Result<()> {
         let size = virtual_size(&image.disk)? + (opts.disk_gib << 30);
         create_overlay(&image.disk, &overlay, size)?;
         if opts.persist.is_some() {
-            eprintln!("keel: keeping the VM disk in {} (the built image stays untouched)", overlay.display());
+            eprintln!(
+                "keel: keeping the VM disk in {} (the built image stays untouched)",
+                overlay.display()
+            );
         }
     } else {
         eprintln!("keel: reusing the VM disk {}", overlay.display());
     }
     let vars = tmp.path().join("OVMF_VARS.fd");
     std::fs::copy(Firmware::VARS, &vars).with_context(|| format!("copying {}", Firmware::VARS))?;
-    let tpm = opts.tpm_state.clone().unwrap_or_else(|| tmp.path().join("tpm"));
+    let tpm = opts
+        .tpm_state
+        .clone()
+        .unwrap_or_else(|| tmp.path().join("tpm"));
     let choice = crate::qemu::accel::choose(opts.accel.as_deref())?;
     eprintln!("keel: acceleration {}: {}", choice.accel, choice.reason);
     let spec = VmSpec {
-        name: image.manifest.as_ref().map(|m| m.name.clone()).unwrap_or_else(|| "keel".into()),
+        name: image
+            .manifest
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_else(|| "keel".into()),
         accel: choice.accel,
         memory_mib: opts.memory_mib,
         cpus: opts.cpus,
@@ -111,11 +153,20 @@ pub fn boot(opts: &BootOptions) -> Result<()> {
         qga_socket: Some(tmp.path().join("qga.sock")),
         qmp_socket: Some(tmp.path().join("qmp.sock")),
         ignition: opts.ignition.clone(),
-        nets: vec![NetSpec::User { forwards: opts.forwards.clone() }],
+        nets: vec![NetSpec::User {
+            forwards: opts.forwards.clone(),
+        }],
     };
     match &opts.console {
-        None => eprintln!("keel: booting {}; console on this terminal (Ctrl-A X quits)", image.disk.display()),
-        Some(c) => eprintln!("keel: booting {}; console in {} (Ctrl-C stops)", image.disk.display(), c.display()),
+        None => eprintln!(
+            "keel: booting {}; console on this terminal (Ctrl-A X quits)",
+            image.disk.display()
+        ),
+        Some(c) => eprintln!(
+            "keel: booting {}; console in {} (Ctrl-C stops)",
+            image.disk.display(),
+            c.display()
+        ),
     }
     let mut vm = Vm::start(spec, &tpm)?;
     let status = vm.wait(interrupted)?;

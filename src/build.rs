@@ -31,7 +31,10 @@ pub struct BuildOptions {
 /// The epoch from SOURCE_DATE_EPOCH, else [`DEFAULT_EPOCH`].
 pub fn source_date_epoch() -> Result<u64> {
     match std::env::var("SOURCE_DATE_EPOCH") {
-        Ok(v) => v.trim().parse().with_context(|| format!("SOURCE_DATE_EPOCH={v} is not a number of seconds")),
+        Ok(v) => v
+            .trim()
+            .parse()
+            .with_context(|| format!("SOURCE_DATE_EPOCH={v} is not a number of seconds")),
         Err(_) => Ok(DEFAULT_EPOCH),
     }
 }
@@ -58,12 +61,22 @@ pub fn default_repo(cache: &Cache) -> PathBuf {
 }
 
 /// Returns the base commit for the definition, bootstrapping when it is not in the store.
-fn ensure_base(store: &Store, cache: &Cache, def: &Definition, epoch: u64, rebootstrap: bool) -> Result<(String, String)> {
+fn ensure_base(
+    store: &Store,
+    cache: &Cache,
+    def: &Definition,
+    epoch: u64,
+    rebootstrap: bool,
+) -> Result<(String, String)> {
     let key = bootstrap::base_key(def, epoch);
     let base_ref = store::base_ref(&key);
     if !rebootstrap {
         if let Some(c) = store.resolve(&base_ref)? {
-            let kernel = store.entry(&c)?.record.map(|r| r.kernel).unwrap_or_default();
+            let kernel = store
+                .entry(&c)?
+                .record
+                .map(|r| r.kernel)
+                .unwrap_or_default();
             return Ok((c, kernel));
         }
     }
@@ -76,9 +89,17 @@ fn ensure_base(store: &Store, cache: &Cache, def: &Definition, epoch: u64, reboo
     run(Command::new(mmdebstrap)
         .env("SOURCE_DATE_EPOCH", epoch.to_string())
         .args(bootstrap::mmdebstrap_args(def, &staging, &debs)))
-    .with_context(|| format!("bootstrapping {} from {} ({})", def.suite, def.mirror, def.path.display()))?;
+    .with_context(|| {
+        format!(
+            "bootstrapping {} from {} ({})",
+            def.suite,
+            def.mirror,
+            def.path.display()
+        )
+    })?;
     let kernel = usrify::usrify(&staging)?;
-    let status = fs::read_to_string(staging.join("usr").join(usrify::DPKG_STATUS)).context("reading dpkg status")?;
+    let status = fs::read_to_string(staging.join("usr").join(usrify::DPKG_STATUS))
+        .context("reading dpkg status")?;
     let record = CommitRecord {
         format: 1,
         name: format!("base-{key}"),
@@ -86,20 +107,35 @@ fn ensure_base(store: &Store, cache: &Cache, def: &Definition, epoch: u64, reboo
         kernel: kernel.clone(),
         packages: dpkg::parse_status(&status),
     };
-    let commit = store.commit_dir(&staging.join("usr"), &base_ref, None, &format!("base tree {key}"), Some(&record), epoch, None)?;
+    let usr = staging.join("usr");
+    let subject = format!("base tree {key}");
+    let req = store::CommitRequest {
+        dir: &usr,
+        ref_: &base_ref,
+        parent: None,
+        subject: &subject,
+        record: Some(&record),
+        time: epoch,
+    };
+    let commit = store.commit_dir(&req, None)?;
     Ok((commit, kernel))
 }
 
 pub fn build(opts: &BuildOptions) -> Result<Manifest> {
     let mut stages = Stages::new(opts.quiet);
-    let def = stages.run("load definition", || Ok(Definition::load(&opts.definition)?))?;
+    let def = stages.run("load definition", || {
+        Ok(Definition::load(&opts.definition)?)
+    })?;
     let epoch = source_date_epoch()?;
     let cache = Cache::from_env()?;
     let repo_path = opts.repo.clone().unwrap_or_else(|| default_repo(&cache));
     let store = Store::open_or_create(&repo_path)?;
     let out = opts.out.clone().unwrap_or_else(|| default_out(&def.name));
-    fs::create_dir_all(&out).with_context(|| format!("creating output directory {}", out.display()))?;
-    let out = out.canonicalize().with_context(|| format!("resolving {}", out.display()))?;
+    fs::create_dir_all(&out)
+        .with_context(|| format!("creating output directory {}", out.display()))?;
+    let out = out
+        .canonicalize()
+        .with_context(|| format!("resolving {}", out.display()))?;
     let pid = std::process::id();
     let staging = out.join(format!(".keel-staging-{pid}"));
     let work = cache.dir().join("work").join(format!("{}-{pid}", def.name));
@@ -110,9 +146,14 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
     let _guards = (Scratch(staging.clone()), Scratch(work.clone()));
 
     let tools = stages.run("tools tree", || ToolsTree::ensure(&cache, &def.mirror))?;
-    let tools = tools.bind(&work).bind(&staging).env("SOURCE_DATE_EPOCH", &epoch.to_string());
+    let tools = tools
+        .bind(&work)
+        .bind(&staging)
+        .env("SOURCE_DATE_EPOCH", &epoch.to_string());
 
-    let (base, kernel) = stages.run("bootstrap", || ensure_base(&store, &cache, &def, epoch, opts.rebootstrap))?;
+    let (base, kernel) = stages.run("bootstrap", || {
+        ensure_base(&store, &cache, &def, epoch, opts.rebootstrap)
+    })?;
 
     // Compose: base checkout + keel's content, committed as the image's /usr.
     let (commit, packages) = stages.run("compose and commit /usr", || {
@@ -121,7 +162,8 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
         store.checkout(&base, &tree, Some(&devino))?;
         let binaries = def.project_dir.join("target/release");
         overlay::apply(&tree, &def, &binaries)?;
-        let status = fs::read_to_string(tree.join(usrify::DPKG_STATUS)).context("reading the image's dpkg status")?;
+        let status = fs::read_to_string(tree.join(usrify::DPKG_STATUS))
+            .context("reading the image's dpkg status")?;
         let packages = dpkg::parse_status(&status);
         let record = CommitRecord {
             format: 1,
@@ -133,7 +175,15 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
         let image_ref = store::image_ref(&def.name);
         let parent = store.resolve(&image_ref)?;
         let subject = format!("{} {}", def.name, def.version);
-        let commit = store.commit_dir(&tree, &image_ref, parent.as_deref(), &subject, Some(&record), epoch, Some(&devino))?;
+        let req = store::CommitRequest {
+            dir: &tree,
+            ref_: &image_ref,
+            parent: parent.as_deref(),
+            subject: &subject,
+            record: Some(&record),
+            time: epoch,
+        };
+        let commit = store.commit_dir(&req, Some(&devino))?;
         cache::remove_path(&tree)?;
         Ok((commit, packages))
     })?;
@@ -150,14 +200,19 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
     })?;
 
     let initrd_path = stages.run("initrd", || {
-        initrd::build(&cache, &tools, &work, &initrd::InitrdInput {
-            suite: &def.suite,
-            mirror: &def.mirror,
-            epoch,
-            usr: &usr_tree,
-            kernel_version: &kernel,
-            modules: &def.initrd_modules,
-        })
+        initrd::build(
+            &cache,
+            &tools,
+            &work,
+            &initrd::InitrdInput {
+                suite: &def.suite,
+                mirror: &def.mirror,
+                epoch,
+                usr: &usr_tree,
+                kernel_version: &kernel,
+                modules: &def.initrd_modules,
+            },
+        )
     })?;
 
     let cmdline = uki::cmdline(&root_hash, &def.kernel_cmdline);
@@ -166,21 +221,31 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
         let os_release = work.join("os-release");
         fs::copy(usr_tree.join("lib/os-release"), &os_release).context("copying os-release")?;
         let kernel_file = work.join("vmlinuz");
-        fs::copy(usr_tree.join("lib/modules").join(&kernel).join("vmlinuz"), &kernel_file).context("copying the kernel")?;
+        fs::copy(
+            usr_tree.join("lib/modules").join(&kernel).join("vmlinuz"),
+            &kernel_file,
+        )
+        .context("copying the kernel")?;
         let initrd_copy = work.join("initrd.img");
         fs::copy(&initrd_path, &initrd_copy).context("copying the initrd")?;
-        uki::build(&tools, &uki::UkiInput {
-            kernel: &kernel_file,
-            initrd: &initrd_copy,
-            os_release: &os_release,
-            kernel_version: &kernel,
-            cmdline: &cmdline,
-        }, &uki_out)
+        uki::build(
+            &tools,
+            &uki::UkiInput {
+                kernel: &kernel_file,
+                initrd: &initrd_copy,
+                os_release: &os_release,
+                kernel_version: &kernel,
+                cmdline: &cmdline,
+            },
+            &uki_out,
+        )
     })?;
     cache::remove_path(&usr_tree)?;
 
     let raw = staging.join(format!("{}.raw", def.name));
-    let usr_fs_bytes = fs::metadata(&erofs).context("reading the erofs size")?.len();
+    let usr_fs_bytes = fs::metadata(&erofs)
+        .context("reading the erofs size")?
+        .len();
     let parts = stages.run("disk image", || {
         let esp = work.join("esp");
         disk::prepare_esp(&tools, &esp, &uki_out, &def.version, epoch)?;
@@ -195,7 +260,9 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
             usr_image: &erofs_s,
             usr_image_bytes: usr_fs_bytes,
             verity_image: &verity_s,
-            verity_image_bytes: fs::metadata(&verity).context("reading the verity size")?.len(),
+            verity_image_bytes: fs::metadata(&verity)
+                .context("reading the verity size")?
+                .len(),
             slot_bytes: def.usr_size.bytes(),
             root_hash: &root_hash,
         })?;
@@ -228,7 +295,12 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
         uki: layout::uki_file_name(&def.version),
         partitions: parts
             .iter()
-            .map(|p| PartitionInfo { label: p.label.clone(), type_: p.type_.to_string(), uuid: p.uuid.clone(), size: p.size })
+            .map(|p| PartitionInfo {
+                label: p.label.clone(),
+                type_: p.type_.to_string(),
+                uuid: p.uuid.clone(),
+                size: p.size,
+            })
             .collect(),
         packages,
         artifacts: Vec::new(),
@@ -248,20 +320,32 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
             .collect();
         let mut arts = Vec::new();
         for (n, h) in names.iter().zip(handles) {
-            let (sha256, size) = h.join().map_err(|_| anyhow::anyhow!("checksum thread panicked"))??;
-            arts.push(Artifact { file: n.clone(), sha256, size });
+            let (sha256, size) = h
+                .join()
+                .map_err(|_| anyhow::anyhow!("checksum thread panicked"))??;
+            arts.push(Artifact {
+                file: n.clone(),
+                sha256,
+                size,
+            });
         }
         Ok(arts)
     })?;
     manifest.artifacts = files;
     manifest.timings = stages.timings.clone();
-    fs::write(staging.join(MANIFEST_FILE), serde_json::to_string_pretty(&manifest)? + "\n").context("writing manifest.json")?;
+    fs::write(
+        staging.join(MANIFEST_FILE),
+        serde_json::to_string_pretty(&manifest)? + "\n",
+    )
+    .context("writing manifest.json")?;
 
     // Publish: every artifact is whole; rename into place, the manifest last.
     for a in &manifest.artifacts {
-        fs::rename(staging.join(&a.file), out.join(&a.file)).with_context(|| format!("moving {} into {}", a.file, out.display()))?;
+        fs::rename(staging.join(&a.file), out.join(&a.file))
+            .with_context(|| format!("moving {} into {}", a.file, out.display()))?;
     }
-    fs::rename(staging.join(MANIFEST_FILE), out.join(MANIFEST_FILE)).context("moving manifest.json into place")?;
+    fs::rename(staging.join(MANIFEST_FILE), out.join(MANIFEST_FILE))
+        .context("moving manifest.json into place")?;
     Ok(manifest)
 }
 
@@ -270,7 +354,10 @@ pub fn verify_outputs(out: &Path, m: &Manifest) -> Result<()> {
     for a in &m.artifacts {
         let (sha, size) = manifest::digest_file(&out.join(&a.file))?;
         if sha != a.sha256 || size != a.size {
-            bail!("{} does not match the manifest (sha256 {sha}, size {size})", a.file);
+            bail!(
+                "{} does not match the manifest (sha256 {sha}, size {size})",
+                a.file
+            );
         }
     }
     Ok(())

@@ -28,8 +28,11 @@ impl Cache {
     }
 
     pub fn at(dir: PathBuf) -> Result<Cache> {
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating cache directory {}", dir.display()))?;
-        let dir = dir.canonicalize().with_context(|| format!("resolving {}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("creating cache directory {}", dir.display()))?;
+        let dir = dir
+            .canonicalize()
+            .with_context(|| format!("resolving {}", dir.display()))?;
         Ok(Cache { dir })
     }
 
@@ -71,7 +74,8 @@ where
 /// entry first, keeps that one.
 pub fn publish(staging: &Path, entry: &Path) -> Result<()> {
     if let Some(parent) = entry.parent() {
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
     }
     match std::fs::rename(staging, entry) {
         Ok(()) => Ok(()),
@@ -79,14 +83,18 @@ pub fn publish(staging: &Path, entry: &Path) -> Result<()> {
             remove_path(staging)?;
             Ok(())
         }
-        Err(e) => Err(e).with_context(|| format!("moving {} to {}", staging.display(), entry.display())),
+        Err(e) => {
+            Err(e).with_context(|| format!("moving {} to {}", staging.display(), entry.display()))
+        }
     }
 }
 
 /// Removes a file or a directory tree if it exists.
 pub fn remove_path(p: &Path) -> Result<()> {
     match std::fs::symlink_metadata(p) {
-        Ok(m) if m.is_dir() => std::fs::remove_dir_all(p).with_context(|| format!("removing {}", p.display())),
+        Ok(m) if m.is_dir() => {
+            std::fs::remove_dir_all(p).with_context(|| format!("removing {}", p.display()))
+        }
         Ok(_) => std::fs::remove_file(p).with_context(|| format!("removing {}", p.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e).with_context(|| format!("inspecting {}", p.display())),

@@ -185,7 +185,12 @@ pub fn run(cli: Cli) -> Result<()> {
                 println!("  usr hash   {}", m.usr_root_hash);
                 println!("  /usr       {} MiB erofs", m.usr_filesystem_bytes >> 20);
                 for art in &m.artifacts {
-                    println!("  {:<22} {:>6} MiB  sha256 {}", art.file, art.size >> 20, &art.sha256[..16]);
+                    println!(
+                        "  {:<22} {:>6} MiB  sha256 {}",
+                        art.file,
+                        art.size >> 20,
+                        &art.sha256[..16]
+                    );
                 }
                 let total: f64 = m.timings.iter().map(|t| t.seconds).sum();
                 println!("  total      {total:.1}s");
@@ -209,7 +214,11 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             let mut all = Vec::new();
             for r in refs {
-                all.extend(store.log(&r).with_context(|| format!("reading history of {r}"))?);
+                all.extend(
+                    store
+                        .log(&r)
+                        .with_context(|| format!("reading history of {r}"))?,
+                );
             }
             if json {
                 println!("{}", serde_json::to_string_pretty(&all)?);
@@ -219,7 +228,12 @@ pub fn run(cli: Cli) -> Result<()> {
                 for e in &all {
                     let when = chrono_like(e.timestamp);
                     let pkgs = e.record.as_ref().map_or(0, |r| r.packages.len());
-                    println!("{}  {}  {:<28} {pkgs} packages", &e.commit[..12], when, e.subject);
+                    println!(
+                        "{}  {}  {:<28} {pkgs} packages",
+                        &e.commit[..12],
+                        when,
+                        e.subject
+                    );
                 }
             }
             Ok(())
@@ -263,7 +277,11 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Commands::Boot(a) => {
-            let forwards = a.forwards.iter().map(|f| crate::boot::parse_forward(f)).collect::<Result<Vec<_>>>()?;
+            let forwards = a
+                .forwards
+                .iter()
+                .map(|f| crate::boot::parse_forward(f))
+                .collect::<Result<Vec<_>>>()?;
             crate::boot::boot(&crate::boot::BootOptions {
                 image: a.image,
                 no_build: a.no_build,
@@ -280,9 +298,17 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Commands::Test(a) => {
             let image = crate::boot::resolve_image(&a.image, a.no_build)?;
-            let dir = image.dir.context("keel test needs a build directory with manifest.json")?;
-            let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-            let results = a.results.unwrap_or_else(|| PathBuf::from("build/test-results").join(chrono_like(stamp).replace([' ', ':'], "-")));
+            let dir = image
+                .dir
+                .context("keel test needs a build directory with manifest.json")?;
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let results = a.results.unwrap_or_else(|| {
+                PathBuf::from("build/test-results")
+                    .join(chrono_like(stamp).replace([' ', ':'], "-"))
+            });
             let all = crate::testing::run(&crate::testing::TestOptions {
                 image_dir: dir,
                 tests_dir: a.tests,
@@ -290,18 +316,32 @@ pub fn run(cli: Cli) -> Result<()> {
                 results: results.clone(),
                 accel: a.accel,
             })?;
-            println!("results in {} (report.json, consoles, journals)", results.display());
+            println!(
+                "results in {} (report.json, consoles, journals)",
+                results.display()
+            );
             let line = crate::testing::report::summary(&all);
             println!("{line}");
-            if all.iter().any(|r| r.result == crate::testing::report::Outcome::Fail) {
+            if all
+                .iter()
+                .any(|r| r.result == crate::testing::report::Outcome::Fail)
+            {
                 anyhow::bail!("{line}");
             }
             Ok(())
         }
-        Commands::Sandbox { root, bind, env, argv } => {
+        Commands::Sandbox {
+            root,
+            bind,
+            env,
+            argv,
+        } => {
             let env: Vec<(String, String)> = env
                 .iter()
-                .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+                .filter_map(|kv| {
+                    kv.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                })
                 .collect();
             crate::tools::sandbox::exec_in(&root, &bind, &env, &argv)
         }
@@ -309,7 +349,13 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 fn empty_record() -> store::CommitRecord {
-    store::CommitRecord { format: 1, name: String::new(), version: String::new(), kernel: String::new(), packages: vec![] }
+    store::CommitRecord {
+        format: 1,
+        name: String::new(),
+        version: String::new(),
+        kernel: String::new(),
+        packages: vec![],
+    }
 }
 
 /// UTC date and time of a Unix timestamp (`YYYY-MM-DD HH:MM`), without a date library.
@@ -326,7 +372,11 @@ pub fn chrono_like(ts: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}", secs / 3600, (secs % 3600) / 60)
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}",
+        secs / 3600,
+        (secs % 3600) / 60
+    )
 }
 
 #[cfg(test)]

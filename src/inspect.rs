@@ -97,7 +97,10 @@ impl Seek for Slice {
             SeekFrom::Current(d) => self.pos as i64 + d,
         };
         if new < 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek before start"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "seek before start",
+            ));
         }
         self.pos = new as u64;
         Ok(self.pos)
@@ -106,7 +109,10 @@ impl Seek for Slice {
 
 impl Write for Slice {
     fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
-        Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "inspect never writes"))
+        Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "inspect never writes",
+        ))
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
@@ -126,21 +132,32 @@ pub fn read_uki(name: &str, data: &[u8]) -> Result<UkiView> {
     for s in pe.sections() {
         let sname = s.name().unwrap_or("?").to_string();
         let bytes = s.data().unwrap_or_default();
-        let text = || String::from_utf8_lossy(bytes).trim_end_matches('\0').trim().to_string();
+        let text = || {
+            String::from_utf8_lossy(bytes)
+                .trim_end_matches('\0')
+                .trim()
+                .to_string()
+        };
         match sname.as_str() {
             ".cmdline" => view.cmdline = text(),
             ".uname" => view.uname = text(),
             ".osrel" => view.os_release = text(),
             _ => {}
         }
-        view.sections.push(SectionView { name: sname, size: s.size() });
+        view.sections.push(SectionView {
+            name: sname,
+            size: s.size(),
+        });
     }
     Ok(view)
 }
 
 /// The `usrhash=` of a kernel command line.
 pub fn usrhash(cmdline: &str) -> Option<String> {
-    cmdline.split_whitespace().find_map(|a| a.strip_prefix("usrhash=")).map(|s| s.to_string())
+    cmdline
+        .split_whitespace()
+        .find_map(|a| a.strip_prefix("usrhash="))
+        .map(|s| s.to_string())
 }
 
 /// Inspects a raw disk image, a UKI (`.efi`), or a build directory (its raw image).
@@ -194,9 +211,26 @@ fn inspect_raw(path: &Path) -> Result<Inspection> {
     let mut ukis = Vec::new();
     if let Some(esp) = parts.iter().find(|p| p.type_ == "esp") {
         let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        let fs = fatfs::FileSystem::new(Slice { file, start: esp.offset, len: esp.size, pos: 0 }, fatfs::FsOptions::new())
-            .with_context(|| format!("reading the ESP (partition {}) of {}", esp.number, path.display()))?;
-        let dir = fs.root_dir().open_dir("EFI/Linux").context("the ESP has no EFI/Linux directory")?;
+        let fs = fatfs::FileSystem::new(
+            Slice {
+                file,
+                start: esp.offset,
+                len: esp.size,
+                pos: 0,
+            },
+            fatfs::FsOptions::new(),
+        )
+        .with_context(|| {
+            format!(
+                "reading the ESP (partition {}) of {}",
+                esp.number,
+                path.display()
+            )
+        })?;
+        let dir = fs
+            .root_dir()
+            .open_dir("EFI/Linux")
+            .context("the ESP has no EFI/Linux directory")?;
         let mut names: Vec<String> = dir
             .iter()
             .filter_map(|e| e.ok())
@@ -216,7 +250,9 @@ fn inspect_raw(path: &Path) -> Result<Inspection> {
     let found = root_hash.as_deref().map(|h| {
         layout::verity_uuids(h).is_ok_and(|(d, v)| {
             parts.iter().any(|p| p.type_ == "usr-x86-64" && p.uuid == d)
-                && parts.iter().any(|p| p.type_ == "usr-x86-64-verity" && p.uuid == v)
+                && parts
+                    .iter()
+                    .any(|p| p.type_ == "usr-x86-64-verity" && p.uuid == v)
         })
     });
     Ok(Inspection {
@@ -249,7 +285,10 @@ pub fn render_text(i: &Inspection) -> String {
         }
     }
     for u in &i.ukis {
-        s.push_str(&format!("UKI {}:\n  uname: {}\n  cmdline: {}\n  sections:", u.path, u.uname, u.cmdline));
+        s.push_str(&format!(
+            "UKI {}:\n  uname: {}\n  cmdline: {}\n  sections:",
+            u.path, u.uname, u.cmdline
+        ));
         for sec in &u.sections {
             s.push_str(&format!(" {}({})", sec.name, sec.size));
         }
@@ -261,7 +300,11 @@ pub fn render_text(i: &Inspection) -> String {
     if let Some(f) = i.verity_partitions_found {
         s.push_str(&format!(
             "verity partitions for that hash: {}\n",
-            if f { "found (slot A)" } else { "NOT FOUND: the initrd will not find /usr" }
+            if f {
+                "found (slot A)"
+            } else {
+                "NOT FOUND: the initrd will not find /usr"
+            }
         ));
     }
     s
@@ -273,13 +316,22 @@ mod tests {
 
     #[test]
     fn type_names_cover_dps_types() {
-        assert_eq!(type_name("8484680C-9521-48C6-9C11-B0720656F69E"), "usr-x86-64");
-        assert_eq!(type_name("00000000-0000-0000-0000-000000000001"), "00000000-0000-0000-0000-000000000001");
+        assert_eq!(
+            type_name("8484680C-9521-48C6-9C11-B0720656F69E"),
+            "usr-x86-64"
+        );
+        assert_eq!(
+            type_name("00000000-0000-0000-0000-000000000001"),
+            "00000000-0000-0000-0000-000000000001"
+        );
     }
 
     #[test]
     fn usrhash_is_found_in_cmdline() {
-        assert_eq!(usrhash("rw usrhash=abc console=ttyS0").as_deref(), Some("abc"));
+        assert_eq!(
+            usrhash("rw usrhash=abc console=ttyS0").as_deref(),
+            Some("abc")
+        );
         assert_eq!(usrhash("rw"), None);
     }
 

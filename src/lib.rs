@@ -3,7 +3,6 @@
 
 pub mod boot;
 pub mod build;
-pub mod qemu;
 pub mod cache;
 pub mod cli;
 pub mod compose;
@@ -11,6 +10,7 @@ pub mod image;
 pub mod inspect;
 pub mod manifest;
 pub mod progress;
+pub mod qemu;
 pub mod render;
 pub mod store;
 pub mod testing;

@@ -55,10 +55,16 @@ pub struct Manifest {
 
 impl Manifest {
     pub fn load(path: &Path) -> Result<Manifest> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let m: Manifest = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let m: Manifest =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         if m.format != MANIFEST_FORMAT {
-            bail!("{}: manifest format {} is not the supported {MANIFEST_FORMAT}", path.display(), m.format);
+            bail!(
+                "{}: manifest format {} is not the supported {MANIFEST_FORMAT}",
+                path.display(),
+                m.format
+            );
         }
         Ok(m)
     }
@@ -84,7 +90,9 @@ pub fn digest_file(path: &Path) -> Result<(String, u64)> {
     let mut buf = vec![0u8; 4 << 20];
     let mut size = 0u64;
     loop {
-        let n = f.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
         if n == 0 {
             break;
         }
@@ -115,8 +123,15 @@ mod tests {
             source_date_epoch: 0,
             uki: "keel-1+3.efi".into(),
             partitions: vec![],
-            packages: vec![Package { name: "systemd".into(), version: "257".into() }],
-            artifacts: vec![Artifact { file: "x.raw".into(), sha256: "00".into(), size: 3 }],
+            packages: vec![Package {
+                name: "systemd".into(),
+                version: "257".into(),
+            }],
+            artifacts: vec![Artifact {
+                file: "x.raw".into(),
+                sha256: "00".into(),
+                size: 3,
+            }],
             timings: vec![],
         }
     }
@@ -124,9 +139,19 @@ mod tests {
     #[test]
     fn round_trips_through_a_file_and_a_directory() {
         let t = tempfile::tempdir().expect("tempdir");
-        std::fs::write(t.path().join(MANIFEST_FILE), serde_json::to_string(&sample()).expect("json")).expect("write");
+        std::fs::write(
+            t.path().join(MANIFEST_FILE),
+            serde_json::to_string(&sample()).expect("json"),
+        )
+        .expect("write");
         assert_eq!(Manifest::find(t.path()).expect("load"), sample());
-        assert_eq!(Manifest::find(&t.path().join(MANIFEST_FILE)).expect("load").artifact("x.raw").map(|a| a.size), Some(3));
+        assert_eq!(
+            Manifest::find(&t.path().join(MANIFEST_FILE))
+                .expect("load")
+                .artifact("x.raw")
+                .map(|a| a.size),
+            Some(3)
+        );
     }
 
     #[test]
@@ -134,7 +159,11 @@ mod tests {
         let t = tempfile::tempdir().expect("tempdir");
         let mut m = sample();
         m.format = 99;
-        std::fs::write(t.path().join(MANIFEST_FILE), serde_json::to_string(&m).expect("json")).expect("write");
+        std::fs::write(
+            t.path().join(MANIFEST_FILE),
+            serde_json::to_string(&m).expect("json"),
+        )
+        .expect("write");
         let err = format!("{:#}", Manifest::find(t.path()).expect_err("refused"));
         assert!(err.contains("format 99"), "{err}");
     }
@@ -145,7 +174,10 @@ mod tests {
         let p = t.path().join("f");
         std::fs::write(&p, "abc").expect("write");
         let (h, n) = digest_file(&p).expect("digest");
-        assert_eq!(h, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            h,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
         assert_eq!(n, 3);
     }
 }

@@ -27,7 +27,11 @@ impl Stages {
     }
 
     /// Runs one named stage, showing progress and recording how long it took.
-    pub fn run<T>(&mut self, name: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    pub fn run<T>(
+        &mut self,
+        name: &str,
+        f: impl FnOnce() -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
         let start = Instant::now();
         let bar = if !self.quiet && std::io::stderr().is_terminal() {
             let b = ProgressBar::new_spinner();
@@ -48,7 +52,12 @@ impl Stages {
             let mark = if result.is_ok() { "done" } else { "FAILED" };
             b.finish_with_message(format!("{name}: {mark} in {secs:.1}s"));
         } else {
-            tracing::info!(stage = name, seconds = format!("{secs:.1}"), ok = result.is_ok(), "finished");
+            tracing::info!(
+                stage = name,
+                seconds = format!("{secs:.1}"),
+                ok = result.is_ok(),
+                "finished"
+            );
         }
         self.timings.push(StageTiming {
             stage: name.to_string(),

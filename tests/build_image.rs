@@ -1,3 +1,4 @@
+#![allow(clippy::expect_used, clippy::unwrap_used)]
 //! Builds `images/minimal.toml` for real (mmdebstrap, tools tree, OSTree, repart) and checks what
 //! an operator would: the partition table, the verity tree against the manifest's root hash, the
 //! UKI command line, reproducibility, the build history, and that a failed build leaves earlier
@@ -46,8 +47,16 @@ fn build(def: &Path, out: &Path, extra: &[&str]) -> Value {
 }
 
 fn require_host(program: &str, package: &str) {
-    let found = Command::new("sh").arg("-c").arg(format!("command -v {program}")).output().map(|o| o.status.success()).unwrap_or(false);
-    assert!(found, "{program} is required for this test: apt-get install {package}");
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {program}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{program} is required for this test: apt-get install {package}"
+    );
 }
 
 /// Copies `len` bytes at `offset` of `src` into a new file.
@@ -59,9 +68,11 @@ fn extract(src: &Path, offset: u64, len: u64, dst: &Path) {
 }
 
 fn tools_tree() -> PathBuf {
-    let cache = std::env::var_os("KEEL_CACHE").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/keel")
-    });
+    let cache = std::env::var_os("KEEL_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/keel")
+        });
     let mut trees: Vec<PathBuf> = fs::read_dir(cache.join("tools"))
         .expect("tools cache")
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -89,7 +100,10 @@ fn veritysetup_verify(dir: &Path, data: &Path, hash: &Path, root_hash: &str) -> 
 fn build_minimal_image_end_to_end() {
     require_host("mmdebstrap", "mmdebstrap");
     require_host("sfdisk", "fdisk");
-    assert!(nix_is_root(), "keel build needs root (mount namespaces, chroot, ownership in the tree)");
+    assert!(
+        nix_is_root(),
+        "keel build needs root (mount namespaces, chroot, ownership in the tree)"
+    );
     let tmp = tempfile::tempdir().expect("tempdir");
     let out1 = tmp.path().join("one");
     let out2 = tmp.path().join("two");
@@ -97,7 +111,12 @@ fn build_minimal_image_end_to_end() {
 
     // 1. A build produces the artifacts the manifest lists.
     let m1 = build(&def, &out1, &[]);
-    for f in ["minimal.raw", "minimal.qcow2", "minimal.efi", "manifest.json"] {
+    for f in [
+        "minimal.raw",
+        "minimal.qcow2",
+        "minimal.efi",
+        "manifest.json",
+    ] {
         assert!(out1.join(f).is_file(), "{f} missing");
     }
     let root_hash = m1["usr_root_hash"].as_str().expect("root hash").to_string();
@@ -107,22 +126,51 @@ fn build_minimal_image_end_to_end() {
         let mut h = <sha2::Sha256 as sha2::Digest>::new();
         let mut f = fs::File::open(&file).expect("open");
         std::io::copy(&mut f, &mut h).expect("hash");
-        assert_eq!(hex::encode(sha2::Digest::finalize(h)), a["sha256"].as_str().expect("sha"), "{}", file.display());
+        assert_eq!(
+            hex::encode(sha2::Digest::finalize(h)),
+            a["sha256"].as_str().expect("sha"),
+            "{}",
+            file.display()
+        );
     }
-    assert!(m1["packages"].as_array().expect("packages").iter().any(|p| p["name"] == "systemd"));
+    assert!(m1["packages"]
+        .as_array()
+        .expect("packages")
+        .iter()
+        .any(|p| p["name"] == "systemd"));
 
     // 2. sfdisk sees ESP, two usr and two usr-verity partitions, one pair labelled _empty.
-    let table: Value = serde_json::from_str(&ok(Command::new("sfdisk").arg("-J").arg(out1.join("minimal.raw")).output().expect("sfdisk"), "sfdisk -J")).expect("json");
-    let parts = table["partitiontable"]["partitions"].as_array().expect("partitions").clone();
-    let types: Vec<String> = parts.iter().map(|p| p["type"].as_str().unwrap_or("").to_ascii_lowercase()).collect();
-    assert_eq!(types, vec![
-        "c12a7328-f81f-11d2-ba4b-00a0c93ec93b",
-        "8484680c-9521-48c6-9c11-b0720656f69e",
-        "77ff5f63-e7b6-4633-acf4-1565b864c0e6",
-        "8484680c-9521-48c6-9c11-b0720656f69e",
-        "77ff5f63-e7b6-4633-acf4-1565b864c0e6",
-    ]);
-    let names: Vec<&str> = parts.iter().map(|p| p["name"].as_str().unwrap_or("")).collect();
+    let table: Value = serde_json::from_str(&ok(
+        Command::new("sfdisk")
+            .arg("-J")
+            .arg(out1.join("minimal.raw"))
+            .output()
+            .expect("sfdisk"),
+        "sfdisk -J",
+    ))
+    .expect("json");
+    let parts = table["partitiontable"]["partitions"]
+        .as_array()
+        .expect("partitions")
+        .clone();
+    let types: Vec<String> = parts
+        .iter()
+        .map(|p| p["type"].as_str().unwrap_or("").to_ascii_lowercase())
+        .collect();
+    assert_eq!(
+        types,
+        vec![
+            "c12a7328-f81f-11d2-ba4b-00a0c93ec93b",
+            "8484680c-9521-48c6-9c11-b0720656f69e",
+            "77ff5f63-e7b6-4633-acf4-1565b864c0e6",
+            "8484680c-9521-48c6-9c11-b0720656f69e",
+            "77ff5f63-e7b6-4633-acf4-1565b864c0e6",
+        ]
+    );
+    let names: Vec<&str> = parts
+        .iter()
+        .map(|p| p["name"].as_str().unwrap_or(""))
+        .collect();
     assert_eq!(&names[3..], &["_empty", "_empty"]);
     assert_eq!(table["partitiontable"]["sectorsize"], 512);
 
@@ -130,7 +178,10 @@ fn build_minimal_image_end_to_end() {
     //    byte of the data is changed (so the check can fail).
     let sector = 512u64;
     let span = |i: usize| {
-        (parts[i]["start"].as_u64().expect("start") * sector, parts[i]["size"].as_u64().expect("size") * sector)
+        (
+            parts[i]["start"].as_u64().expect("start") * sector,
+            parts[i]["size"].as_u64().expect("size") * sector,
+        )
     };
     let work = tmp.path().join("verity");
     fs::create_dir_all(&work).expect("mkdir");
@@ -140,43 +191,97 @@ fn build_minimal_image_end_to_end() {
     let hash = work.join("usr-a.verity");
     extract(&out1.join("minimal.raw"), doff, dlen, &data);
     extract(&out1.join("minimal.raw"), hoff, hlen, &hash);
-    ok(veritysetup_verify(&work, &data, &hash, &root_hash), "veritysetup verify");
+    ok(
+        veritysetup_verify(&work, &data, &hash, &root_hash),
+        "veritysetup verify",
+    );
     {
-        let mut f = fs::OpenOptions::new().read(true).write(true).open(&data).expect("open data");
+        let mut f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&data)
+            .expect("open data");
         f.seek(SeekFrom::Start(8192)).expect("seek");
         let mut b = [0u8; 1];
         f.read_exact(&mut b).expect("read");
         f.seek(SeekFrom::Start(8192)).expect("seek");
         f.write_all(&[b[0] ^ 0xff]).expect("write");
     }
-    assert!(!veritysetup_verify(&work, &data, &hash, &root_hash).status.success(), "tampered data still verified");
+    assert!(
+        !veritysetup_verify(&work, &data, &hash, &root_hash)
+            .status
+            .success(),
+        "tampered data still verified"
+    );
     fs::remove_dir_all(&work).expect("cleanup");
 
     // 4. The UKI's .cmdline carries usrhash= with that hash (read by keel inspect).
-    let inspect: Value = serde_json::from_str(&ok(keel().arg("inspect").arg(&out1).arg("--json").output().expect("inspect"), "keel inspect")).expect("json");
+    let inspect: Value = serde_json::from_str(&ok(
+        keel()
+            .arg("inspect")
+            .arg(&out1)
+            .arg("--json")
+            .output()
+            .expect("inspect"),
+        "keel inspect",
+    ))
+    .expect("json");
     let cmdline = inspect["ukis"][0]["cmdline"].as_str().expect("cmdline");
-    assert!(cmdline.contains(&format!("usrhash={root_hash}")), "{cmdline}");
+    assert!(
+        cmdline.contains(&format!("usrhash={root_hash}")),
+        "{cmdline}"
+    );
     assert_eq!(inspect["verity_partitions_found"], true);
     assert_eq!(inspect["ukis"][0]["path"], "EFI/Linux/keel-0.1.0+3.efi");
 
     // 5. Bootstrapping again from the cached packages gives a bit-for-bit identical disk image.
     let m2 = build(&def, &out2, &["--rebootstrap"]);
     let sha = |m: &Value, f: &str| {
-        m["artifacts"].as_array().expect("artifacts").iter().find(|a| a["file"] == f).map(|a| a["sha256"].clone()).expect(f)
+        m["artifacts"]
+            .as_array()
+            .expect("artifacts")
+            .iter()
+            .find(|a| a["file"] == f)
+            .map(|a| a["sha256"].clone())
+            .expect(f)
     };
-    assert_eq!(sha(&m1, "minimal.raw"), sha(&m2, "minimal.raw"), "minimal.raw differs between two builds");
+    assert_eq!(
+        sha(&m1, "minimal.raw"),
+        sha(&m2, "minimal.raw"),
+        "minimal.raw differs between two builds"
+    );
     assert_eq!(m1["usr_root_hash"], m2["usr_root_hash"]);
-    assert_eq!(m1["ostree_base_commit"], m2["ostree_base_commit"], "the re-bootstrapped tree differs");
+    assert_eq!(
+        m1["ostree_base_commit"], m2["ostree_base_commit"],
+        "the re-bootstrapped tree differs"
+    );
 
     // 6. keel log lists both builds; keel diff finds no change between them.
-    let log = ok(keel().args(["log", "minimal"]).output().expect("log"), "keel log");
+    let log = ok(
+        keel().args(["log", "minimal"]).output().expect("log"),
+        "keel log",
+    );
     for m in [&m1, &m2] {
         let c = m["ostree_commit"].as_str().expect("commit");
         assert!(log.contains(&c[..12]), "{c} not in log:\n{log}");
     }
-    let diff: Value = serde_json::from_str(&ok(keel().arg("diff").arg(&out1).arg(&out2).arg("--json").output().expect("diff"), "keel diff")).expect("json");
+    let diff: Value = serde_json::from_str(&ok(
+        keel()
+            .arg("diff")
+            .arg(&out1)
+            .arg(&out2)
+            .arg("--json")
+            .output()
+            .expect("diff"),
+        "keel diff",
+    ))
+    .expect("json");
     for k in ["added", "removed", "modified"] {
-        assert_eq!(diff["files"][k].as_array().map(|a| a.len()), Some(0), "files {k}: {diff}");
+        assert_eq!(
+            diff["files"][k].as_array().map(|a| a.len()),
+            Some(0),
+            "files {k}: {diff}"
+        );
     }
 
     // 7. A unit change is a new commit on the same cached base (no bootstrap), and keel diff
@@ -184,18 +289,46 @@ fn build_minimal_image_end_to_end() {
     let variant_dir = tmp.path().join("variant");
     fs::create_dir_all(variant_dir.join("images")).expect("mkdir");
     fs::create_dir_all(variant_dir.join("units")).expect("mkdir");
-    fs::write(variant_dir.join("units/hello.service"), "[Service]\nExecStart=/bin/true\n").expect("write");
+    fs::write(
+        variant_dir.join("units/hello.service"),
+        "[Service]\nExecStart=/bin/true\n",
+    )
+    .expect("write");
     fs::write(
         variant_dir.join("images/minimal.toml"),
-        format!("extends = \"{}\"\nunits = [\"hello.service\"]\n", def.display()),
+        format!(
+            "extends = \"{}\"\nunits = [\"hello.service\"]\n",
+            def.display()
+        ),
     )
     .expect("write");
     let out3 = tmp.path().join("three");
     let m3 = build(&variant_dir.join("images/minimal.toml"), &out3, &[]);
-    assert_eq!(m3["ostree_base_commit"], m1["ostree_base_commit"], "a unit change must not re-bootstrap");
-    let diff: Value = serde_json::from_str(&ok(keel().arg("diff").arg(&out1).arg(&out3).arg("--json").output().expect("diff"), "keel diff")).expect("json");
-    let added: Vec<&str> = diff["files"]["added"].as_array().expect("added").iter().filter_map(|v| v.as_str()).collect();
-    assert!(added.contains(&"/lib/systemd/system/hello.service"), "{diff}");
+    assert_eq!(
+        m3["ostree_base_commit"], m1["ostree_base_commit"],
+        "a unit change must not re-bootstrap"
+    );
+    let diff: Value = serde_json::from_str(&ok(
+        keel()
+            .arg("diff")
+            .arg(&out1)
+            .arg(&out3)
+            .arg("--json")
+            .output()
+            .expect("diff"),
+        "keel diff",
+    ))
+    .expect("json");
+    let added: Vec<&str> = diff["files"]["added"]
+        .as_array()
+        .expect("added")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert!(
+        added.contains(&"/lib/systemd/system/hello.service"),
+        "{diff}"
+    );
     assert_ne!(m3["usr_root_hash"], m1["usr_root_hash"]);
 
     // 8. A build that fails leaves the previous outputs untouched and no staging behind.
@@ -205,12 +338,26 @@ fn build_minimal_image_end_to_end() {
         format!("extends = \"{}\"\nusr-size = \"64M\"\n", def.display()),
     )
     .expect("write");
-    let o = keel().arg("build").arg(variant_dir.join("images/too-small.toml")).arg("--out").arg(&out1).output().expect("run");
+    let o = keel()
+        .arg("build")
+        .arg(variant_dir.join("images/too-small.toml"))
+        .arg("--out")
+        .arg(&out1)
+        .output()
+        .expect("run");
     assert!(!o.status.success(), "a 64M usr slot cannot hold minimal");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("raise usr-size"), "{err}");
-    assert_eq!(fs::read(out1.join("manifest.json")).expect("manifest"), before);
-    let leftovers: Vec<_> = fs::read_dir(&out1).expect("read").filter_map(|e| e.ok()).map(|e| e.file_name()).filter(|n| n.to_string_lossy().starts_with('.')).collect();
+    assert_eq!(
+        fs::read(out1.join("manifest.json")).expect("manifest"),
+        before
+    );
+    let leftovers: Vec<_> = fs::read_dir(&out1)
+        .expect("read")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().starts_with('.'))
+        .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
@@ -224,9 +371,18 @@ fn bad_definition_fails_before_any_work_with_file_line_and_field() {
     fs::create_dir_all(tmp.path().join("images")).expect("mkdir");
     let def = tmp.path().join("images/bad.toml");
     fs::write(&def, "name = \"bad\"\nversion = \"1\"\npackages = [\"systemd\", \"linux-image-amd64\"]\nusr-size = \"12X\"\n").expect("write");
-    let o = keel().arg("build").arg(&def).arg("--out").arg(tmp.path().join("out")).output().expect("run");
+    let o = keel()
+        .arg("build")
+        .arg(&def)
+        .arg("--out")
+        .arg(tmp.path().join("out"))
+        .output()
+        .expect("run");
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("bad.toml:4:12") && err.contains("unknown size suffix"), "{err}");
+    assert!(
+        err.contains("bad.toml:4:12") && err.contains("unknown size suffix"),
+        "{err}"
+    );
     assert!(!tmp.path().join("out").join("bad.raw").exists());
 }

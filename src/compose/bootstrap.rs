@@ -17,7 +17,10 @@ pub fn base_key(def: &Definition, epoch: u64) -> String {
         def.suite.clone(),
         def.mirror.clone(),
         def.components.join(","),
-        format!("docs={} man={} locales={}", def.keep_docs, def.keep_man, def.keep_locales),
+        format!(
+            "docs={} man={} locales={}",
+            def.keep_docs, def.keep_man, def.keep_locales
+        ),
         epoch.to_string(),
     ];
     parts.extend(packages);
@@ -38,7 +41,11 @@ pub fn mmdebstrap_args(def: &Definition, target: &Path, debs: &Path) -> Vec<OsSt
     ];
     let mut excludes: Vec<&str> = Vec::new();
     if !def.keep_docs {
-        excludes.extend(["/usr/share/doc/*", "/usr/share/info/*", "/usr/share/lintian/*"]);
+        excludes.extend([
+            "/usr/share/doc/*",
+            "/usr/share/info/*",
+            "/usr/share/lintian/*",
+        ]);
     }
     if !def.keep_man {
         excludes.push("/usr/share/man/*");
@@ -75,7 +82,9 @@ mod tests {
         assert_eq!(a[n - 2], "/t");
         assert_eq!(a[n - 1], "http://deb.debian.org/debian");
         assert!(a.contains(&OsString::from("--include=systemd,linux-image-amd64")));
-        assert!(a.iter().any(|x| x.to_string_lossy().contains("path-exclude=/usr/share/man/*")));
+        assert!(a.iter().any(|x| x
+            .to_string_lossy()
+            .contains("path-exclude=/usr/share/man/*")));
     }
 
     #[test]
@@ -85,7 +94,9 @@ mod tests {
         d.keep_man = true;
         d.keep_locales = true;
         let a = mmdebstrap_args(&d, Path::new("/t"), Path::new("/c"));
-        assert!(!a.iter().any(|x| x.to_string_lossy().contains("path-exclude")));
+        assert!(!a
+            .iter()
+            .any(|x| x.to_string_lossy().contains("path-exclude")));
     }
 
     #[test]

@@ -41,19 +41,34 @@ pub struct PackageDiff {
 
 pub fn diff(old: &[Package], new: &[Package]) -> PackageDiff {
     use std::collections::BTreeMap;
-    let a: BTreeMap<&str, &str> = old.iter().map(|p| (p.name.as_str(), p.version.as_str())).collect();
-    let b: BTreeMap<&str, &str> = new.iter().map(|p| (p.name.as_str(), p.version.as_str())).collect();
+    let a: BTreeMap<&str, &str> = old
+        .iter()
+        .map(|p| (p.name.as_str(), p.version.as_str()))
+        .collect();
+    let b: BTreeMap<&str, &str> = new
+        .iter()
+        .map(|p| (p.name.as_str(), p.version.as_str()))
+        .collect();
     let mut d = PackageDiff::default();
     for (n, v) in &b {
         match a.get(n) {
-            None => d.added.push(Package { name: n.to_string(), version: v.to_string() }),
-            Some(old_v) if old_v != v => d.changed.push((n.to_string(), old_v.to_string(), v.to_string())),
+            None => d.added.push(Package {
+                name: n.to_string(),
+                version: v.to_string(),
+            }),
+            Some(old_v) if old_v != v => {
+                d.changed
+                    .push((n.to_string(), old_v.to_string(), v.to_string()))
+            }
             _ => {}
         }
     }
     for (n, v) in &a {
         if !b.contains_key(n) {
-            d.removed.push(Package { name: n.to_string(), version: v.to_string() });
+            d.removed.push(Package {
+                name: n.to_string(),
+                version: v.to_string(),
+            });
         }
     }
     d
@@ -68,10 +83,19 @@ mod tests {
     #[test]
     fn parses_installed_packages_sorted() {
         let p = parse_status(STATUS);
-        assert_eq!(p, vec![
-            Package { name: "etcd-server".into(), version: "3.5.16-4".into() },
-            Package { name: "systemd".into(), version: "257.9-1".into() },
-        ]);
+        assert_eq!(
+            p,
+            vec![
+                Package {
+                    name: "etcd-server".into(),
+                    version: "3.5.16-4".into()
+                },
+                Package {
+                    name: "systemd".into(),
+                    version: "257.9-1".into()
+                },
+            ]
+        );
     }
 
     #[test]
@@ -80,10 +104,16 @@ mod tests {
         let mut new = old.clone();
         new[1].version = "258-1".into();
         new.remove(0);
-        new.push(Package { name: "crun".into(), version: "1.21".into() });
+        new.push(Package {
+            name: "crun".into(),
+            version: "1.21".into(),
+        });
         let d = diff(&old, &new);
         assert_eq!(d.added.len(), 1);
         assert_eq!(d.removed[0].name, "etcd-server");
-        assert_eq!(d.changed, vec![("systemd".into(), "257.9-1".into(), "258-1".into())]);
+        assert_eq!(
+            d.changed,
+            vec![("systemd".into(), "257.9-1".into(), "258-1".into())]
+        );
     }
 }

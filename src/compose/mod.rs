@@ -40,4 +40,3 @@ pub(crate) fn bootstrap_sample() -> Definition {
         files: vec![],
     }
 }
-

@@ -16,10 +16,17 @@ pub fn check_merged_usr(root: &Path) -> Result<()> {
     for dir in ["bin", "sbin", "lib"] {
         let p = root.join(dir);
         let target = fs::read_link(&p).with_context(|| {
-            format!("{} is not a symlink: the tree is not merged-/usr (Debian trixie and later are)", p.display())
+            format!(
+                "{} is not a symlink: the tree is not merged-/usr (Debian trixie and later are)",
+                p.display()
+            )
         })?;
         if !target.to_string_lossy().starts_with("usr/") {
-            bail!("{} points to {}, not into usr/", p.display(), target.display());
+            bail!(
+                "{} points to {}, not into usr/",
+                p.display(),
+                target.display()
+            );
         }
     }
     Ok(())
@@ -33,7 +40,9 @@ pub fn move_kernel(root: &Path) -> Result<String> {
     if boot.is_dir() {
         for e in fs::read_dir(&boot).with_context(|| format!("reading {}", boot.display()))? {
             let p = e?.path();
-            if p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")) {
+            if p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+            {
                 kernels.push(p);
             }
         }
@@ -41,21 +50,33 @@ pub fn move_kernel(root: &Path) -> Result<String> {
     kernels.sort();
     let kernel = match kernels.as_slice() {
         [one] => one.clone(),
-        [] => bail!("no kernel in {} (add a linux-image package to the definition)", boot.display()),
+        [] => bail!(
+            "no kernel in {} (add a linux-image package to the definition)",
+            boot.display()
+        ),
         many => bail!(
             "{} kernels in {}; an image must have exactly one: {:?}",
             many.len(),
             boot.display(),
-            many.iter().map(|k| k.display().to_string()).collect::<Vec<_>>()
+            many.iter()
+                .map(|k| k.display().to_string())
+                .collect::<Vec<_>>()
         ),
     };
     let version = kernel
         .file_name()
-        .map(|n| n.to_string_lossy().trim_start_matches("vmlinuz-").to_string())
+        .map(|n| {
+            n.to_string_lossy()
+                .trim_start_matches("vmlinuz-")
+                .to_string()
+        })
         .unwrap_or_default();
     let moddir = root.join("usr/lib/modules").join(&version);
     if !moddir.is_dir() {
-        bail!("kernel {version} has no modules directory {}", moddir.display());
+        bail!(
+            "kernel {version} has no modules directory {}",
+            moddir.display()
+        );
     }
     fs::copy(&kernel, moddir.join("vmlinuz"))
         .with_context(|| format!("copying {} into {}", kernel.display(), moddir.display()))?;
@@ -63,7 +84,14 @@ pub fn move_kernel(root: &Path) -> Result<String> {
 }
 
 /// Entries of /etc that describe this machine, not the image; they are created on the node.
-const MACHINE_LOCAL_ETC: &[&str] = &["hostname", "resolv.conf", "mtab", "machine-id", "adjtime", ".pwd.lock"];
+const MACHINE_LOCAL_ETC: &[&str] = &[
+    "hostname",
+    "resolv.conf",
+    "mtab",
+    "machine-id",
+    "adjtime",
+    ".pwd.lock",
+];
 
 /// Moves /etc to usr/share/factory/etc, dropping machine-local files and unit enablement
 /// (presets decide what is enabled, applied by systemd on first boot).
@@ -73,13 +101,15 @@ pub fn move_etc(root: &Path) -> Result<()> {
     if let Some(parent) = factory.parent() {
         fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     }
-    fs::rename(&etc, &factory).with_context(|| format!("moving {} to {}", etc.display(), factory.display()))?;
+    fs::rename(&etc, &factory)
+        .with_context(|| format!("moving {} to {}", etc.display(), factory.display()))?;
     for name in MACHINE_LOCAL_ETC {
         crate::cache::remove_path(&factory.join(name))?;
     }
     // "uninitialized" makes systemd treat the first boot as such: it generates the machine ID and
     // applies the presets.
-    fs::write(factory.join("machine-id"), "uninitialized\n").context("writing factory machine-id")?;
+    fs::write(factory.join("machine-id"), "uninitialized\n")
+        .context("writing factory machine-id")?;
     for scope in ["systemd/system", "systemd/user"] {
         let dir = factory.join(scope);
         if dir.is_dir() {
@@ -98,7 +128,11 @@ fn remove_enablement(dir: &Path) -> Result<()> {
         let name = e.file_name().to_string_lossy().into_owned();
         if ft.is_symlink() {
             fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
-        } else if ft.is_dir() && (name.ends_with(".wants") || name.ends_with(".requires") || name.ends_with(".upholds")) {
+        } else if ft.is_dir()
+            && (name.ends_with(".wants")
+                || name.ends_with(".requires")
+                || name.ends_with(".upholds"))
+        {
             fs::remove_dir_all(&p).with_context(|| format!("removing {}", p.display()))?;
         }
     }
@@ -120,9 +154,7 @@ pub fn keep_only_usr(root: &Path) -> Result<()> {
         }
     }
     // Caches that would only go stale on a read-only /usr.
-    for p in ["usr/lib/python3/dist-packages/__pycache__"] {
-        crate::cache::remove_path(&root.join(p))?;
-    }
+    crate::cache::remove_path(&root.join("usr/lib/python3/dist-packages/__pycache__"))?;
     Ok(())
 }
 
@@ -143,7 +175,14 @@ mod tests {
     fn fake_tree() -> tempfile::TempDir {
         let t = tempfile::tempdir().expect("tempdir");
         let r = t.path();
-        for d in ["usr/bin", "usr/lib/modules/6.1.0-9-amd64", "boot", "etc/systemd/system/multi-user.target.wants", "var/lib/dpkg", "root"] {
+        for d in [
+            "usr/bin",
+            "usr/lib/modules/6.1.0-9-amd64",
+            "boot",
+            "etc/systemd/system/multi-user.target.wants",
+            "var/lib/dpkg",
+            "root",
+        ] {
             fs::create_dir_all(r.join(d)).expect("mkdir");
         }
         for l in ["bin", "sbin", "lib"] {
@@ -154,8 +193,16 @@ mod tests {
         fs::write(r.join("etc/passwd"), "root:x:0:0::/root:/bin/sh\n").expect("write");
         fs::write(r.join("etc/machine-id"), "0123\n").expect("write");
         fs::write(r.join("etc/systemd/system/local.service"), "[Unit]\n").expect("write");
-        symlink("/usr/lib/systemd/system/etcd.service", r.join("etc/systemd/system/multi-user.target.wants/etcd.service")).expect("symlink");
-        symlink("/usr/lib/systemd/system/etcd.service", r.join("etc/systemd/system/etcd2.service")).expect("symlink");
+        symlink(
+            "/usr/lib/systemd/system/etcd.service",
+            r.join("etc/systemd/system/multi-user.target.wants/etcd.service"),
+        )
+        .expect("symlink");
+        symlink(
+            "/usr/lib/systemd/system/etcd.service",
+            r.join("etc/systemd/system/etcd2.service"),
+        )
+        .expect("symlink");
         fs::write(r.join("var/lib/dpkg/status"), "Package: systemd\n").expect("write");
         t
     }
@@ -166,15 +213,30 @@ mod tests {
         let r = t.path();
         let kver = usrify(r).expect("usrify");
         assert_eq!(kver, "6.1.0-9-amd64");
-        let top: Vec<_> = fs::read_dir(r).expect("read").map(|e| e.expect("e").file_name()).collect();
+        let top: Vec<_> = fs::read_dir(r)
+            .expect("read")
+            .map(|e| e.expect("e").file_name())
+            .collect();
         assert_eq!(top, vec![std::ffi::OsString::from("usr")]);
         let f = r.join("usr").join(FACTORY_ETC);
         assert!(f.join("passwd").is_file());
         assert!(!f.join("hostname").exists(), "machine-local file dropped");
-        assert_eq!(fs::read_to_string(f.join("machine-id")).expect("read"), "uninitialized\n");
-        assert!(f.join("systemd/system/local.service").is_file(), "real unit files kept");
-        assert!(!f.join("systemd/system/multi-user.target.wants").exists(), "enablement dropped");
-        assert!(!f.join("systemd/system/etcd2.service").exists(), "alias symlink dropped");
+        assert_eq!(
+            fs::read_to_string(f.join("machine-id")).expect("read"),
+            "uninitialized\n"
+        );
+        assert!(
+            f.join("systemd/system/local.service").is_file(),
+            "real unit files kept"
+        );
+        assert!(
+            !f.join("systemd/system/multi-user.target.wants").exists(),
+            "enablement dropped"
+        );
+        assert!(
+            !f.join("systemd/system/etcd2.service").exists(),
+            "alias symlink dropped"
+        );
         assert!(r.join("usr/lib/modules/6.1.0-9-amd64/vmlinuz").is_file());
         assert!(r.join("usr").join(DPKG_STATUS).is_file());
     }

@@ -190,15 +190,15 @@ impl Definition {
         let mut layers: Vec<Layer> = Vec::new();
         let mut next = Some(path.to_path_buf());
         while let Some(p) = next.take() {
-            let canonical = p
-                .canonicalize()
-                .map_err(|source| DefinitionError::Read {
-                    path: p.clone(),
-                    source,
-                })?;
+            let canonical = p.canonicalize().map_err(|source| DefinitionError::Read {
+                path: p.clone(),
+                source,
+            })?;
             if layers.iter().any(|l| l.path == canonical) {
-                let mut chain: Vec<String> =
-                    layers.iter().map(|l| l.path.display().to_string()).collect();
+                let mut chain: Vec<String> = layers
+                    .iter()
+                    .map(|l| l.path.display().to_string())
+                    .collect();
                 chain.push(canonical.display().to_string());
                 return Err(DefinitionError::ExtendsCycle {
                     path: path.to_path_buf(),
@@ -248,10 +248,7 @@ impl Definition {
 
 fn parse_raw(path: &Path, text: &str) -> Result<RawDefinition, DefinitionError> {
     toml::from_str::<RawDefinition>(text).map_err(|e| {
-        let (line, column) = e
-            .span()
-            .map(|s| line_col(text, s.start))
-            .unwrap_or((1, 1));
+        let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
         DefinitionError::Syntax {
             origin: Origin {
                 file: path.to_path_buf(),
@@ -267,7 +264,10 @@ fn parse_raw(path: &Path, text: &str) -> Result<RawDefinition, DefinitionError> 
 pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let column = before.rfind('\n').map_or(before.len(), |i| before.len() - i - 1) + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |i| before.len() - i - 1)
+        + 1;
     (line, column)
 }
 
@@ -311,10 +311,7 @@ fn push_unique(list: &mut Vec<String>, seen: &mut BTreeSet<String>, value: &str)
 }
 
 fn merge(layers: Vec<Layer>) -> Result<Definition, DefinitionError> {
-    let leaf = layers
-        .last()
-        .map(|l| l.path.clone())
-        .unwrap_or_default();
+    let leaf = layers.last().map(|l| l.path.clone()).unwrap_or_default();
     let project_dir = project_dir_of(&leaf);
     let mut def = Definition {
         path: leaf.clone(),
@@ -373,14 +370,25 @@ fn merge(layers: Vec<Layer>) -> Result<Definition, DefinitionError> {
         if let Some(base) = &raw.base {
             if let Some(s) = &base.suite {
                 if s.get_ref().is_empty() || s.get_ref().contains(char::is_whitespace) {
-                    return Err(bad(s.span(), "base.suite", "must be a Debian suite name such as \"trixie\"".into()));
+                    return Err(bad(
+                        s.span(),
+                        "base.suite",
+                        "must be a Debian suite name such as \"trixie\"".into(),
+                    ));
                 }
                 def.suite = s.get_ref().clone();
             }
             if let Some(m) = &base.mirror {
                 let url = m.get_ref();
-                if !(url.starts_with("http://") || url.starts_with("https://") || url.starts_with("file://")) {
-                    return Err(bad(m.span(), "base.mirror", format!("`{url}` is not an http(s):// or file:// URL of a Debian mirror")));
+                if !(url.starts_with("http://")
+                    || url.starts_with("https://")
+                    || url.starts_with("file://"))
+                {
+                    return Err(bad(
+                        m.span(),
+                        "base.mirror",
+                        format!("`{url}` is not an http(s):// or file:// URL of a Debian mirror"),
+                    ));
                 }
                 def.mirror = url.trim_end_matches('/').to_string();
             }
@@ -400,11 +408,18 @@ fn merge(layers: Vec<Layer>) -> Result<Definition, DefinitionError> {
                 return Err(bad(
                     u.span(),
                     "units",
-                    format!("unit `{}` not found: expected the file {}", u.get_ref(), file.display()),
+                    format!(
+                        "unit `{}` not found: expected the file {}",
+                        u.get_ref(),
+                        file.display()
+                    ),
                 ));
             }
             if unit_seen.insert(u.get_ref().clone()) {
-                def.units.push(UnitEntry { name: u.get_ref().clone(), source: file });
+                def.units.push(UnitEntry {
+                    name: u.get_ref().clone(),
+                    source: file,
+                });
             }
         }
         for u in raw.enable.iter().flatten() {
@@ -417,17 +432,36 @@ fn merge(layers: Vec<Layer>) -> Result<Definition, DefinitionError> {
         }
         for b in raw.binaries.iter().flatten() {
             if !b.get_ref().starts_with("keel-") {
-                return Err(bad(b.span(), "binaries", format!("`{}` is not a keel node program (names start with `keel-`)", b.get_ref())));
+                return Err(bad(
+                    b.span(),
+                    "binaries",
+                    format!(
+                        "`{}` is not a keel node program (names start with `keel-`)",
+                        b.get_ref()
+                    ),
+                ));
             }
             push_unique(&mut def.binaries, &mut bin_seen, b.get_ref());
         }
         for a in raw.kernel_cmdline.iter().flatten() {
             let arg = a.get_ref();
-            if arg.starts_with("usrhash=") || arg.starts_with("roothash=") || arg.starts_with("root=") || arg.starts_with("mount.usr") {
-                return Err(bad(a.span(), "kernel-cmdline", format!("`{arg}` is set by keel from the built image; remove it")));
+            if arg.starts_with("usrhash=")
+                || arg.starts_with("roothash=")
+                || arg.starts_with("root=")
+                || arg.starts_with("mount.usr")
+            {
+                return Err(bad(
+                    a.span(),
+                    "kernel-cmdline",
+                    format!("`{arg}` is set by keel from the built image; remove it"),
+                ));
             }
             if arg.is_empty() || arg.contains(char::is_whitespace) {
-                return Err(bad(a.span(), "kernel-cmdline", "each entry must be one argument without spaces".into()));
+                return Err(bad(
+                    a.span(),
+                    "kernel-cmdline",
+                    "each entry must be one argument without spaces".into(),
+                ));
             }
             def.kernel_cmdline.push(arg.clone());
         }
@@ -437,14 +471,28 @@ fn merge(layers: Vec<Layer>) -> Result<Definition, DefinitionError> {
         if let Some(s) = &raw.usr_size {
             let b = s.get_ref().bytes();
             if b < 64 * ByteSize::MIB || b % ByteSize::MIB != 0 {
-                return Err(bad(s.span(), "usr-size", format!("{} must be a whole number of MiB and at least 64M", s.get_ref())));
+                return Err(bad(
+                    s.span(),
+                    "usr-size",
+                    format!(
+                        "{} must be a whole number of MiB and at least 64M",
+                        s.get_ref()
+                    ),
+                ));
             }
             def.usr_size = *s.get_ref();
         }
         if let Some(s) = &raw.esp_size {
             let b = s.get_ref().bytes();
             if b < 64 * ByteSize::MIB || b % ByteSize::MIB != 0 {
-                return Err(bad(s.span(), "esp-size", format!("{} must be a whole number of MiB and at least 64M (FAT32 and two UKIs)", s.get_ref())));
+                return Err(bad(
+                    s.span(),
+                    "esp-size",
+                    format!(
+                        "{} must be a whole number of MiB and at least 64M (FAT32 and two UKIs)",
+                        s.get_ref()
+                    ),
+                ));
             }
             def.esp_size = *s.get_ref();
         }
@@ -461,18 +509,32 @@ fn merge(layers: Vec<Layer>) -> Result<Definition, DefinitionError> {
         }
         for f in raw.files.iter().flatten() {
             let src_rel = f.source.get_ref();
-            if !(src_rel.starts_with("units/") || src_rel.starts_with("configs/")) || src_rel.contains("..") {
-                return Err(bad(f.source.span(), "files.source", format!("`{src_rel}` must be a path under units/ or configs/ of the project")));
+            if !(src_rel.starts_with("units/") || src_rel.starts_with("configs/"))
+                || src_rel.contains("..")
+            {
+                return Err(bad(
+                    f.source.span(),
+                    "files.source",
+                    format!("`{src_rel}` must be a path under units/ or configs/ of the project"),
+                ));
             }
             let source = layer_project.join(src_rel);
             if !source.is_file() {
-                return Err(bad(f.source.span(), "files.source", format!("{} does not exist or is not a file", source.display())));
+                return Err(bad(
+                    f.source.span(),
+                    "files.source",
+                    format!("{} does not exist or is not a file", source.display()),
+                ));
             }
             let dest = f.dest.get_ref();
             validate_dest(dest).map_err(|m| bad(f.dest.span(), "files.dest", m))?;
             let mode = match &f.mode {
                 Some(m) if *m.get_ref() > 0o7777 => {
-                    return Err(bad(m.span(), "files.mode", format!("{:o} is not a file mode (write it as 0o644)", m.get_ref())));
+                    return Err(bad(
+                        m.span(),
+                        "files.mode",
+                        format!("{:o} is not a file mode (write it as 0o644)", m.get_ref()),
+                    ));
                 }
                 Some(m) => *m.get_ref(),
                 None => 0o644,
@@ -535,12 +597,15 @@ fn merge(layers: Vec<Layer>) -> Result<Definition, DefinitionError> {
 fn validate_name(n: &str) -> Result<(), String> {
     let ok = !n.is_empty()
         && n.len() <= 48
-        && n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && n.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         && !n.starts_with('-');
     if ok {
         Ok(())
     } else {
-        Err(format!("`{n}` must be 1-48 characters of a-z, 0-9 and '-' (it names files and partitions)"))
+        Err(format!(
+            "`{n}` must be 1-48 characters of a-z, 0-9 and '-' (it names files and partitions)"
+        ))
     }
 }
 
@@ -548,7 +613,8 @@ fn validate_version(v: &str) -> Result<(), String> {
     let ok = !v.is_empty()
         && v.len() <= 32
         && v.chars().next().is_some_and(|c| c.is_ascii_digit())
-        && v.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '~' | '^'));
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '~' | '^'));
     if ok {
         Ok(())
     } else {
@@ -558,7 +624,9 @@ fn validate_version(v: &str) -> Result<(), String> {
 
 fn validate_package(p: &str) -> Result<(), String> {
     let ok = !p.is_empty()
-        && p.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '+' | '-' | '.' | ':' | '='));
+        && p.chars().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '+' | '-' | '.' | ':' | '=')
+        });
     if ok {
         Ok(())
     } else {
@@ -567,17 +635,23 @@ fn validate_package(p: &str) -> Result<(), String> {
 }
 
 fn validate_unit_name(u: &str) -> Result<(), String> {
-    const SUFFIXES: &[&str] = &[".service", ".socket", ".timer", ".target", ".path", ".mount"];
+    const SUFFIXES: &[&str] = &[
+        ".service", ".socket", ".timer", ".target", ".path", ".mount",
+    ];
     if SUFFIXES.iter().any(|s| u.ends_with(s)) && !u.contains('/') {
         Ok(())
     } else {
-        Err(format!("`{u}` is not a systemd unit name (expected e.g. \"etcd.service\")"))
+        Err(format!(
+            "`{u}` is not a systemd unit name (expected e.g. \"etcd.service\")"
+        ))
     }
 }
 
 fn validate_dest(d: &str) -> Result<(), String> {
     if !d.starts_with('/') || d.ends_with('/') || d.split('/').any(|c| c == ".." || c == ".") {
-        return Err(format!("`{d}` must be an absolute file path without `.` or `..`"));
+        return Err(format!(
+            "`{d}` must be an absolute file path without `.` or `..`"
+        ));
     }
     if d.starts_with("/usr/") || d.starts_with("/etc/") {
         Ok(())
@@ -621,7 +695,11 @@ dest = "/etc/x.conf"
 
     #[test]
     fn good_definition_loads_with_defaults() {
-        let p = project(&[("images/base.toml", BASE), ("units/a.service", "[Unit]\n"), ("configs/x.conf", "x")]);
+        let p = project(&[
+            ("images/base.toml", BASE),
+            ("units/a.service", "[Unit]\n"),
+            ("configs/x.conf", "x"),
+        ]);
         let d = Definition::load(&p.path().join("images/base.toml")).expect("loads");
         assert_eq!(d.name, "base");
         assert_eq!(d.suite, "trixie");
@@ -658,7 +736,10 @@ mode = 0o600
         let d = Definition::load(&p.path().join("images/variant.toml")).expect("loads");
         assert_eq!(d.name, "variant");
         assert_eq!(d.version, "1.0", "version inherited");
-        assert_eq!(d.packages, vec!["systemd", "linux-image-amd64", "qemu-guest-agent"]);
+        assert_eq!(
+            d.packages,
+            vec!["systemd", "linux-image-amd64", "qemu-guest-agent"]
+        );
         assert_eq!(d.enable, vec!["a.service", "qemu-guest-agent.service"]);
         assert_eq!(d.kernel_cmdline, vec!["console=ttyS0", "loglevel=4"]);
         assert_eq!(d.usr_size, ByteSize(512 << 20), "scalar inherited");
@@ -701,13 +782,26 @@ mode = 0o600
     /// configs come from its own project.
     #[test]
     fn extends_across_projects_resolves_files_per_layer() {
-        let base = project(&[("images/base.toml", BASE), ("units/a.service", ""), ("configs/x.conf", "x")]);
-        let variant = format!("extends = \"{}\"\nname = \"v\"\nunits = [\"b.service\"]\n", base.path().join("images/base.toml").display());
+        let base = project(&[
+            ("images/base.toml", BASE),
+            ("units/a.service", ""),
+            ("configs/x.conf", "x"),
+        ]);
+        let variant = format!(
+            "extends = \"{}\"\nname = \"v\"\nunits = [\"b.service\"]\n",
+            base.path().join("images/base.toml").display()
+        );
         let other = project(&[("images/v.toml", &variant), ("units/b.service", "")]);
         let d = Definition::load(&other.path().join("images/v.toml")).expect("loads");
-        assert!(d.units[0].source.starts_with(base.path().canonicalize().expect("canon")));
-        assert!(d.units[1].source.starts_with(other.path().canonicalize().expect("canon")));
-        assert!(d.files[0].source.starts_with(base.path().canonicalize().expect("canon")));
+        assert!(d.units[0]
+            .source
+            .starts_with(base.path().canonicalize().expect("canon")));
+        assert!(d.units[1]
+            .source
+            .starts_with(other.path().canonicalize().expect("canon")));
+        assert!(d.files[0]
+            .source
+            .starts_with(base.path().canonicalize().expect("canon")));
     }
 
     #[test]

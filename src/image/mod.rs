@@ -6,5 +6,8 @@
 mod definition;
 mod size;
 
-pub use definition::{line_col as definition_line_col, DEFAULT_MIRROR, Definition, DefinitionError, FileEntry, Origin, OutputFormat, UnitEntry};
+pub use definition::{
+    line_col as definition_line_col, Definition, DefinitionError, FileEntry, Origin, OutputFormat,
+    UnitEntry, DEFAULT_MIRROR,
+};
 pub use size::ByteSize;

@@ -24,7 +24,11 @@ impl ByteSize {
                     'M' => 1 << 20,
                     'G' => 1 << 30,
                     'T' => 1 << 40,
-                    _ => return Err(format!("unknown size suffix `{c}` in `{text}` (use K, M, G or T)")),
+                    _ => {
+                        return Err(format!(
+                            "unknown size suffix `{c}` in `{text}` (use K, M, G or T)"
+                        ))
+                    }
                 };
                 (&t[..t.len() - 1], mult)
             }
@@ -88,7 +92,11 @@ mod tests {
             ("overflow", "99999999999T", None),
         ];
         for (name, text, want) in cases {
-            assert_eq!(ByteSize::parse(text).ok().map(|b| b.0), *want, "case {name}");
+            assert_eq!(
+                ByteSize::parse(text).ok().map(|b| b.0),
+                *want,
+                "case {name}"
+            );
         }
     }
 

@@ -26,16 +26,30 @@ pub struct Choice {
 /// `forced` ("kvm" or "tcg") skips the probe.
 pub fn choose(forced: Option<&str>) -> Result<Choice> {
     if let Some(f) = forced {
-        return Ok(Choice { accel: f.to_string(), reason: "requested with --accel".into() });
+        return Ok(Choice {
+            accel: f.to_string(),
+            reason: "requested with --accel".into(),
+        });
     }
-    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
-        return Ok(Choice { accel: "tcg".into(), reason: "/dev/kvm is not usable".into() });
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        return Ok(Choice {
+            accel: "tcg".into(),
+            reason: "/dev/kvm is not usable".into(),
+        });
     }
     let cache = cache_file();
     if let Ok(c) = std::fs::read_to_string(&cache) {
         let c = c.trim();
         if c == "kvm" || c == "tcg" {
-            return Ok(Choice { accel: c.into(), reason: format!("probed earlier this boot ({})", cache.display()) });
+            return Ok(Choice {
+                accel: c.into(),
+                reason: format!("probed earlier this boot ({})", cache.display()),
+            });
         }
     }
     let works = probe_kvm()?;
@@ -44,9 +58,15 @@ pub fn choose(forced: Option<&str>) -> Result<Choice> {
     let reason = if works {
         "KVM probe booted the firmware".to_string()
     } else {
-        format!("KVM probe did not reach the firmware within {}s; using software emulation", PROBE_TIMEOUT.as_secs())
+        format!(
+            "KVM probe did not reach the firmware within {}s; using software emulation",
+            PROBE_TIMEOUT.as_secs()
+        )
     };
-    Ok(Choice { accel: accel.into(), reason })
+    Ok(Choice {
+        accel: accel.into(),
+        reason,
+    })
 }
 
 fn probe_kvm() -> Result<bool> {
@@ -54,14 +74,34 @@ fn probe_kvm() -> Result<bool> {
     let fw = Firmware::debian();
     let dir = tempfile::tempdir().context("creating a probe directory")?;
     let vars = dir.path().join("vars.fd");
-    std::fs::copy(&fw.vars_template, &vars).with_context(|| format!("copying {}", fw.vars_template.display()))?;
+    std::fs::copy(&fw.vars_template, &vars)
+        .with_context(|| format!("copying {}", fw.vars_template.display()))?;
     let log = dir.path().join("serial.log");
     let mut child = Command::new(qemu)
-        .args(["-machine", "q35", "-accel", "kvm", "-cpu", "host", "-m", "256M", "-nodefaults", "-display", "none", "-no-reboot"])
+        .args([
+            "-machine",
+            "q35",
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host",
+            "-m",
+            "256M",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
         .arg("-drive")
-        .arg(format!("if=pflash,format=raw,unit=0,readonly=on,file={}", fw.code.display()))
+        .arg(format!(
+            "if=pflash,format=raw,unit=0,readonly=on,file={}",
+            fw.code.display()
+        ))
         .arg("-drive")
-        .arg(format!("if=pflash,format=raw,unit=1,file={}", vars.display()))
+        .arg(format!(
+            "if=pflash,format=raw,unit=1,file={}",
+            vars.display()
+        ))
         .arg("-serial")
         .arg(format!("file:{}", log.display()))
         .stdin(Stdio::null())
@@ -75,7 +115,10 @@ fn probe_kvm() -> Result<bool> {
         if let Ok(Some(_)) = child.try_wait() {
             break;
         }
-        if std::fs::metadata(&log).map(|m| m.len() > 0).unwrap_or(false) {
+        if std::fs::metadata(&log)
+            .map(|m| m.len() > 0)
+            .unwrap_or(false)
+        {
             ok = true;
             break;
         }

@@ -15,7 +15,10 @@ impl Firmware {
     pub const VARS: &'static str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 
     pub fn debian() -> Firmware {
-        Firmware { code: Self::CODE.into(), vars_template: Self::VARS.into() }
+        Firmware {
+            code: Self::CODE.into(),
+            vars_template: Self::VARS.into(),
+        }
     }
 }
 
@@ -59,7 +62,11 @@ impl VmSpec {
         push("-machine".into());
         push("q35,smm=off".into());
         push("-accel".into());
-        push(if self.accel == "tcg" { "tcg,thread=multi".into() } else { self.accel.clone() });
+        push(if self.accel == "tcg" {
+            "tcg,thread=multi".into()
+        } else {
+            self.accel.clone()
+        });
         if self.accel == "kvm" {
             push("-cpu".into());
             push("host".into());
@@ -76,17 +83,29 @@ impl VmSpec {
         push("-display".into());
         push("none".into());
         push("-drive".into());
-        push(format!("if=pflash,format=raw,unit=0,readonly=on,file={}", self.firmware.code.display()));
+        push(format!(
+            "if=pflash,format=raw,unit=0,readonly=on,file={}",
+            self.firmware.code.display()
+        ));
         push("-drive".into());
-        push(format!("if=pflash,format=raw,unit=1,file={}", self.vars.display()));
+        push(format!(
+            "if=pflash,format=raw,unit=1,file={}",
+            self.vars.display()
+        ));
         push("-chardev".into());
-        push(format!("socket,id=chrtpm,path={}", self.swtpm_socket.display()));
+        push(format!(
+            "socket,id=chrtpm,path={}",
+            self.swtpm_socket.display()
+        ));
         push("-tpmdev".into());
         push("emulator,id=tpm0,chardev=chrtpm".into());
         push("-device".into());
         push("tpm-crb,tpmdev=tpm0".into());
         push("-drive".into());
-        push(format!("if=none,id=disk0,format=qcow2,file={},discard=unmap", self.disk.display()));
+        push(format!(
+            "if=none,id=disk0,format=qcow2,file={},discard=unmap",
+            self.disk.display()
+        ));
         push("-device".into());
         push("virtio-blk-pci,drive=disk0,bootindex=1".into());
         push("-device".into());
@@ -105,7 +124,10 @@ impl VmSpec {
         }
         if let Some(sock) = &self.qga_socket {
             push("-chardev".into());
-            push(format!("socket,id=qga0,path={},server=on,wait=off", sock.display()));
+            push(format!(
+                "socket,id=qga0,path={},server=on,wait=off",
+                sock.display()
+            ));
             push("-device".into());
             push("virtio-serial-pci".into());
             push("-device".into());
@@ -167,14 +189,23 @@ mod tests {
             qmp_socket: Some("/vm/qmp.sock".into()),
             ignition: Some("/vm/config.ign".into()),
             nets: vec![
-                NetSpec::User { forwards: vec![(2222, 22)] },
-                NetSpec::Vde { switch: "/t/switch".into(), mac: node_mac(0) },
+                NetSpec::User {
+                    forwards: vec![(2222, 22)],
+                },
+                NetSpec::Vde {
+                    switch: "/t/switch".into(),
+                    mac: node_mac(0),
+                },
             ],
         }
     }
 
     fn joined(s: &VmSpec) -> String {
-        s.args().iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
+        s.args()
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     #[test]

@@ -37,7 +37,9 @@ impl Conn {
     fn send(&mut self, v: &Value) -> Result<()> {
         let mut line = serde_json::to_vec(v)?;
         line.push(b'\n');
-        self.writer.write_all(&line).context("writing to the guest agent")?;
+        self.writer
+            .write_all(&line)
+            .context("writing to the guest agent")?;
         Ok(())
     }
 
@@ -45,7 +47,10 @@ impl Conn {
         let mut line = String::new();
         loop {
             line.clear();
-            let n = self.reader.read_line(&mut line).context("reading from the guest agent")?;
+            let n = self
+                .reader
+                .read_line(&mut line)
+                .context("reading from the guest agent")?;
             if n == 0 {
                 bail!("guest agent connection closed");
             }
@@ -63,9 +68,14 @@ impl Conn {
 /// Decodes the `return` of a reply or turns its `error` into an error.
 pub fn reply_value(v: Value) -> Result<Value> {
     if let Some(e) = v.get("error") {
-        bail!("guest agent error: {}", e.get("desc").and_then(|d| d.as_str()).unwrap_or("unknown"));
+        bail!(
+            "guest agent error: {}",
+            e.get("desc").and_then(|d| d.as_str()).unwrap_or("unknown")
+        );
     }
-    v.get("return").cloned().ok_or_else(|| anyhow!("guest agent reply without return: {v}"))
+    v.get("return")
+        .cloned()
+        .ok_or_else(|| anyhow!("guest agent reply without return: {v}"))
 }
 
 /// Output fields of guest-exec-status are base64.
@@ -79,15 +89,22 @@ pub fn decode_output(v: &Value, field: &str) -> String {
 
 impl Qga {
     pub fn new(socket: &Path) -> Qga {
-        Qga { socket: socket.to_path_buf() }
+        Qga {
+            socket: socket.to_path_buf(),
+        }
     }
 
     fn connect(&self, timeout: Duration) -> Result<Conn> {
-        let stream = UnixStream::connect(&self.socket).with_context(|| format!("connecting to {}", self.socket.display()))?;
+        let stream = UnixStream::connect(&self.socket)
+            .with_context(|| format!("connecting to {}", self.socket.display()))?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
-        let mut conn = Conn { reader: BufReader::new(stream.try_clone()?), writer: stream };
-        let id: u32 = std::process::id() ^ (Instant::now().elapsed().subsec_nanos() | 1) ^ rand_u32();
+        let mut conn = Conn {
+            reader: BufReader::new(stream.try_clone()?),
+            writer: stream,
+        };
+        let id: u32 =
+            std::process::id() ^ (Instant::now().elapsed().subsec_nanos() | 1) ^ rand_u32();
         conn.send(&json!({"execute": "guest-sync", "arguments": {"id": id}}))?;
         loop {
             let v = conn.recv()?;
@@ -123,21 +140,44 @@ impl Qga {
     /// Runs `argv` in the guest and waits up to `timeout` for it to finish.
     pub fn exec(&self, argv: &[&str], timeout: Duration) -> Result<ExecResult> {
         let (path, args) = argv.split_first().ok_or_else(|| anyhow!("empty command"))?;
-        let r = self.call("guest-exec", json!({"path": path, "arg": args, "capture-output": true}), Duration::from_secs(20))?;
-        let pid = r.get("pid").and_then(|p| p.as_i64()).ok_or_else(|| anyhow!("guest-exec returned no pid: {r}"))?;
+        let r = self.call(
+            "guest-exec",
+            json!({"path": path, "arg": args, "capture-output": true}),
+            Duration::from_secs(20),
+        )?;
+        let pid = r
+            .get("pid")
+            .and_then(|p| p.as_i64())
+            .ok_or_else(|| anyhow!("guest-exec returned no pid: {r}"))?;
         let start = Instant::now();
         loop {
-            let s = self.call("guest-exec-status", json!({"pid": pid}), Duration::from_secs(20))?;
+            let s = self.call(
+                "guest-exec-status",
+                json!({"pid": pid}),
+                Duration::from_secs(20),
+            )?;
             if s.get("exited").and_then(|e| e.as_bool()) == Some(true) {
                 let code = s
                     .get("exitcode")
                     .and_then(|c| c.as_i64())
-                    .or_else(|| s.get("signal").and_then(|c| c.as_i64()).map(|sig| 128 + sig))
+                    .or_else(|| {
+                        s.get("signal")
+                            .and_then(|c| c.as_i64())
+                            .map(|sig| 128 + sig)
+                    })
                     .unwrap_or(-1);
-                return Ok(ExecResult { code, stdout: decode_output(&s, "out-data"), stderr: decode_output(&s, "err-data") });
+                return Ok(ExecResult {
+                    code,
+                    stdout: decode_output(&s, "out-data"),
+                    stderr: decode_output(&s, "err-data"),
+                });
             }
             if start.elapsed() > timeout {
-                bail!("`{}` did not finish within {}s in the guest", argv.join(" "), timeout.as_secs());
+                bail!(
+                    "`{}` did not finish within {}s in the guest",
+                    argv.join(" "),
+                    timeout.as_secs()
+                );
             }
             std::thread::sleep(Duration::from_millis(250));
         }
@@ -150,7 +190,10 @@ impl Qga {
 
     /// The guest's current boot ID.
     pub fn boot_id(&self) -> Result<String> {
-        let r = self.exec(&["/bin/cat", "/proc/sys/kernel/random/boot_id"], Duration::from_secs(30))?;
+        let r = self.exec(
+            &["/bin/cat", "/proc/sys/kernel/random/boot_id"],
+            Duration::from_secs(30),
+        )?;
         if !r.ok() {
             bail!("reading boot_id failed: {}", r.stderr);
         }
@@ -179,7 +222,8 @@ mod tests {
 
     #[test]
     fn errors_are_reported() {
-        let err = reply_value(json!({"error": {"class": "GenericError", "desc": "no such file"}})).expect_err("error");
+        let err = reply_value(json!({"error": {"class": "GenericError", "desc": "no such file"}}))
+            .expect_err("error");
         assert!(err.to_string().contains("no such file"));
         assert_eq!(reply_value(json!({"return": 5})).expect("ok"), json!(5));
     }
@@ -203,7 +247,9 @@ mod tests {
                     let reply = match v["execute"].as_str() {
                         Some("guest-sync") => json!({"return": v["arguments"]["id"]}),
                         Some("guest-exec") => json!({"return": {"pid": 7}}),
-                        Some("guest-exec-status") => json!({"return": {"exited": true, "exitcode": 3, "out-data": "b2s="}}),
+                        Some("guest-exec-status") => {
+                            json!({"return": {"exited": true, "exitcode": 3, "out-data": "b2s="}})
+                        }
                         _ => json!({"error": {"desc": "unknown"}}),
                     };
                     w.write_all(format!("{reply}\n").as_bytes()).expect("write");
@@ -212,8 +258,17 @@ mod tests {
             }
         });
         let q = Qga::new(&sock);
-        let r = q.exec(&["/bin/true"], Duration::from_secs(5)).expect("exec");
-        assert_eq!(r, ExecResult { code: 3, stdout: "ok".into(), stderr: String::new() });
+        let r = q
+            .exec(&["/bin/true"], Duration::from_secs(5))
+            .expect("exec");
+        assert_eq!(
+            r,
+            ExecResult {
+                code: 3,
+                stdout: "ok".into(),
+                stderr: String::new()
+            }
+        );
         drop(server);
     }
 }

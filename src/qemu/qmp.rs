@@ -9,12 +9,15 @@ use std::time::Duration;
 
 /// Sends one QMP command and returns its `return` value.
 pub fn command(socket: &Path, cmd: &str) -> Result<Value> {
-    let stream = UnixStream::connect(socket).with_context(|| format!("connecting to QMP at {}", socket.display()))?;
+    let stream = UnixStream::connect(socket)
+        .with_context(|| format!("connecting to QMP at {}", socket.display()))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut w = stream;
     let mut line = String::new();
-    reader.read_line(&mut line).context("reading the QMP greeting")?;
+    reader
+        .read_line(&mut line)
+        .context("reading the QMP greeting")?;
     for c in ["qmp_capabilities", cmd] {
         w.write_all(format!("{}\n", json!({"execute": c})).as_bytes())?;
         loop {
@@ -25,7 +28,8 @@ pub fn command(socket: &Path, cmd: &str) -> Result<Value> {
                 }
                 bail!("QMP closed the connection during {c}");
             }
-            let v: Value = serde_json::from_str(line.trim()).with_context(|| format!("QMP sent {line}"))?;
+            let v: Value =
+                serde_json::from_str(line.trim()).with_context(|| format!("QMP sent {line}"))?;
             if v.get("event").is_some() {
                 continue;
             }

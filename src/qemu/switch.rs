@@ -28,7 +28,10 @@ impl Switch {
         let start = Instant::now();
         while !socket.join("ctl").exists() {
             if let Some(s) = child.try_wait()? {
-                bail!("vde_switch exited ({s}) before creating {}", socket.display());
+                bail!(
+                    "vde_switch exited ({s}) before creating {}",
+                    socket.display()
+                );
             }
             if start.elapsed() > Duration::from_secs(10) {
                 let _ = child.kill();

@@ -13,40 +13,68 @@ pub fn require_file(path: &Path, package: &str) -> Result<()> {
     if path.exists() {
         Ok(())
     } else {
-        bail!("{} is missing: install the Debian package `{package}` (apt-get install {package})", path.display())
+        bail!(
+            "{} is missing: install the Debian package `{package}` (apt-get install {package})",
+            path.display()
+        )
     }
 }
 
 /// Virtual size in bytes of a raw or qcow2 image.
 pub fn virtual_size(image: &Path) -> Result<u64> {
     let qemu_img = require_host_tool(HostTool::QemuImg)?;
-    let out = run_capture(Command::new(qemu_img).args(["info", "--output=json"]).arg(image))
-        .with_context(|| format!("reading {}", image.display()))?;
+    let out = run_capture(
+        Command::new(qemu_img)
+            .args(["info", "--output=json"])
+            .arg(image),
+    )
+    .with_context(|| format!("reading {}", image.display()))?;
     let v: serde_json::Value = serde_json::from_slice(&out).context("parsing qemu-img info")?;
-    v["virtual-size"].as_u64().with_context(|| format!("qemu-img reports no size for {}", image.display()))
+    v["virtual-size"]
+        .as_u64()
+        .with_context(|| format!("qemu-img reports no size for {}", image.display()))
 }
 
 /// Creates a qcow2 overlay over `image` (never modified) with `size` bytes of virtual disk.
 pub fn create_overlay(image: &Path, overlay: &Path, size: u64) -> Result<()> {
     let qemu_img = require_host_tool(HostTool::QemuImg)?;
-    let image = image.canonicalize().with_context(|| format!("resolving {}", image.display()))?;
-    let format = if image.extension().is_some_and(|e| e == "qcow2") { "qcow2" } else { "raw" };
+    let image = image
+        .canonicalize()
+        .with_context(|| format!("resolving {}", image.display()))?;
+    let format = if image.extension().is_some_and(|e| e == "qcow2") {
+        "qcow2"
+    } else {
+        "raw"
+    };
     run(Command::new(qemu_img)
         .args(["create", "-q", "-f", "qcow2", "-F", format, "-b"])
         .arg(&image)
         .arg(overlay)
         .arg(size.to_string()))
-    .with_context(|| format!("creating overlay {} over {}", overlay.display(), image.display()))
+    .with_context(|| {
+        format!(
+            "creating overlay {} over {}",
+            overlay.display(),
+            image.display()
+        )
+    })
 }
 
 fn wait_for_path(path: &Path, child: &mut Child, what: &str, timeout: Duration) -> Result<()> {
     let start = Instant::now();
     while !path.exists() {
         if let Some(status) = child.try_wait()? {
-            bail!("{what} exited ({status}) before creating {}", path.display());
+            bail!(
+                "{what} exited ({status}) before creating {}",
+                path.display()
+            );
         }
         if start.elapsed() > timeout {
-            bail!("{what} did not create {} within {}s", path.display(), timeout.as_secs());
+            bail!(
+                "{what} did not create {} within {}s",
+                path.display(),
+                timeout.as_secs()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -59,7 +87,10 @@ fn stop(child: &mut Child, grace: Duration) {
         return;
     }
     if let Ok(pid) = i32::try_from(child.id()) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
     }
     let start = Instant::now();
     while start.elapsed() < grace {
@@ -85,8 +116,11 @@ impl Vm {
         let qemu_bin = require_host_tool(HostTool::QemuSystem)?;
         let swtpm_bin = require_host_tool(HostTool::Swtpm)?;
         require_file(&spec.firmware.code, "ovmf")?;
-        std::fs::create_dir_all(tpm_dir).with_context(|| format!("creating {}", tpm_dir.display()))?;
-        let tpm_dir = tpm_dir.canonicalize().with_context(|| format!("resolving {}", tpm_dir.display()))?;
+        std::fs::create_dir_all(tpm_dir)
+            .with_context(|| format!("creating {}", tpm_dir.display()))?;
+        let tpm_dir = tpm_dir
+            .canonicalize()
+            .with_context(|| format!("resolving {}", tpm_dir.display()))?;
         let _ = std::fs::remove_file(&spec.swtpm_socket);
         let mut swtpm = Command::new(swtpm_bin)
             .arg("socket")
@@ -96,13 +130,21 @@ impl Vm {
             .arg("--ctrl")
             .arg(format!("type=unixio,path={}", spec.swtpm_socket.display()))
             .arg("--log")
-            .arg(format!("file={},level=1", tpm_dir.join("swtpm.log").display()))
+            .arg(format!(
+                "file={},level=1",
+                tpm_dir.join("swtpm.log").display()
+            ))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .context("starting swtpm")?;
-        if let Err(e) = wait_for_path(&spec.swtpm_socket, &mut swtpm, "swtpm", Duration::from_secs(10)) {
+        if let Err(e) = wait_for_path(
+            &spec.swtpm_socket,
+            &mut swtpm,
+            "swtpm",
+            Duration::from_secs(10),
+        ) {
             stop(&mut swtpm, Duration::from_secs(1));
             return Err(e);
         }
@@ -136,7 +178,10 @@ impl Vm {
     }
 
     /// Waits until QEMU exits or `interrupted` turns true.
-    pub fn wait(&mut self, interrupted: &std::sync::atomic::AtomicBool) -> Result<Option<ExitStatus>> {
+    pub fn wait(
+        &mut self,
+        interrupted: &std::sync::atomic::AtomicBool,
+    ) -> Result<Option<ExitStatus>> {
         loop {
             if let Some(s) = self.qemu.try_wait().context("waiting for QEMU")? {
                 stop(&mut self.swtpm, Duration::from_secs(2));

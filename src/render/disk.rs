@@ -7,19 +7,31 @@ use anyhow::{Context, Result};
 use std::fs;
 use std::path::Path;
 
-
 pub const LOADER_CONF: &str = "timeout 0\neditor no\nconsole-mode keep\n";
 
 /// Lays out the ESP directory: systemd-boot as the removable-media loader and under
 /// EFI/systemd, the UKI under EFI/Linux with its boot counter, and loader.conf.
-pub fn prepare_esp(tools: &ToolsTree, esp: &Path, uki: &Path, version: &str, epoch: u64) -> Result<()> {
+pub fn prepare_esp(
+    tools: &ToolsTree,
+    esp: &Path,
+    uki: &Path,
+    version: &str,
+    epoch: u64,
+) -> Result<()> {
     let sdboot = tools.file("usr/lib/systemd/boot/efi/systemd-bootx64.efi");
     for dir in ["EFI/BOOT", "EFI/systemd", "EFI/Linux", "loader"] {
-        fs::create_dir_all(esp.join(dir)).with_context(|| format!("creating {}/{dir}", esp.display()))?;
+        fs::create_dir_all(esp.join(dir))
+            .with_context(|| format!("creating {}/{dir}", esp.display()))?;
     }
-    fs::copy(&sdboot, esp.join("EFI/BOOT/BOOTX64.EFI")).with_context(|| format!("copying {}", sdboot.display()))?;
-    fs::copy(&sdboot, esp.join("EFI/systemd/systemd-bootx64.efi")).with_context(|| format!("copying {}", sdboot.display()))?;
-    fs::copy(uki, esp.join("EFI/Linux").join(layout::uki_file_name(version))).context("copying the UKI into the ESP")?;
+    fs::copy(&sdboot, esp.join("EFI/BOOT/BOOTX64.EFI"))
+        .with_context(|| format!("copying {}", sdboot.display()))?;
+    fs::copy(&sdboot, esp.join("EFI/systemd/systemd-bootx64.efi"))
+        .with_context(|| format!("copying {}", sdboot.display()))?;
+    fs::copy(
+        uki,
+        esp.join("EFI/Linux").join(layout::uki_file_name(version)),
+    )
+    .context("copying the UKI into the ESP")?;
     fs::write(esp.join("loader/loader.conf"), LOADER_CONF).context("writing loader.conf")?;
     // FAT directory entries carry times; mcopy takes them from the files, so pin them.
     set_times(esp, epoch)
@@ -32,18 +44,31 @@ pub fn set_times(dir: &Path, epoch: u64) -> Result<()> {
     let t = TimeSpec::new(i64::try_from(epoch).context("epoch out of range")?, 0);
     for entry in walkdir::WalkDir::new(dir).contents_first(true) {
         let entry = entry.with_context(|| format!("walking {}", dir.display()))?;
-        utimensat(nix::fcntl::AT_FDCWD, entry.path(), &t, &t, UtimensatFlags::NoFollowSymlink)
-            .with_context(|| format!("setting times of {}", entry.path().display()))?;
+        utimensat(
+            nix::fcntl::AT_FDCWD,
+            entry.path(),
+            &t,
+            &t,
+            UtimensatFlags::NoFollowSymlink,
+        )
+        .with_context(|| format!("setting times of {}", entry.path().display()))?;
     }
     Ok(())
 }
 
 /// Writes the repart definitions into `defs` and runs systemd-repart to create `disk`.
 /// `seed` makes the disk GUID and the UUIDs repart picks reproducible.
-pub fn write_disk(tools: &ToolsTree, parts: &[PartitionDef], defs: &Path, disk: &Path, seed: &str) -> Result<String> {
+pub fn write_disk(
+    tools: &ToolsTree,
+    parts: &[PartitionDef],
+    defs: &Path,
+    disk: &Path,
+    seed: &str,
+) -> Result<String> {
     fs::create_dir_all(defs).with_context(|| format!("creating {}", defs.display()))?;
     for p in parts {
-        fs::write(defs.join(&p.file), p.to_repart()).with_context(|| format!("writing {}", p.file))?;
+        fs::write(defs.join(&p.file), p.to_repart())
+            .with_context(|| format!("writing {}", p.file))?;
     }
     crate::cache::remove_path(disk)?;
     let out = run_capture(
@@ -85,7 +110,11 @@ mod tests {
         fs::write(t.path().join("EFI/Linux/a.efi"), "x").expect("write");
         set_times(t.path(), 1_000_000).expect("set");
         for p in ["", "EFI", "EFI/Linux", "EFI/Linux/a.efi"] {
-            assert_eq!(fs::metadata(t.path().join(p)).expect("meta").mtime(), 1_000_000, "{p}");
+            assert_eq!(
+                fs::metadata(t.path().join(p)).expect("meta").mtime(),
+                1_000_000,
+                "{p}"
+            );
         }
     }
 }

@@ -90,7 +90,10 @@ pub fn resolve_modules(index: &ModuleIndex, wanted: &[String]) -> (Vec<String>, 
             continue;
         }
         let Some(module) = words.next() else { continue };
-        let names = words.filter(|w| !w.ends_with(':')).map(|w| w.to_string()).collect();
+        let names = words
+            .filter(|w| !w.ends_with(':'))
+            .map(|w| w.to_string())
+            .collect();
         soft.insert(norm(module), names);
     }
     let mut aliases: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -114,7 +117,11 @@ pub fn resolve_modules(index: &ModuleIndex, wanted: &[String]) -> (Vec<String>, 
         let modules: Vec<String> = if deps.contains_key(&name) || builtins.contains(&name) {
             vec![name.clone()]
         } else {
-            aliases.get(&raw).or_else(|| aliases.get(&name)).cloned().unwrap_or_default()
+            aliases
+                .get(&raw)
+                .or_else(|| aliases.get(&name))
+                .cloned()
+                .unwrap_or_default()
         };
         if modules.is_empty() {
             if top {
@@ -165,9 +172,14 @@ const TRIM: &[&str] = &[
 /// The cached initrd base tree (packages only), bootstrapped when missing.
 fn ensure_base(cache: &Cache, suite: &str, mirror: &str, epoch: u64) -> Result<(PathBuf, String)> {
     let key = cache::key(
-        [INITRD_FORMAT.to_string(), suite.into(), mirror.into(), epoch.to_string()]
-            .into_iter()
-            .chain(INITRD_PACKAGES.iter().map(|s| s.to_string())),
+        [
+            INITRD_FORMAT.to_string(),
+            suite.into(),
+            mirror.into(),
+            epoch.to_string(),
+        ]
+        .into_iter()
+        .chain(INITRD_PACKAGES.iter().map(|s| s.to_string())),
     );
     let entry = cache.entry("initrd-base", &key);
     if !entry.join("usr/lib/systemd/systemd").exists() {
@@ -207,20 +219,41 @@ pub struct InitrdInput<'a> {
 }
 
 /// Builds (or takes from the cache) the compressed initrd for an image; returns its path.
-pub fn build(cache: &Cache, tools: &ToolsTree, work: &Path, input: &InitrdInput) -> Result<PathBuf> {
+pub fn build(
+    cache: &Cache,
+    tools: &ToolsTree,
+    work: &Path,
+    input: &InitrdInput,
+) -> Result<PathBuf> {
     let (base, base_key) = ensure_base(cache, input.suite, input.mirror, input.epoch)?;
     let moddir = input.usr.join("lib/modules").join(input.kernel_version);
-    let dep = fs::read_to_string(moddir.join("modules.dep")).with_context(|| format!("reading {}/modules.dep", moddir.display()))?;
+    let dep = fs::read_to_string(moddir.join("modules.dep"))
+        .with_context(|| format!("reading {}/modules.dep", moddir.display()))?;
     let read = |f: &str| fs::read_to_string(moddir.join(f)).unwrap_or_default();
-    let (builtin, softdep, alias) = (read("modules.builtin"), read("modules.softdep"), read("modules.alias"));
-    let index = ModuleIndex { dep: &dep, builtin: &builtin, softdep: &softdep, alias: &alias };
+    let (builtin, softdep, alias) = (
+        read("modules.builtin"),
+        read("modules.softdep"),
+        read("modules.alias"),
+    );
+    let index = ModuleIndex {
+        dep: &dep,
+        builtin: &builtin,
+        softdep: &softdep,
+        alias: &alias,
+    };
     let (files, missing) = resolve_modules(&index, input.modules);
     if !missing.is_empty() {
-        tracing::warn!(kernel = input.kernel_version, ?missing, "initrd modules not found in the kernel; skipped");
+        tracing::warn!(
+            kernel = input.kernel_version,
+            ?missing,
+            "initrd modules not found in the kernel; skipped"
+        );
     }
-    let osr = fs::read_to_string(input.usr.join("lib/os-release")).context("reading the image's os-release")?;
+    let osr = fs::read_to_string(input.usr.join("lib/os-release"))
+        .context("reading the image's os-release")?;
     // The modules are identified by the kernel they were built with (its digest) and their paths.
-    let vmlinuz = fs::read(moddir.join("vmlinuz")).with_context(|| format!("reading {}/vmlinuz", moddir.display()))?;
+    let vmlinuz = fs::read(moddir.join("vmlinuz"))
+        .with_context(|| format!("reading {}/vmlinuz", moddir.display()))?;
     let kernel_digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&vmlinuz));
     let key = cache::key([
         base_key,
@@ -238,11 +271,13 @@ pub fn build(cache: &Cache, tools: &ToolsTree, work: &Path, input: &InitrdInput)
     }
     let tree = work.join("initrd-tree");
     cache::remove_path(&tree)?;
-    run(Command::new("cp").arg("-a").arg(&base).arg(&tree)).context("copying the initrd base tree")?;
+    run(Command::new("cp").arg("-a").arg(&base).arg(&tree))
+        .context("copying the initrd base tree")?;
 
     let target_moddir = tree.join("usr/lib/modules").join(input.kernel_version);
     cache::remove_path(&tree.join("usr/lib/modules"))?;
-    fs::create_dir_all(&target_moddir).with_context(|| format!("creating {}", target_moddir.display()))?;
+    fs::create_dir_all(&target_moddir)
+        .with_context(|| format!("creating {}", target_moddir.display()))?;
     for f in &files {
         let dst = target_moddir.join(f);
         if let Some(p) = dst.parent() {
@@ -250,9 +285,14 @@ pub fn build(cache: &Cache, tools: &ToolsTree, work: &Path, input: &InitrdInput)
         }
         fs::copy(moddir.join(f), &dst).with_context(|| format!("copying module {f}"))?;
     }
-    for f in ["modules.builtin", "modules.builtin.modinfo", "modules.order"] {
+    for f in [
+        "modules.builtin",
+        "modules.builtin.modinfo",
+        "modules.order",
+    ] {
         if moddir.join(f).exists() {
-            fs::copy(moddir.join(f), target_moddir.join(f)).with_context(|| format!("copying {f}"))?;
+            fs::copy(moddir.join(f), target_moddir.join(f))
+                .with_context(|| format!("copying {f}"))?;
         }
     }
     fs::write(tree.join("etc/initrd-release"), &osr).context("writing initrd-release")?;
@@ -261,15 +301,35 @@ pub fn build(cache: &Cache, tools: &ToolsTree, work: &Path, input: &InitrdInput)
     symlink("usr/lib/systemd/systemd", tree.join("init")).context("linking /init")?;
     let keel_lib = tree.join("usr/lib/keel");
     fs::create_dir_all(&keel_lib).context("creating usr/lib/keel")?;
-    crate::compose::overlay::replace_file(&keel_lib.join("etc-setup"), ETC_SETUP.as_bytes(), 0o755)?;
+    crate::compose::overlay::replace_file(
+        &keel_lib.join("etc-setup"),
+        ETC_SETUP.as_bytes(),
+        0o755,
+    )?;
     let units = tree.join("usr/lib/systemd/system");
-    crate::compose::overlay::replace_file(&units.join("keel-etc-setup.service"), ETC_SETUP_UNIT.as_bytes(), 0o644)?;
+    crate::compose::overlay::replace_file(
+        &units.join("keel-etc-setup.service"),
+        ETC_SETUP_UNIT.as_bytes(),
+        0o644,
+    )?;
     let wants = units.join("initrd-root-fs.target.wants");
     fs::create_dir_all(&wants).context("creating initrd-root-fs.target.wants")?;
-    symlink("../keel-etc-setup.service", wants.join("keel-etc-setup.service")).context("enabling keel-etc-setup")?;
+    symlink(
+        "../keel-etc-setup.service",
+        wants.join("keel-etc-setup.service"),
+    )
+    .context("enabling keel-etc-setup")?;
 
-    let tools = tools.clone().bind(work).env("SOURCE_DATE_EPOCH", &input.epoch.to_string());
-    run(tools.command("depmod")?.arg("-b").arg(&tree).arg(input.kernel_version)).context("running depmod for the initrd")?;
+    let tools = tools
+        .clone()
+        .bind(work)
+        .env("SOURCE_DATE_EPOCH", &input.epoch.to_string());
+    run(tools
+        .command("depmod")?
+        .arg("-b")
+        .arg(&tree)
+        .arg(input.kernel_version))
+    .context("running depmod for the initrd")?;
     let out = work.join("initrd.cpio.zst");
     let script = format!(
         "set -e; cd '{tree}'; find . -exec touch -h -d @{epoch} {{}} +; \
@@ -305,21 +365,37 @@ kernel/lib/crc16.ko.xz:\n";
     const ALIAS: &str = "alias crc32c crc32c_generic\nalias pci:v*d* virtio_pci\n";
 
     fn index() -> ModuleIndex<'static> {
-        ModuleIndex { dep: DEP, builtin: BUILTIN, softdep: SOFTDEP, alias: ALIAS }
+        ModuleIndex {
+            dep: DEP,
+            builtin: BUILTIN,
+            softdep: SOFTDEP,
+            alias: ALIAS,
+        }
     }
 
     #[test]
     fn modules_resolve_with_dependencies() {
-        let (files, missing) = resolve_modules(&index(), &["ext4".into(), "dm_verity".into(), "tpm_tis".into(), "nope".into()]);
-        assert_eq!(files, vec![
-            "kernel/drivers/md/dm-bufio.ko.xz",
-            "kernel/drivers/md/dm-mod.ko.xz",
-            "kernel/drivers/md/dm-verity.ko.xz",
-            "kernel/fs/ext4/ext4.ko.xz",
-            "kernel/fs/jbd2/jbd2.ko.xz",
-            "kernel/fs/mbcache.ko.xz",
-            "kernel/lib/crc16.ko.xz",
-        ]);
+        let (files, missing) = resolve_modules(
+            &index(),
+            &[
+                "ext4".into(),
+                "dm_verity".into(),
+                "tpm_tis".into(),
+                "nope".into(),
+            ],
+        );
+        assert_eq!(
+            files,
+            vec![
+                "kernel/drivers/md/dm-bufio.ko.xz",
+                "kernel/drivers/md/dm-mod.ko.xz",
+                "kernel/drivers/md/dm-verity.ko.xz",
+                "kernel/fs/ext4/ext4.ko.xz",
+                "kernel/fs/jbd2/jbd2.ko.xz",
+                "kernel/fs/mbcache.ko.xz",
+                "kernel/lib/crc16.ko.xz",
+            ]
+        );
         assert_eq!(missing, vec!["nope"], "built-in tpm_tis is not missing");
     }
 
@@ -328,7 +404,10 @@ kernel/lib/crc16.ko.xz:\n";
     #[test]
     fn soft_dependencies_are_followed_through_aliases() {
         let (files, _) = resolve_modules(&index(), &["erofs".into()]);
-        assert!(files.contains(&"kernel/crypto/crc32c_generic.ko.xz".to_string()), "{files:?}");
+        assert!(
+            files.contains(&"kernel/crypto/crc32c_generic.ko.xz".to_string()),
+            "{files:?}"
+        );
         assert!(files.contains(&"kernel/lib/libcrc32c.ko.xz".to_string()));
     }
 

@@ -41,7 +41,14 @@ pub fn uuid_from_hex(hex32: &str) -> Result<String> {
         bail!("`{hex32}` is not 32 hex digits");
     }
     let h = hex32.to_ascii_lowercase();
-    Ok(format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32]))
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    ))
 }
 
 /// The data and hash partition UUIDs for a verity root hash: its first and last 128 bits.
@@ -49,7 +56,10 @@ pub fn verity_uuids(root_hash: &str) -> Result<(String, String)> {
     if root_hash.len() != 64 {
         bail!("verity root hash `{root_hash}` is not 64 hex digits");
     }
-    Ok((uuid_from_hex(&root_hash[..32])?, uuid_from_hex(&root_hash[32..])?))
+    Ok((
+        uuid_from_hex(&root_hash[..32])?,
+        uuid_from_hex(&root_hash[32..])?,
+    ))
 }
 
 /// One partition as systemd-repart should create it.
@@ -118,7 +128,10 @@ pub fn partitions(i: &LayoutInput) -> Result<Vec<PartitionDef>> {
         );
     }
     if i.verity_image_bytes > verity_bytes {
-        bail!("verity hash tree of {} bytes does not fit its {verity_bytes}-byte partition", i.verity_image_bytes);
+        bail!(
+            "verity hash tree of {} bytes does not fit its {verity_bytes}-byte partition",
+            i.verity_image_bytes
+        );
     }
     let (data_uuid, hash_uuid) = verity_uuids(i.root_hash)?;
     Ok(vec![
@@ -237,24 +250,39 @@ mod tests {
     fn five_partitions_with_an_empty_b_slot() {
         let p = partitions(&input(300 << 20)).expect("layout");
         let kinds: Vec<(&str, &str)> = p.iter().map(|x| (x.type_, x.label.as_str())).collect();
-        assert_eq!(kinds, vec![
-            ("esp", "ESP"),
-            ("usr", "keel_1.0"),
-            ("usr-verity", "keel_1.0"),
-            ("usr", "_empty"),
-            ("usr-verity", "_empty"),
-        ]);
+        assert_eq!(
+            kinds,
+            vec![
+                ("esp", "ESP"),
+                ("usr", "keel_1.0"),
+                ("usr-verity", "keel_1.0"),
+                ("usr", "_empty"),
+                ("usr-verity", "_empty"),
+            ]
+        );
         assert_eq!(p[1].size, p[3].size, "A and B slots have the same size");
         assert_eq!(p[2].size, p[4].size);
-        assert_eq!(p[1].uuid.as_deref(), Some("bf0e781c-15a4-b0e8-4669-221924449c56"));
+        assert_eq!(
+            p[1].uuid.as_deref(),
+            Some("bf0e781c-15a4-b0e8-4669-221924449c56")
+        );
         let text = p[1].to_repart();
-        assert!(text.contains("CopyBlocks=/w/usr.erofs\n") && text.contains("SizeMaxBytes=1073741824\n"), "{text}");
-        assert!(p[0].to_repart().contains("CopyFiles=/w/esp:/\nFormat=vfat") || p[0].to_repart().contains("Format=vfat\nCopyFiles=/w/esp:/"));
+        assert!(
+            text.contains("CopyBlocks=/w/usr.erofs\n")
+                && text.contains("SizeMaxBytes=1073741824\n"),
+            "{text}"
+        );
+        assert!(
+            p[0].to_repart().contains("CopyFiles=/w/esp:/\nFormat=vfat")
+                || p[0].to_repart().contains("Format=vfat\nCopyFiles=/w/esp:/")
+        );
     }
 
     #[test]
     fn usr_too_large_for_slot_is_an_error_that_names_the_fix() {
-        let err = partitions(&input(2 << 30)).expect_err("too big").to_string();
+        let err = partitions(&input(2 << 30))
+            .expect_err("too big")
+            .to_string();
         assert!(err.contains("raise usr-size"), "{err}");
     }
 

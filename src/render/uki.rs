@@ -9,7 +9,11 @@ use std::path::Path;
 /// needs (a writable root; no interactive first-boot wizard, since nodes are configured by
 /// provisioning), then the definition's extras.
 pub fn cmdline(root_hash: &str, extra: &[String]) -> String {
-    let mut parts = vec![format!("usrhash={root_hash}"), "rw".to_string(), "systemd.firstboot=off".to_string()];
+    let mut parts = vec![
+        format!("usrhash={root_hash}"),
+        "rw".to_string(),
+        "systemd.firstboot=off".to_string(),
+    ];
     parts.extend(extra.iter().cloned());
     parts.join(" ")
 }
@@ -41,6 +45,9 @@ mod tests {
 
     #[test]
     fn cmdline_starts_with_usrhash() {
-        assert_eq!(cmdline("ab", &["console=ttyS0".into()]), "usrhash=ab rw systemd.firstboot=off console=ttyS0");
+        assert_eq!(
+            cmdline("ab", &["console=ttyS0".into()]),
+            "usrhash=ab rw systemd.firstboot=off console=ttyS0"
+        );
     }
 }

@@ -46,7 +46,13 @@ pub fn parse_root_hash(output: &str) -> Result<String> {
 }
 
 /// Builds `erofs` from the /usr tree `usr` (the commit checkout).
-pub fn make_erofs(tools: &ToolsTree, usr: &Path, erofs: &Path, commit: &str, epoch: u64) -> Result<()> {
+pub fn make_erofs(
+    tools: &ToolsTree,
+    usr: &Path,
+    erofs: &Path,
+    commit: &str,
+    epoch: u64,
+) -> Result<()> {
     run(tools
         .command("mkfs.erofs")?
         .arg("-zlz4hc,12")
@@ -81,7 +87,10 @@ mod tests {
     #[test]
     fn root_hash_is_parsed_from_veritysetup_output() {
         let out = "VERITY header information for usr.verity\nUUID:            \t1111\nRoot hash:      \tBF0E781C15A4B0E84669221924449C5667AC0AED26D9D568CACDF37ABE21BE3E\n";
-        assert_eq!(parse_root_hash(out).expect("hash"), "bf0e781c15a4b0e84669221924449c5667ac0aed26d9d568cacdf37abe21be3e");
+        assert_eq!(
+            parse_root_hash(out).expect("hash"),
+            "bf0e781c15a4b0e84669221924449c5667ac0aed26d9d568cacdf37abe21be3e"
+        );
         assert!(parse_root_hash("nothing").is_err());
     }
 

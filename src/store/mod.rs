@@ -36,6 +36,19 @@ pub struct LogEntry {
     pub record: Option<CommitRecord>,
 }
 
+/// What to commit and how to label it.
+#[derive(Debug, Clone, Copy)]
+pub struct CommitRequest<'a> {
+    /// The directory whose contents become the commit root.
+    pub dir: &'a Path,
+    pub ref_: &'a str,
+    pub parent: Option<&'a str>,
+    pub subject: &'a str,
+    pub record: Option<&'a CommitRecord>,
+    /// Commit timestamp (SOURCE_DATE_EPOCH), so equal trees give equal commits.
+    pub time: u64,
+}
+
 pub struct Store {
     repo: ostree::Repo,
     path: PathBuf,
@@ -69,7 +82,10 @@ impl Store {
                 .map_err(gerr)
                 .with_context(|| format!("creating OSTree repository {}", path.display()))?;
         }
-        Ok(Store { repo, path: path.to_path_buf() })
+        Ok(Store {
+            repo,
+            path: path.to_path_buf(),
+        })
     }
 
     /// Opens an existing repository (for `keel log`/`diff`); errors if there is none.
@@ -114,11 +130,22 @@ impl Store {
 
     /// Checks `commit` out at `dest` (must not exist) as hardlinks, filling `devino` so that a
     /// later commit of the same tree only hashes what changed.
-    pub fn checkout(&self, commit: &str, dest: &Path, devino: Option<&ostree::RepoDevInoCache>) -> Result<()> {
-        let parent = dest.parent().context("checkout destination has no parent")?;
-        let name = dest.file_name().context("checkout destination has no name")?;
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-        let dir = std::fs::File::open(parent).with_context(|| format!("opening {}", parent.display()))?;
+    pub fn checkout(
+        &self,
+        commit: &str,
+        dest: &Path,
+        devino: Option<&ostree::RepoDevInoCache>,
+    ) -> Result<()> {
+        let parent = dest
+            .parent()
+            .context("checkout destination has no parent")?;
+        let name = dest
+            .file_name()
+            .context("checkout destination has no name")?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+        let dir =
+            std::fs::File::open(parent).with_context(|| format!("opening {}", parent.display()))?;
         let opts = ostree::RepoCheckoutAtOptions {
             mode: ostree::RepoCheckoutMode::None,
             overwrite_mode: ostree::RepoCheckoutOverwriteMode::None,
@@ -128,7 +155,13 @@ impl Store {
         };
         use std::os::fd::AsRawFd;
         self.repo
-            .checkout_at(Some(&opts), dir.as_raw_fd(), Path::new(name), commit, gio::Cancellable::NONE)
+            .checkout_at(
+                Some(&opts),
+                dir.as_raw_fd(),
+                Path::new(name),
+                commit,
+                gio::Cancellable::NONE,
+            )
             .map_err(gerr)
             .with_context(|| format!("checking out {commit} to {}", dest.display()))
     }
@@ -137,46 +170,77 @@ impl Store {
     /// `time` is the commit timestamp (SOURCE_DATE_EPOCH), so equal trees give equal commits.
     pub fn commit_dir(
         &self,
-        dir: &Path,
-        ref_: &str,
-        parent: Option<&str>,
-        subject: &str,
-        record: Option<&CommitRecord>,
-        time: u64,
+        req: &CommitRequest,
         devino: Option<&ostree::RepoDevInoCache>,
     ) -> Result<String> {
+        let CommitRequest {
+            dir,
+            ref_,
+            parent,
+            subject,
+            record,
+            time,
+        } = *req;
         let metadata = glib::VariantDict::new(None);
         if let Some(r) = record {
             metadata.insert(META_KEY, serde_json::to_string(r)?);
         }
         let metadata = metadata.end();
-        let txn = self.repo.auto_transaction(gio::Cancellable::NONE).map_err(gerr).context("starting an OSTree transaction")?;
+        let txn = self
+            .repo
+            .auto_transaction(gio::Cancellable::NONE)
+            .map_err(gerr)
+            .context("starting an OSTree transaction")?;
         let mtree = ostree::MutableTree::new();
         let modifier = ostree::RepoCommitModifier::new(ostree::RepoCommitModifierFlags::NONE, None);
         if let Some(cache) = devino {
             modifier.set_devino_cache(cache);
         }
         self.repo
-            .write_directory_to_mtree(&gio::File::for_path(dir), &mtree, Some(&modifier), gio::Cancellable::NONE)
+            .write_directory_to_mtree(
+                &gio::File::for_path(dir),
+                &mtree,
+                Some(&modifier),
+                gio::Cancellable::NONE,
+            )
             .map_err(gerr)
             .with_context(|| format!("committing {}", dir.display()))?;
-        let root = self.repo.write_mtree(&mtree, gio::Cancellable::NONE).map_err(gerr).context("writing the tree")?;
+        let root = self
+            .repo
+            .write_mtree(&mtree, gio::Cancellable::NONE)
+            .map_err(gerr)
+            .context("writing the tree")?;
         let root = root
             .downcast::<ostree::RepoFile>()
             .map_err(|_| anyhow!("OSTree returned a tree root that is not a RepoFile"))?;
         let checksum = self
             .repo
-            .write_commit_with_time(parent, Some(subject), None, Some(&metadata), &root, time, gio::Cancellable::NONE)
+            .write_commit_with_time(
+                parent,
+                Some(subject),
+                None,
+                Some(&metadata),
+                &root,
+                time,
+                gio::Cancellable::NONE,
+            )
             .map_err(gerr)
             .context("writing the commit")?;
-        self.repo.transaction_set_ref(None, ref_, Some(checksum.as_str()));
-        txn.commit(gio::Cancellable::NONE).map_err(gerr).context("finishing the OSTree transaction")?;
+        self.repo
+            .transaction_set_ref(None, ref_, Some(checksum.as_str()));
+        txn.commit(gio::Cancellable::NONE)
+            .map_err(gerr)
+            .context("finishing the OSTree transaction")?;
         Ok(checksum.to_string())
     }
 
     /// Subject, parent, timestamp and keel record of a commit.
     pub fn entry(&self, commit: &str) -> Result<LogEntry> {
-        let (variant, _) = self.repo.load_commit(commit).map_err(gerr).with_context(|| format!("loading commit {commit}"))?;
+        let (variant, _) = self
+            .repo
+            .load_commit(commit)
+            .map_err(gerr)
+            .with_context(|| format!("loading commit {commit}"))?;
         let meta = glib::VariantDict::new(Some(&variant.child_value(0)));
         let record = meta
             .lookup_value(META_KEY, None)
@@ -197,7 +261,11 @@ impl Store {
     /// A checksum of the commit's tree content and metadata only (not its parent or time): two
     /// commits of the same tree share it.
     pub fn content_checksum(&self, commit: &str) -> Result<String> {
-        let (variant, _) = self.repo.load_commit(commit).map_err(gerr).with_context(|| format!("loading commit {commit}"))?;
+        let (variant, _) = self
+            .repo
+            .load_commit(commit)
+            .map_err(gerr)
+            .with_context(|| format!("loading commit {commit}"))?;
         ostree::commit_get_content_checksum(&variant)
             .map(|s| s.to_string())
             .with_context(|| format!("commit {commit} has no content checksum"))
@@ -221,7 +289,11 @@ impl Store {
 
     /// Every image ref in the store (`keel/image/NAME`), sorted.
     pub fn image_refs(&self) -> Result<Vec<String>> {
-        let refs = self.repo.list_refs(Some("keel/image"), gio::Cancellable::NONE).map_err(gerr).context("listing refs")?;
+        let refs = self
+            .repo
+            .list_refs(Some("keel/image"), gio::Cancellable::NONE)
+            .map_err(gerr)
+            .context("listing refs")?;
         let mut names: Vec<String> = refs.keys().map(|k| format!("keel/image/{k}")).collect();
         names.sort();
         Ok(names)
@@ -229,7 +301,11 @@ impl Store {
 
     /// Path → content identity of every file, symlink and directory in a commit.
     pub fn file_index(&self, commit: &str) -> Result<BTreeMap<String, String>> {
-        let (root, _) = self.repo.read_commit(commit, gio::Cancellable::NONE).map_err(gerr).with_context(|| format!("reading commit {commit}"))?;
+        let (root, _) = self
+            .repo
+            .read_commit(commit, gio::Cancellable::NONE)
+            .map_err(gerr)
+            .with_context(|| format!("reading commit {commit}"))?;
         let mut out = BTreeMap::new();
         walk(&root, "", &mut out)?;
         Ok(out)
@@ -238,7 +314,11 @@ impl Store {
 
 fn walk(dir: &gio::File, prefix: &str, out: &mut BTreeMap<String, String>) -> Result<()> {
     let children = dir
-        .enumerate_children("standard::name,standard::type,standard::symlink-target,unix::mode", gio::FileQueryInfoFlags::NOFOLLOW_SYMLINKS, gio::Cancellable::NONE)
+        .enumerate_children(
+            "standard::name,standard::type,standard::symlink-target,unix::mode",
+            gio::FileQueryInfoFlags::NOFOLLOW_SYMLINKS,
+            gio::Cancellable::NONE,
+        )
         .map_err(gerr)?;
     while let Some(info) = children.next_file(gio::Cancellable::NONE).map_err(gerr)? {
         let name = info.name().to_string_lossy().into_owned();
@@ -251,11 +331,16 @@ fn walk(dir: &gio::File, prefix: &str, out: &mut BTreeMap<String, String>) -> Re
                 walk(&child, &path, out)?;
             }
             gio::FileType::SymbolicLink => {
-                let target = info.symlink_target().map(|t| t.display().to_string()).unwrap_or_default();
+                let target = info
+                    .symlink_target()
+                    .map(|t| t.display().to_string())
+                    .unwrap_or_default();
                 out.insert(path, format!("link {target}"));
             }
             _ => {
-                let rf = child.downcast::<ostree::RepoFile>().map_err(|_| anyhow!("{path}: not a repository file"))?;
+                let rf = child
+                    .downcast::<ostree::RepoFile>()
+                    .map_err(|_| anyhow!("{path}: not a repository file"))?;
                 rf.ensure_resolved().map_err(gerr)?;
                 out.insert(path, format!("file {mode:o} {}", rf.checksum()));
             }
@@ -298,10 +383,40 @@ mod tests {
         fs::create_dir_all(tree.join("lib")).expect("mkdir");
         fs::write(tree.join("lib/a"), "one").expect("write");
         fs::write(tree.join("b"), "two").expect("write");
-        let rec = CommitRecord { format: 1, name: "x".into(), version: "1".into(), kernel: "k".into(), packages: vec![] };
-        let c1 = store.commit_dir(&tree, &image_ref("x"), None, "x 1", Some(&rec), 0, None).expect("commit");
+        let rec = CommitRecord {
+            format: 1,
+            name: "x".into(),
+            version: "1".into(),
+            kernel: "k".into(),
+            packages: vec![],
+        };
+        let c1 = store
+            .commit_dir(
+                &CommitRequest {
+                    dir: &tree,
+                    ref_: &image_ref("x"),
+                    parent: None,
+                    subject: "x 1",
+                    record: Some(&rec),
+                    time: 0,
+                },
+                None,
+            )
+            .expect("commit");
         // Same tree, same time: same commit.
-        let again = store.commit_dir(&tree, "other", None, "x 1", Some(&rec), 0, None).expect("commit");
+        let again = store
+            .commit_dir(
+                &CommitRequest {
+                    dir: &tree,
+                    ref_: "other",
+                    parent: None,
+                    subject: "x 1",
+                    record: Some(&rec),
+                    time: 0,
+                },
+                None,
+            )
+            .expect("commit");
         assert_eq!(c1, again);
 
         let cache = ostree::RepoDevInoCache::new();
@@ -311,14 +426,32 @@ mod tests {
         crate::compose::overlay::replace_file(&co.join("b"), b"changed", 0o644).expect("replace");
         fs::write(co.join("c"), "new").expect("write");
         fs::remove_file(co.join("lib/a")).expect("rm");
-        let c2 = store.commit_dir(&co, &image_ref("x"), Some(&c1), "x 2", Some(&rec), 1, Some(&cache)).expect("commit");
+        let c2 = store
+            .commit_dir(
+                &CommitRequest {
+                    dir: &co,
+                    ref_: &image_ref("x"),
+                    parent: Some(&c1),
+                    subject: "x 2",
+                    record: Some(&rec),
+                    time: 1,
+                },
+                Some(&cache),
+            )
+            .expect("commit");
 
         let log = store.log(&image_ref("x")).expect("log");
-        assert_eq!(log.iter().map(|e| e.commit.clone()).collect::<Vec<_>>(), vec![c2.clone(), c1.clone()]);
+        assert_eq!(
+            log.iter().map(|e| e.commit.clone()).collect::<Vec<_>>(),
+            vec![c2.clone(), c1.clone()]
+        );
         assert_eq!(log[0].record.as_ref().map(|r| r.name.as_str()), Some("x"));
         assert_eq!(store.resolve(&c2[..10]).expect("resolve"), Some(c2.clone()));
 
-        let d = diff_files(&store.file_index(&c1).expect("index"), &store.file_index(&c2).expect("index"));
+        let d = diff_files(
+            &store.file_index(&c1).expect("index"),
+            &store.file_index(&c2).expect("index"),
+        );
         assert_eq!(d.added, vec!["/c"]);
         assert_eq!(d.removed, vec!["/lib/a"]);
         assert_eq!(d.modified, vec!["/b"]);

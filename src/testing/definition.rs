@@ -37,7 +37,10 @@ pub fn parse_secs(s: &str) -> Result<u64, String> {
     } else {
         (t, 1)
     };
-    num.trim().parse::<u64>().map(|n| n * mult).map_err(|_| format!("`{s}` is not a duration (e.g. \"90s\" or \"5m\")"))
+    num.trim()
+        .parse::<u64>()
+        .map(|n| n * mult)
+        .map_err(|_| format!("`{s}` is not a duration (e.g. \"90s\" or \"5m\")"))
 }
 
 /// Which nodes a step runs on.
@@ -58,7 +61,9 @@ impl<'de> Deserialize<'de> for NodeSel {
         match Raw::deserialize(d)? {
             Raw::N(n) if n >= 1 => Ok(NodeSel::One(n)),
             Raw::S(s) if s == "all" => Ok(NodeSel::All),
-            _ => Err(serde::de::Error::custom("node must be a number from 1 or \"all\"")),
+            _ => Err(serde::de::Error::custom(
+                "node must be a number from 1 or \"all\"",
+            )),
         }
     }
 }
@@ -179,7 +184,10 @@ impl TestFile {
             || filters.iter().any(|f| {
                 self.scenario == *f
                     || self.spec.tags.contains(f)
-                    || self.test_names().iter().any(|n| n == f || n.starts_with(&format!("{f}.")) || glob_match(f, n))
+                    || self
+                        .test_names()
+                        .iter()
+                        .any(|n| n == f || n.starts_with(&format!("{f}.")) || glob_match(f, n))
             })
     }
 }
@@ -213,7 +221,10 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile> {
         let (l, c) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
         anyhow::anyhow!("{}:{l}:{c}: {}", path.display(), e.message())
     })?;
-    let scenario = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let scenario = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     if spec.nodes == 0 || spec.nodes > 8 {
         bail!("{}: nodes must be 1 to 8", path.display());
     }
@@ -224,21 +235,43 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile> {
         let n = i + 1;
         let kinds = usize::from(s.run.is_some()) + usize::from(s.action.is_some());
         if kinds != 1 {
-            bail!("{}: step {n} ({}) must have exactly one of `run` or `action`", path.display(), s.test);
+            bail!(
+                "{}: step {n} ({}) must have exactly one of `run` or `action`",
+                path.display(),
+                s.test
+            );
         }
         if let NodeSel::One(k) = s.node {
             if k > spec.nodes {
-                bail!("{}: step {n} ({}) names node {k} but the test has {} node(s)", path.display(), s.test, spec.nodes);
+                bail!(
+                    "{}: step {n} ({}) names node {k} but the test has {} node(s)",
+                    path.display(),
+                    s.test,
+                    spec.nodes
+                );
             }
         }
-        if s.action == Some(Action::TamperUsr) && s.path.as_deref().is_none_or(|p| !p.starts_with("/usr/")) {
-            bail!("{}: step {n} ({}): tamper-usr needs `path` of a file under /usr/", path.display(), s.test);
+        if s.action == Some(Action::TamperUsr)
+            && s.path.as_deref().is_none_or(|p| !p.starts_with("/usr/"))
+        {
+            bail!(
+                "{}: step {n} ({}): tamper-usr needs `path` of a file under /usr/",
+                path.display(),
+                s.test
+            );
         }
         if s.test.is_empty() || s.test.contains(char::is_whitespace) {
-            bail!("{}: step {n}: `test` must be a name like boot.basic", path.display());
+            bail!(
+                "{}: step {n}: `test` must be a name like boot.basic",
+                path.display()
+            );
         }
     }
-    Ok(TestFile { path: path.to_path_buf(), scenario, spec })
+    Ok(TestFile {
+        path: path.to_path_buf(),
+        scenario,
+        spec,
+    })
 }
 
 /// All test files under `dir` (recursively), sorted by path.
@@ -247,7 +280,8 @@ pub fn discover(dir: &Path) -> Result<Vec<TestFile>> {
     for e in walkdir::WalkDir::new(dir).sort_by_file_name() {
         let e = e.with_context(|| format!("reading {}", dir.display()))?;
         if e.file_type().is_file() && e.path().extension().is_some_and(|x| x == "toml") {
-            let text = std::fs::read_to_string(e.path()).with_context(|| format!("reading {}", e.path().display()))?;
+            let text = std::fs::read_to_string(e.path())
+                .with_context(|| format!("reading {}", e.path().display()))?;
             out.push(parse(e.path(), &text)?);
         }
     }
@@ -255,7 +289,11 @@ pub fn discover(dir: &Path) -> Result<Vec<TestFile>> {
     for f in &out {
         for n in f.test_names() {
             if let Some(other) = seen.insert(n.clone(), f.path.clone()) {
-                bail!("test {n} is defined in both {} and {}", other.display(), f.path.display());
+                bail!(
+                    "test {n} is defined in both {} and {}",
+                    other.display(),
+                    f.path.display()
+                );
             }
         }
     }
@@ -270,9 +308,16 @@ pub fn expand(text: &str, vars: &std::collections::BTreeMap<String, String>) -> 
         out.push_str(&rest[..start]);
         let after = &rest[start + 1..];
         match after.find('}') {
-            Some(end) if after[..end].chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && end > 0 => {
+            Some(end)
+                if after[..end]
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    && end > 0 =>
+            {
                 let key = &after[..end];
-                let v = vars.get(key).with_context(|| format!("unknown template {{{key}}} in `{text}`"))?;
+                let v = vars
+                    .get(key)
+                    .with_context(|| format!("unknown template {{{key}}} in `{text}`"))?;
                 out.push_str(v);
                 rest = &after[end + 1..];
             }
@@ -317,14 +362,25 @@ retry-for = "30s"
         assert_eq!(f.scenario, "single");
         assert_eq!(f.test_names(), vec!["boot.basic", "boot.persist"]);
         assert_eq!(f.spec.timeout, Secs(Duration::from_secs(600)));
-        assert_eq!(f.spec.step[2].retry_for, Some(Secs(Duration::from_secs(30))));
+        assert_eq!(
+            f.spec.step[2].retry_for,
+            Some(Secs(Duration::from_secs(30)))
+        );
         assert_eq!(f.spec.step[1].action, Some(Action::Reboot));
     }
 
     #[test]
     fn filters_by_name_prefix_tag_and_glob() {
         let f = parse(Path::new("single.toml"), GOOD).expect("parse");
-        for (filter, want) in [("boot", true), ("boot.basic", true), ("boot.*", true), ("etcd", false), ("single", true), ("*.persist", true), ("net.two-nodes", false)] {
+        for (filter, want) in [
+            ("boot", true),
+            ("boot.basic", true),
+            ("boot.*", true),
+            ("etcd", false),
+            ("single", true),
+            ("*.persist", true),
+            ("net.two-nodes", false),
+        ] {
             assert_eq!(f.matches(&[filter.to_string()]), want, "filter {filter}");
         }
         assert!(f.matches(&[]));
@@ -349,8 +405,14 @@ retry-for = "30s"
     fn templates_expand_and_unknown_names_fail() {
         let mut v = BTreeMap::new();
         v.insert("usr_root_hash".to_string(), "abc".to_string());
-        assert_eq!(expand("hash {usr_root_hash} ok", &v).expect("expand"), "hash abc ok");
-        assert_eq!(expand("printf '{a b}'", &v).expect("expand"), "printf '{a b}'");
+        assert_eq!(
+            expand("hash {usr_root_hash} ok", &v).expect("expand"),
+            "hash abc ok"
+        );
+        assert_eq!(
+            expand("printf '{a b}'", &v).expect("expand"),
+            "printf '{a b}'"
+        );
         assert!(expand("{nope}", &v).is_err());
     }
 
@@ -359,8 +421,17 @@ retry-for = "30s"
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("qemu-tests");
         let files = discover(&root).expect("discover");
         let names: Vec<String> = files.iter().flat_map(|f| f.test_names()).collect();
-        for want in ["boot.basic", "boot.persist", "boot.verity-tamper", "etcd.single-node", "net.two-nodes"] {
-            assert!(names.iter().any(|n| n == want), "{want} missing from qemu-tests: {names:?}");
+        for want in [
+            "boot.basic",
+            "boot.persist",
+            "boot.verity-tamper",
+            "etcd.single-node",
+            "net.two-nodes",
+        ] {
+            assert!(
+                names.iter().any(|n| n == want),
+                "{want} missing from qemu-tests: {names:?}"
+            );
         }
     }
 }

@@ -27,13 +27,25 @@ pub fn run(opts: &TestOptions) -> Result<Vec<TestResult>> {
     let manifest = Manifest::find(&opts.image_dir)?;
     let raw = opts.image_dir.join(format!("{}.raw", manifest.name));
     if !raw.exists() {
-        bail!("{} has no {}.raw (keel test needs the raw format in the image's formats)", opts.image_dir.display(), manifest.name);
+        bail!(
+            "{} has no {}.raw (keel test needs the raw format in the image's formats)",
+            opts.image_dir.display(),
+            manifest.name
+        );
     }
-    let files: Vec<_> = definition::discover(&opts.tests_dir)?.into_iter().filter(|f| f.matches(&opts.filters)).collect();
+    let files: Vec<_> = definition::discover(&opts.tests_dir)?
+        .into_iter()
+        .filter(|f| f.matches(&opts.filters))
+        .collect();
     if files.is_empty() {
-        bail!("no test in {} matches {:?}", opts.tests_dir.display(), opts.filters);
+        bail!(
+            "no test in {} matches {:?}",
+            opts.tests_dir.display(),
+            opts.filters
+        );
     }
-    std::fs::create_dir_all(&opts.results).with_context(|| format!("creating {}", opts.results.display()))?;
+    std::fs::create_dir_all(&opts.results)
+        .with_context(|| format!("creating {}", opts.results.display()))?;
     let choice = crate::qemu::accel::choose(opts.accel.as_deref())?;
     tracing::info!(accel = %choice.accel, "{}", choice.reason);
     let cache = Cache::from_env()?;
@@ -49,15 +61,29 @@ pub fn run(opts: &TestOptions) -> Result<Vec<TestResult>> {
     };
     let mut all: Vec<TestResult> = Vec::new();
     for f in &files {
-        eprintln!("== {} ({}): {}", f.scenario, f.test_names().join(", "), f.spec.description);
-        let results = runner::run_scenario(&ctx, f).with_context(|| format!("running {}", f.path.display()))?;
+        eprintln!(
+            "== {} ({}): {}",
+            f.scenario,
+            f.test_names().join(", "),
+            f.spec.description
+        );
+        let results = runner::run_scenario(&ctx, f)
+            .with_context(|| format!("running {}", f.path.display()))?;
         for r in &results {
             let mark = match r.result {
                 report::Outcome::Pass => "PASS",
                 report::Outcome::Fail => "FAIL",
                 report::Outcome::Skip => "SKIP",
             };
-            eprintln!("   {mark} {} ({:.0}s){}", r.name, r.duration_s, r.reason.as_deref().map(|w| format!(": {w}")).unwrap_or_default());
+            eprintln!(
+                "   {mark} {} ({:.0}s){}",
+                r.name,
+                r.duration_s,
+                r.reason
+                    .as_deref()
+                    .map(|w| format!(": {w}"))
+                    .unwrap_or_default()
+            );
         }
         all.extend(results);
         write_report(&opts.results, &all)?;
@@ -71,6 +97,7 @@ pub fn run(opts: &TestOptions) -> Result<Vec<TestResult>> {
 pub fn write_report(dir: &Path, results: &[TestResult]) -> Result<()> {
     let path = dir.join("report.json");
     let tmp = dir.join(".report.json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(results)? + "\n").with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::write(&tmp, serde_json::to_string_pretty(results)? + "\n")
+        .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
 }

@@ -26,7 +26,11 @@ pub struct TestResult {
 
 pub fn summary(results: &[TestResult]) -> String {
     let count = |o: Outcome| results.iter().filter(|r| r.result == o).count();
-    let (p, f, s) = (count(Outcome::Pass), count(Outcome::Fail), count(Outcome::Skip));
+    let (p, f, s) = (
+        count(Outcome::Pass),
+        count(Outcome::Fail),
+        count(Outcome::Skip),
+    );
     if s > 0 {
         format!("{p} passed, {f} failed, {s} skipped")
     } else {
@@ -37,7 +41,9 @@ pub fn summary(results: &[TestResult]) -> String {
 /// Parses systemd-analyze's "Startup finished in 1.2s (firmware) + 800ms (loader) + ..." line.
 pub fn parse_startup(line: &str) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
-    let Some(rest) = line.split("Startup finished in ").nth(1) else { return out };
+    let Some(rest) = line.split("Startup finished in ").nth(1) else {
+        return out;
+    };
     let rest = rest.split('\n').next().unwrap_or("");
     let (parts, total) = match rest.split_once(" = ") {
         Some((p, t)) => (p, Some(t)),
@@ -61,7 +67,8 @@ pub fn parse_span(s: &str) -> Option<f64> {
     let mut total = 0.0;
     let mut any = false;
     for tok in s.split_whitespace() {
-        let (num, unit): (String, String) = tok.chars().partition(|c| c.is_ascii_digit() || *c == '.');
+        let (num, unit): (String, String) =
+            tok.chars().partition(|c| c.is_ascii_digit() || *c == '.');
         let n: f64 = num.parse().ok()?;
         total += match unit.as_str() {
             "ms" => n / 1000.0,
@@ -82,9 +89,22 @@ mod tests {
 
     #[test]
     fn summary_line() {
-        let r = |o| TestResult { name: "x".into(), result: o, duration_s: 1.0, reason: None, scenario: "s".into(), timings: BTreeMap::new() };
-        assert_eq!(summary(&[r(Outcome::Pass), r(Outcome::Fail), r(Outcome::Pass)]), "2 passed, 1 failed");
-        assert_eq!(summary(&[r(Outcome::Skip)]), "0 passed, 0 failed, 1 skipped");
+        let r = |o| TestResult {
+            name: "x".into(),
+            result: o,
+            duration_s: 1.0,
+            reason: None,
+            scenario: "s".into(),
+            timings: BTreeMap::new(),
+        };
+        assert_eq!(
+            summary(&[r(Outcome::Pass), r(Outcome::Fail), r(Outcome::Pass)]),
+            "2 passed, 1 failed"
+        );
+        assert_eq!(
+            summary(&[r(Outcome::Skip)]),
+            "0 passed, 0 failed, 1 skipped"
+        );
     }
 
     #[test]

@@ -23,7 +23,12 @@ const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(120);
 const REBOOT_TIMEOUT: Duration = Duration::from_secs(360);
 
 /// Console lines that fail every test unless the test allows failures.
-pub const CONSOLE_FAILURES: &[&str] = &["Kernel panic", "You are in emergency mode", "Entering emergency mode", "Failed to start "];
+pub const CONSOLE_FAILURES: &[&str] = &[
+    "Kernel panic",
+    "You are in emergency mode",
+    "Entering emergency mode",
+    "Failed to start ",
+];
 
 pub struct RunContext<'a> {
     pub image_dir: &'a Path,
@@ -73,7 +78,9 @@ impl Node {
 
     fn start(&mut self, accel: &str) -> Result<()> {
         self.boots += 1;
-        let console = self.dir.join(format!("node{}.boot{}.console.log", self.index, self.boots));
+        let console = self
+            .dir
+            .join(format!("node{}.boot{}.console.log", self.index, self.boots));
         self.consoles.push(console.clone());
         let vm = Vm::start(self.spec(accel, console), &self.tpm)?;
         self.vm = Some(vm);
@@ -111,7 +118,11 @@ fn tail(s: &str, n: usize) -> String {
 }
 
 /// Checks one command result against a step's expectations; `None` means it passed.
-pub fn judge(step: &Step, r: &ExecResult, vars: &BTreeMap<String, String>) -> Result<Option<String>> {
+pub fn judge(
+    step: &Step,
+    r: &ExecResult,
+    vars: &BTreeMap<String, String>,
+) -> Result<Option<String>> {
     let want = step.expect_exit.unwrap_or(0);
     if r.code != want {
         return Ok(Some(format!(
@@ -124,13 +135,19 @@ pub fn judge(step: &Step, r: &ExecResult, vars: &BTreeMap<String, String>) -> Re
     for e in &step.expect {
         let e = expand(e, vars)?;
         if !r.stdout.contains(&e) {
-            return Ok(Some(format!("stdout lacks `{e}`\nstdout: {}", tail(&r.stdout, 15))));
+            return Ok(Some(format!(
+                "stdout lacks `{e}`\nstdout: {}",
+                tail(&r.stdout, 15)
+            )));
         }
     }
     for e in &step.expect_stderr {
         let e = expand(e, vars)?;
         if !r.stderr.contains(&e) {
-            return Ok(Some(format!("stderr lacks `{e}`\nstderr: {}", tail(&r.stderr, 15))));
+            return Ok(Some(format!(
+                "stderr lacks `{e}`\nstderr: {}",
+                tail(&r.stderr, 15)
+            )));
         }
     }
     for e in &step.expect_not {
@@ -149,10 +166,19 @@ pub fn console_problem(text: &str) -> Option<String> {
         .map(|l| format!("console: {}", l.trim()))
 }
 
-fn run_command(node: &Node, step: &Step, vars: &BTreeMap<String, String>, deadline: Instant) -> Result<(ExecResult, Option<String>)> {
+fn run_command(
+    node: &Node,
+    step: &Step,
+    vars: &BTreeMap<String, String>,
+    deadline: Instant,
+) -> Result<(ExecResult, Option<String>)> {
     let cmd = expand(step.run.as_deref().unwrap_or_default(), vars)?;
     let timeout = step.timeout.map(|s| s.0).unwrap_or(DEFAULT_STEP_TIMEOUT);
-    let retry_until = step.retry_for.map(|r| Instant::now() + r.0).unwrap_or_else(Instant::now).min(deadline);
+    let retry_until = step
+        .retry_for
+        .map(|r| Instant::now() + r.0)
+        .unwrap_or_else(Instant::now)
+        .min(deadline);
     loop {
         let attempt = node.qga().sh(&cmd, timeout);
         let (r, verdict) = match attempt {
@@ -160,10 +186,20 @@ fn run_command(node: &Node, step: &Step, vars: &BTreeMap<String, String>, deadli
                 let v = judge(step, &r, vars)?;
                 (r, v)
             }
-            Err(e) => (ExecResult { code: -1, stdout: String::new(), stderr: format!("{e:#}") }, Some(format!("could not run `{cmd}`: {e:#}"))),
+            Err(e) => (
+                ExecResult {
+                    code: -1,
+                    stdout: String::new(),
+                    stderr: format!("{e:#}"),
+                },
+                Some(format!("could not run `{cmd}`: {e:#}")),
+            ),
         };
         if verdict.is_none() || Instant::now() >= retry_until {
-            return Ok((r, verdict.map(|v| format!("`{cmd}` on node{}: {v}", node.index))));
+            return Ok((
+                r,
+                verdict.map(|v| format!("`{cmd}` on node{}: {v}", node.index)),
+            ));
         }
         std::thread::sleep(Duration::from_secs(2));
     }
@@ -193,16 +229,28 @@ fn slot_a_offset(raw: &Path, root_hash: &str) -> Result<u64> {
         .iter()
         .find(|p| p.uuid == data_uuid)
         .map(|p| p.offset)
-        .with_context(|| format!("no usr partition with UUID {data_uuid} in {}", raw.display()))
+        .with_context(|| {
+            format!(
+                "no usr partition with UUID {data_uuid} in {}",
+                raw.display()
+            )
+        })
 }
 
 fn action(ctx: &RunContext, node: &mut Node, step: &Step, deadline: Instant) -> Result<()> {
     match step.action {
         Some(Action::Reboot) => {
-            let old = node.qga().boot_id().context("reading boot ID before reboot")?;
+            let old = node
+                .qga()
+                .boot_id()
+                .context("reading boot ID before reboot")?;
             // The command may not return: the agent goes down with the system.
             let _ = node.qga().sh("systemctl reboot", Duration::from_secs(10));
-            let new = wait_boot(node, Some(&old), deadline.min(Instant::now() + REBOOT_TIMEOUT))?;
+            let new = wait_boot(
+                node,
+                Some(&old),
+                deadline.min(Instant::now() + REBOOT_TIMEOUT),
+            )?;
             tracing::info!(node = node.index, boot_id = %new, "rebooted");
             node.started = Instant::now();
             Ok(())
@@ -226,7 +274,13 @@ fn action(ctx: &RunContext, node: &mut Node, step: &Step, deadline: Instant) -> 
             let tools = ToolsTree::ensure(ctx.cache, crate::image::DEFAULT_MIRROR)?;
             let offset = slot_a_offset(&ctx.raw, &ctx.manifest.usr_root_hash)?;
             let at = tamper::tamper(&tools, &ctx.raw, offset, path, &node.overlay)?;
-            tracing::info!(node = node.index, path, at, "overwrote {} bytes of usr slot A", tamper::LEN);
+            tracing::info!(
+                node = node.index,
+                path,
+                at,
+                "overwrote {} bytes of usr slot A",
+                tamper::LEN
+            );
             Ok(())
         }
         None => Ok(()),
@@ -237,15 +291,33 @@ fn action(ctx: &RunContext, node: &mut Node, step: &Step, deadline: Instant) -> 
 fn implicit_checks(nodes: &mut [Node]) -> Option<String> {
     for n in nodes.iter_mut() {
         for c in &n.consoles {
-            if let Some(p) = std::fs::read_to_string(c).ok().as_deref().and_then(console_problem) {
+            if let Some(p) = std::fs::read_to_string(c)
+                .ok()
+                .as_deref()
+                .and_then(console_problem)
+            {
                 return Some(format!("node{}: {p}", n.index));
             }
         }
         if n.running() {
-            match n.qga().sh("systemctl --failed --no-legend --plain", Duration::from_secs(60)) {
-                Ok(r) if !r.stdout.trim().is_empty() => return Some(format!("node{}: failed units:\n{}", n.index, r.stdout.trim())),
+            match n.qga().sh(
+                "systemctl --failed --no-legend --plain",
+                Duration::from_secs(60),
+            ) {
+                Ok(r) if !r.stdout.trim().is_empty() => {
+                    return Some(format!(
+                        "node{}: failed units:\n{}",
+                        n.index,
+                        r.stdout.trim()
+                    ))
+                }
                 Ok(_) => {}
-                Err(e) => return Some(format!("node{}: could not list failed units: {e:#}", n.index)),
+                Err(e) => {
+                    return Some(format!(
+                        "node{}: could not list failed units: {e:#}",
+                        n.index
+                    ))
+                }
             }
         }
     }
@@ -258,7 +330,10 @@ fn collect_journals(nodes: &mut [Node]) {
             continue;
         }
         let path = n.dir.join(format!("node{}.journal.txt", n.index));
-        match n.qga().sh("journalctl --no-pager -o short-monotonic", Duration::from_secs(120)) {
+        match n.qga().sh(
+            "journalctl --no-pager -o short-monotonic",
+            Duration::from_secs(120),
+        ) {
             Ok(r) => {
                 let _ = std::fs::write(&path, r.stdout);
             }
@@ -274,7 +349,18 @@ pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>
     let names = file.test_names();
     let mut state: BTreeMap<String, TestState> = names
         .iter()
-        .map(|n| (n.clone(), TestState { started: None, finished: None, failed: None, ran: false, timings: BTreeMap::new() }))
+        .map(|n| {
+            (
+                n.clone(),
+                TestState {
+                    started: None,
+                    finished: None,
+                    failed: None,
+                    ran: false,
+                    timings: BTreeMap::new(),
+                },
+            )
+        })
         .collect();
     let deadline = Instant::now() + file.spec.timeout.0;
     let mut vars: BTreeMap<String, String> = BTreeMap::new();
@@ -282,7 +368,11 @@ pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>
     vars.insert("image_name".into(), ctx.manifest.name.clone());
     vars.insert("image_version".into(), ctx.manifest.version.clone());
 
-    let switch = if file.spec.network || file.spec.nodes > 1 { Some(Switch::start(&dir)?) } else { None };
+    let switch = if file.spec.network || file.spec.nodes > 1 {
+        Some(Switch::start(&dir)?)
+    } else {
+        None
+    };
     let size = virtual_size(&ctx.raw)? + ROOT_SPACE;
     let mut nodes: Vec<Node> = Vec::new();
     for i in 1..=file.spec.nodes {
@@ -291,12 +381,18 @@ pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>
         let overlay = ndir.join("disk.qcow2");
         create_overlay(&ctx.raw, &overlay, size)?;
         let vars_fd = ndir.join("OVMF_VARS.fd");
-        std::fs::copy(Firmware::VARS, &vars_fd).with_context(|| format!("copying {} (package ovmf)", Firmware::VARS))?;
+        std::fs::copy(Firmware::VARS, &vars_fd)
+            .with_context(|| format!("copying {} (package ovmf)", Firmware::VARS))?;
         let cfg = file.node_config(i - 1);
-        let ignition = cfg.ignition.map(|p| file.path.parent().unwrap_or(Path::new(".")).join(p));
+        let ignition = cfg
+            .ignition
+            .map(|p| file.path.parent().unwrap_or(Path::new(".")).join(p));
         let mut nets = vec![NetSpec::User { forwards: vec![] }];
         if let Some(sw) = &switch {
-            nets.push(NetSpec::Vde { switch: sw.socket.clone(), mac: node_mac(i - 1) });
+            nets.push(NetSpec::Vde {
+                switch: sw.socket.clone(),
+                mac: node_mac(i - 1),
+            });
         }
         nodes.push(Node {
             index: i,
@@ -336,7 +432,9 @@ pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>
         if ctx.interrupted.load(Ordering::SeqCst) {
             aborted.get_or_insert_with(|| "interrupted".into());
         }
-        let st = state.get_mut(&step.test).context("step of an unknown test")?;
+        let st = state
+            .get_mut(&step.test)
+            .context("step of an unknown test")?;
         st.started.get_or_insert_with(Instant::now);
         st.ran = true;
         if let Some(why) = &aborted {
@@ -347,7 +445,11 @@ pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>
             continue;
         }
         if Instant::now() > deadline {
-            aborted = Some(format!("scenario timeout of {}s reached at step {}", file.spec.timeout.0.as_secs(), si + 1));
+            aborted = Some(format!(
+                "scenario timeout of {}s reached at step {}",
+                file.spec.timeout.0.as_secs(),
+                si + 1
+            ));
             st.failed = aborted.clone();
             continue;
         }
@@ -380,10 +482,20 @@ pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>
             match outcome {
                 Ok(None) => {
                     if let Some(m) = &step.mark {
-                        st.timings.insert(m.clone(), (node.started.elapsed().as_secs_f64() * 10.0).round() / 10.0);
+                        st.timings.insert(
+                            m.clone(),
+                            (node.started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+                        );
                     }
-                    if step.run.as_deref().is_some_and(|r| r.contains("is-system-running")) {
-                        if let Ok(r) = node.qga().sh("systemd-analyze time", Duration::from_secs(60)) {
+                    if step
+                        .run
+                        .as_deref()
+                        .is_some_and(|r| r.contains("is-system-running"))
+                    {
+                        if let Ok(r) = node
+                            .qga()
+                            .sh("systemd-analyze time", Duration::from_secs(60))
+                        {
                             for (k, v) in report::parse_startup(&r.stdout) {
                                 st.timings.entry(k).or_insert(v);
                             }
@@ -391,7 +503,9 @@ pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>
                             if let Some(total) = st.timings.get("total").copied() {
                                 // Firmware and boot loader, which systemd-analyze does not see
                                 // under OVMF: QEMU start to ready, minus what it does see.
-                                st.timings.entry("before_kernel_approx".into()).or_insert(((wall - total) * 10.0).round() / 10.0);
+                                st.timings
+                                    .entry("before_kernel_approx".into())
+                                    .or_insert(((wall - total) * 10.0).round() / 10.0);
                             }
                             st.timings.entry("ready_wall".into()).or_insert(wall);
                         }
@@ -437,7 +551,13 @@ pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>
             let st = &state[name];
             TestResult {
                 name: name.clone(),
-                result: if st.failed.is_some() { Outcome::Fail } else if st.ran { Outcome::Pass } else { Outcome::Skip },
+                result: if st.failed.is_some() {
+                    Outcome::Fail
+                } else if st.ran {
+                    Outcome::Pass
+                } else {
+                    Outcome::Skip
+                },
                 duration_s: match (st.started, st.finished) {
                     (Some(s), Some(f)) => ((f - s).as_secs_f64() * 10.0).round() / 10.0,
                     _ => 0.0,
@@ -456,7 +576,8 @@ mod tests {
     use crate::testing::definition::parse;
 
     fn step(toml_step: &str) -> Step {
-        let text = format!("description = \"x\"\ntimeout = 5\n[[step]]\ntest = \"t.x\"\n{toml_step}\n");
+        let text =
+            format!("description = \"x\"\ntimeout = 5\n[[step]]\ntest = \"t.x\"\n{toml_step}\n");
         parse(Path::new("t.toml"), &text).expect("parse").spec.step[0].clone()
     }
 
@@ -464,14 +585,30 @@ mod tests {
     fn judge_checks_exit_expect_and_expect_not() {
         let mut vars = BTreeMap::new();
         vars.insert("usr_root_hash".to_string(), "abc".to_string());
-        let r = |code, out: &str, err: &str| ExecResult { code, stdout: out.into(), stderr: err.into() };
+        let r = |code, out: &str, err: &str| ExecResult {
+            code,
+            stdout: out.into(),
+            stderr: err.into(),
+        };
         let s = step("run = \"x\"\nexpect = [\"hash {usr_root_hash}\"]\nexpect-not = [\"ZZZZ\"]");
-        assert_eq!(judge(&s, &r(0, "hash abc", ""), &vars).expect("judge"), None);
-        assert!(judge(&s, &r(0, "hash xyz", ""), &vars).expect("judge").is_some_and(|w| w.contains("lacks `hash abc`")));
-        assert!(judge(&s, &r(1, "hash abc", ""), &vars).expect("judge").is_some_and(|w| w.contains("exit status 1")));
-        assert!(judge(&s, &r(0, "hash abc ZZZZ", ""), &vars).expect("judge").is_some());
+        assert_eq!(
+            judge(&s, &r(0, "hash abc", ""), &vars).expect("judge"),
+            None
+        );
+        assert!(judge(&s, &r(0, "hash xyz", ""), &vars)
+            .expect("judge")
+            .is_some_and(|w| w.contains("lacks `hash abc`")));
+        assert!(judge(&s, &r(1, "hash abc", ""), &vars)
+            .expect("judge")
+            .is_some_and(|w| w.contains("exit status 1")));
+        assert!(judge(&s, &r(0, "hash abc ZZZZ", ""), &vars)
+            .expect("judge")
+            .is_some());
         let e = step("run = \"cat f\"\nexpect-exit = 1\nexpect-stderr = [\"Input/output error\"]");
-        assert_eq!(judge(&e, &r(1, "", "cat: f: Input/output error"), &vars).expect("judge"), None);
+        assert_eq!(
+            judge(&e, &r(1, "", "cat: f: Input/output error"), &vars).expect("judge"),
+            None
+        );
         assert!(judge(&e, &r(0, "", ""), &vars).expect("judge").is_some());
     }
 
@@ -480,6 +617,9 @@ mod tests {
         assert!(console_problem("[ 1.0] ok\n[ 2.0] Kernel panic - not syncing: VFS").is_some());
         assert!(console_problem("You are in emergency mode. After logging in").is_some());
         assert!(console_problem("[FAILED] Failed to start etcd.service - etcd").is_some());
-        assert_eq!(console_problem("[  OK  ] Reached target multi-user.target"), None);
+        assert_eq!(
+            console_problem("[  OK  ] Reached target multi-user.target"),
+            None
+        );
     }
 }

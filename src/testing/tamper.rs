@@ -16,12 +16,16 @@ pub const LEN: u64 = 4096;
 pub fn first_extent_offset(dump: &str) -> Result<u64> {
     for line in dump.lines() {
         // "   0:        0..    5420 |    5420 :     331776..    335872 |    4096"
-        let Some((_, right)) = line.split_once(':') else { continue };
+        let Some((_, right)) = line.split_once(':') else {
+            continue;
+        };
         let cols: Vec<&str> = right.split('|').collect();
         if cols.len() != 3 {
             continue;
         }
-        let Some((_, phys)) = cols[1].split_once(':') else { continue };
+        let Some((_, phys)) = cols[1].split_once(':') else {
+            continue;
+        };
         if let Some((start, _)) = phys.split_once("..") {
             if let Ok(n) = start.trim().parse::<u64>() {
                 return Ok(n);
@@ -33,7 +37,13 @@ pub fn first_extent_offset(dump: &str) -> Result<u64> {
 
 /// Overwrites the first data block of `usr_path` (a path under /usr) in `overlay`, whose backing
 /// image is `raw`; slot A starts at `slot_offset` bytes.
-pub fn tamper(tools: &ToolsTree, raw: &Path, slot_offset: u64, usr_path: &str, overlay: &Path) -> Result<u64> {
+pub fn tamper(
+    tools: &ToolsTree,
+    raw: &Path,
+    slot_offset: u64,
+    usr_path: &str,
+    overlay: &Path,
+) -> Result<u64> {
     let inner = usr_path.strip_prefix("/usr").unwrap_or(usr_path);
     let dir = raw.parent().context("image has no directory")?;
     let tools = tools.clone().bind(dir);

@@ -39,8 +39,11 @@ impl HostTool {
 /// Finds `tool` on `PATH` (plus the sbin directories root uses).
 pub fn require_host_tool(tool: HostTool) -> Result<PathBuf, ToolError> {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    let dirs = std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin"].into_iter().map(PathBuf::from));
+    let dirs = std::env::split_paths(&path).chain(
+        ["/usr/sbin", "/sbin", "/usr/bin"]
+            .into_iter()
+            .map(PathBuf::from),
+    );
     for dir in dirs {
         let candidate = dir.join(tool.program());
         if candidate.is_file() {
