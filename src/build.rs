@@ -193,8 +193,8 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
     let usr_tree = work.join("usr-render");
     let erofs = work.join("usr.erofs");
     let verity = work.join("usr.verity");
+    stages.run("checkout /usr", || store.checkout(&commit, &usr_tree, None))?;
     let root_hash = stages.run("erofs /usr and dm-verity", || {
-        store.checkout(&commit, &usr_tree, None)?;
         usr::make_erofs(&tools, &usr_tree, &erofs, &content_id, epoch)?;
         usr::make_verity(&tools, &erofs, &verity, &content_id)
     })?;

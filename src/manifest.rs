@@ -83,22 +83,64 @@ impl Manifest {
     }
 }
 
-/// sha256 and size of a file.
+/// sha256 and size of a file. Holes of sparse files (disk images are mostly holes) are hashed
+/// as zeros without reading them, which is what reading them would give.
 pub fn digest_file(path: &Path) -> Result<(String, u64)> {
+    use nix::unistd::{lseek, Whence};
+    use std::io::{Seek, SeekFrom};
+    use std::os::fd::AsFd;
     let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let size = f
+        .metadata()
+        .with_context(|| format!("reading {}", path.display()))?
+        .len();
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 4 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = f
-            .read(&mut buf)
-            .with_context(|| format!("reading {}", path.display()))?;
-        if n == 0 {
+    let zeros = vec![0u8; 1 << 20];
+    let mut pos: u64 = 0;
+    while pos < size {
+        let at = i64::try_from(pos).context("file too large")?;
+        // Next data at or after pos; everything before it is a hole. ENXIO: no more data.
+        let data = match lseek(f.as_fd(), at, Whence::SeekData) {
+            Ok(d) => u64::try_from(d).unwrap_or(size).min(size),
+            Err(nix::errno::Errno::ENXIO) => size,
+            Err(_) => pos, // no hole support: read everything
+        };
+        let mut hole = data - pos;
+        while hole > 0 {
+            let n = hole.min(zeros.len() as u64) as usize;
+            h.update(&zeros[..n]);
+            hole -= n as u64;
+        }
+        pos = data;
+        if pos >= size {
             break;
         }
-        h.update(&buf[..n]);
-        size += n as u64;
+        let end = match lseek(
+            f.as_fd(),
+            i64::try_from(pos).context("file too large")?,
+            Whence::SeekHole,
+        ) {
+            Ok(e) => u64::try_from(e).unwrap_or(size).min(size),
+            Err(_) => size,
+        };
+        f.seek(SeekFrom::Start(pos))
+            .with_context(|| format!("seeking in {}", path.display()))?;
+        let mut left = end - pos;
+        while left > 0 {
+            let want = left.min(buf.len() as u64) as usize;
+            let n = f
+                .read(&mut buf[..want])
+                .with_context(|| format!("reading {}", path.display()))?;
+            if n == 0 {
+                bail!("{} shrank while being hashed", path.display());
+            }
+            h.update(&buf[..n]);
+            left -= n as u64;
+        }
+        pos = end;
     }
+    tracing::debug!(file = %path.display(), size, "sha256 computed");
     Ok((hex::encode(h.finalize()), size))
 }
 
@@ -166,6 +208,23 @@ mod tests {
         .expect("write");
         let err = format!("{:#}", Manifest::find(t.path()).expect_err("refused"));
         assert!(err.contains("format 99"), "{err}");
+    }
+
+    #[test]
+    fn sparse_files_hash_like_their_bytes() {
+        use std::io::{Seek, SeekFrom, Write};
+        let t = tempfile::tempdir().expect("tempdir");
+        let p = t.path().join("sparse");
+        let mut f = std::fs::File::create(&p).expect("create");
+        f.set_len(9 << 20).expect("len");
+        f.seek(SeekFrom::Start(3 << 20)).expect("seek");
+        f.write_all(&[7u8; 5000]).expect("write");
+        f.seek(SeekFrom::Start((9 << 20) - 3)).expect("seek");
+        f.write_all(b"end").expect("write");
+        drop(f);
+        let bytes = std::fs::read(&p).expect("read");
+        let want = hex::encode(<Sha256 as Digest>::digest(&bytes));
+        assert_eq!(digest_file(&p).expect("digest"), (want, bytes.len() as u64));
     }
 
     #[test]

@@ -44,3 +44,34 @@ pub fn command(socket: &Path, cmd: &str) -> Result<Value> {
     }
     Ok(Value::Null)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fake QEMU: greeting, capabilities, an event before the reply.
+    #[test]
+    fn command_skips_events_and_returns_the_reply() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock = dir.path().join("qmp.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().expect("accept");
+            let mut r = BufReader::new(stream.try_clone().expect("clone"));
+            let mut w = stream;
+            w.write_all(b"{\"QMP\": {\"version\": {}}}\n")
+                .expect("greeting");
+            let mut line = String::new();
+            r.read_line(&mut line).expect("caps");
+            w.write_all(b"{\"return\": {}}\n").expect("caps reply");
+            line.clear();
+            r.read_line(&mut line).expect("cmd");
+            assert!(line.contains("system_reset"), "{line}");
+            w.write_all(b"{\"event\": \"RESET\"}\n{\"return\": {\"ok\": 1}}\n")
+                .expect("reply");
+        });
+        let v = command(&sock, "system_reset").expect("command");
+        assert_eq!(v["ok"], 1);
+        server.join().expect("server");
+    }
+}

@@ -55,7 +55,7 @@ pub fn make_erofs(
 ) -> Result<()> {
     run(tools
         .command("mkfs.erofs")?
-        .arg("-zlz4hc,12")
+        .arg("-zlz4hc")
         .arg("-Eztailpacking")
         .arg(format!("-T{epoch}"))
         .arg(format!("-U{}", derived_uuid(commit, "erofs-uuid")))

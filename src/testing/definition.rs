@@ -74,6 +74,8 @@ impl<'de> Deserialize<'de> for NodeSel {
 pub enum Action {
     /// Reboot from inside the guest and wait until it is back with a new boot ID.
     Reboot,
+    /// Press the reset button (QMP `system_reset`) and wait for a new boot ID.
+    Reset,
     /// Cut the power (QEMU stops; disk and TPM state stay).
     PowerOff,
     /// Start a powered-off node on the same disk and TPM.

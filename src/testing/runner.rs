@@ -255,6 +255,20 @@ fn action(ctx: &RunContext, node: &mut Node, step: &Step, deadline: Instant) -> 
             node.started = Instant::now();
             Ok(())
         }
+        Some(Action::Reset) => {
+            let old = node
+                .qga()
+                .boot_id()
+                .context("reading boot ID before reset")?;
+            crate::qemu::qmp::command(&node.qmp_socket, "system_reset")?;
+            wait_boot(
+                node,
+                Some(&old),
+                deadline.min(Instant::now() + REBOOT_TIMEOUT),
+            )?;
+            node.started = Instant::now();
+            Ok(())
+        }
         Some(Action::PowerOff) => {
             node.power_off();
             Ok(())
