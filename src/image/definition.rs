@@ -175,6 +175,8 @@ const BASE_INITRD_MODULES: &[&str] = &[
     "tpm_tis",
     "tpm_crb",
     "autofs4",
+    // dm-verity hashes every block read from /usr: the SSSE3/AVX2/SHA-NI sha256, not the generic C.
+    "sha256_ssse3",
 ];
 
 /// One layer of the `extends` chain while merging.
