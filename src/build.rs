@@ -9,9 +9,9 @@ use crate::progress::Stages;
 use crate::render::{disk, initrd, layout, uki, usr};
 use crate::store::{self, CommitRecord, Store};
 use crate::tools::{require_host_tool, run, HostTool, ToolsTree};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 /// SOURCE_DATE_EPOCH when the environment sets none: fixed, so builds are reproducible by default
@@ -347,18 +347,4 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
     fs::rename(staging.join(MANIFEST_FILE), out.join(MANIFEST_FILE))
         .context("moving manifest.json into place")?;
     Ok(manifest)
-}
-
-/// Checks that an output directory holds what a manifest says (used by tests and `keel inspect`).
-pub fn verify_outputs(out: &Path, m: &Manifest) -> Result<()> {
-    for a in &m.artifacts {
-        let (sha, size) = manifest::digest_file(&out.join(&a.file))?;
-        if sha != a.sha256 || size != a.size {
-            bail!(
-                "{} does not match the manifest (sha256 {sha}, size {size})",
-                a.file
-            );
-        }
-    }
-    Ok(())
 }

@@ -77,10 +77,6 @@ impl Manifest {
             Manifest::load(path)
         }
     }
-
-    pub fn artifact(&self, file: &str) -> Option<&Artifact> {
-        self.artifacts.iter().find(|a| a.file == file)
-    }
 }
 
 /// sha256 and size of a file. Holes of sparse files (disk images are mostly holes) are hashed
@@ -190,7 +186,9 @@ mod tests {
         assert_eq!(
             Manifest::find(&t.path().join(MANIFEST_FILE))
                 .expect("load")
-                .artifact("x.raw")
+                .artifacts
+                .iter()
+                .find(|a| a.file == "x.raw")
                 .map(|a| a.size),
             Some(3)
         );

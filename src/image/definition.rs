@@ -241,11 +241,6 @@ impl Definition {
         layers.reverse();
         merge(layers)
     }
-
-    /// The kernel command line keel adds to, in order.
-    pub fn extra_cmdline(&self) -> String {
-        self.kernel_cmdline.join(" ")
-    }
 }
 
 fn parse_raw(path: &Path, text: &str) -> Result<RawDefinition, DefinitionError> {

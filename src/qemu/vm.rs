@@ -4,7 +4,7 @@
 use super::cmdline::VmSpec;
 use crate::tools::{require_host_tool, run, run_capture, HostTool};
 use anyhow::{bail, Context, Result};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -195,27 +195,10 @@ impl Vm {
         }
     }
 
-    /// Waits up to `timeout` for QEMU to exit by itself (after a guest power-off).
-    pub fn wait_exit(&mut self, timeout: Duration) -> Result<bool> {
-        let start = Instant::now();
-        while start.elapsed() < timeout {
-            if self.qemu.try_wait()?.is_some() {
-                stop(&mut self.swtpm, Duration::from_secs(2));
-                return Ok(true);
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        Ok(false)
-    }
-
     /// Stops QEMU and swtpm (hard power-off).
     pub fn kill(&mut self) {
         stop(&mut self.qemu, Duration::from_secs(5));
         stop(&mut self.swtpm, Duration::from_secs(2));
-    }
-
-    pub fn console(&self) -> Option<&PathBuf> {
-        self.spec.console.as_ref()
     }
 }
 

@@ -76,15 +76,6 @@ impl ToolsTree {
         })
     }
 
-    /// A tools tree rooted at an existing directory (for tests and inspection).
-    pub fn at(root: PathBuf) -> ToolsTree {
-        ToolsTree {
-            root,
-            binds: Vec::new(),
-            env: Vec::new(),
-        }
-    }
-
     pub fn root(&self) -> &Path {
         &self.root
     }
