@@ -51,7 +51,6 @@ pub fn run(opts: &TestOptions) -> Result<Vec<TestResult>> {
     let cache = Cache::from_env()?;
     let interrupted = crate::qemu::interrupt_flag()?;
     let ctx = runner::RunContext {
-        image_dir: &opts.image_dir,
         manifest: &manifest,
         raw,
         results: &opts.results,

@@ -31,7 +31,6 @@ pub const CONSOLE_FAILURES: &[&str] = &[
 ];
 
 pub struct RunContext<'a> {
-    pub image_dir: &'a Path,
     pub manifest: &'a Manifest,
     pub raw: PathBuf,
     pub results: &'a Path,
