@@ -10,7 +10,7 @@ use crate::qemu::cmdline::{node_mac, Firmware, NetSpec, VmSpec};
 use crate::qemu::qga::{ExecResult, Qga};
 use crate::qemu::switch::Switch;
 use crate::qemu::vm::{create_overlay, virtual_size, Vm};
-use crate::tools::ToolsTree;
+use crate::tools::{tail_lines, ToolsTree};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -111,9 +111,9 @@ struct TestState {
     timings: BTreeMap<String, f64>,
 }
 
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
+/// Seconds rounded to a tenth, as reported.
+fn tenths(secs: f64) -> f64 {
+    (secs * 10.0).round() / 10.0
 }
 
 /// Checks one command result against a step's expectations; `None` means it passed.
@@ -127,8 +127,8 @@ pub fn judge(
         return Ok(Some(format!(
             "exit status {} (expected {want})\nstdout: {}\nstderr: {}",
             r.code,
-            tail(&r.stdout, 15),
-            tail(&r.stderr, 15)
+            tail_lines(r.stdout.as_bytes(), 15),
+            tail_lines(r.stderr.as_bytes(), 15)
         )));
     }
     for e in &step.expect {
@@ -136,7 +136,7 @@ pub fn judge(
         if !r.stdout.contains(&e) {
             return Ok(Some(format!(
                 "stdout lacks `{e}`\nstdout: {}",
-                tail(&r.stdout, 15)
+                tail_lines(r.stdout.as_bytes(), 15)
             )));
         }
     }
@@ -145,7 +145,7 @@ pub fn judge(
         if !r.stderr.contains(&e) {
             return Ok(Some(format!(
                 "stderr lacks `{e}`\nstderr: {}",
-                tail(&r.stderr, 15)
+                tail_lines(r.stderr.as_bytes(), 15)
             )));
         }
     }
@@ -495,10 +495,8 @@ pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>
             match outcome {
                 Ok(None) => {
                     if let Some(m) = &step.mark {
-                        st.timings.insert(
-                            m.clone(),
-                            (node.started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
-                        );
+                        st.timings
+                            .insert(m.clone(), tenths(node.started.elapsed().as_secs_f64()));
                     }
                     if step
                         .run
@@ -512,13 +510,13 @@ pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>
                             for (k, v) in report::parse_startup(&r.stdout) {
                                 st.timings.entry(k).or_insert(v);
                             }
-                            let wall = (node.started.elapsed().as_secs_f64() * 10.0).round() / 10.0;
+                            let wall = tenths(node.started.elapsed().as_secs_f64());
                             if let Some(total) = st.timings.get("total").copied() {
                                 // Firmware and boot loader, which systemd-analyze does not see
                                 // under OVMF: QEMU start to ready, minus what it does see.
                                 st.timings
                                     .entry("before_kernel_approx".into())
-                                    .or_insert(((wall - total) * 10.0).round() / 10.0);
+                                    .or_insert(tenths(wall - total));
                             }
                             st.timings.entry("ready_wall".into()).or_insert(wall);
                         }
@@ -572,7 +570,7 @@ pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>
                     Outcome::Skip
                 },
                 duration_s: match (st.started, st.finished) {
-                    (Some(s), Some(f)) => ((f - s).as_secs_f64() * 10.0).round() / 10.0,
+                    (Some(s), Some(f)) => tenths((f - s).as_secs_f64()),
                     _ => 0.0,
                 },
                 reason: st.failed.clone(),

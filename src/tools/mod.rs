@@ -7,5 +7,5 @@ pub mod sandbox;
 mod tree;
 
 pub use host::{require_host_tool, HostTool};
-pub use run::{display_cmd, run, run_capture, ToolError};
+pub use run::{display_cmd, run, run_capture, tail_lines, ToolError};
 pub use tree::ToolsTree;
