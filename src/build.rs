@@ -127,6 +127,13 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
         Ok(Definition::load(&opts.definition)?)
     })?;
     let epoch = source_date_epoch()?;
+    let keys = match &def.trust {
+        Some(t) => Some(stages.run("signing keys", || {
+            crate::trust::ensure_keys(t, &def.name)
+                .with_context(|| format!("trust.keys of {}", def.path.display()))
+        })?),
+        None => None,
+    };
     let cache = Cache::from_env()?;
     let repo_path = opts.repo.clone().unwrap_or_else(|| default_repo(&cache));
     let store = Store::open_or_create(&repo_path)?;
@@ -161,7 +168,18 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
         let tree = work.join("usr-compose");
         store.checkout(&base, &tree, Some(&devino))?;
         let binaries = def.project_dir.join("target/release");
-        overlay::apply(&tree, &def, &binaries)?;
+        let db_crt = match &keys {
+            Some(k) => {
+                fs::read(&k.db_crt).with_context(|| format!("reading {}", k.db_crt.display()))?
+            }
+            None => Vec::new(),
+        };
+        let trust_files = keys.as_ref().map(|k| overlay::TrustFiles {
+            pcr_initrd_pub_pem: &k.pcr_initrd_pub_pem,
+            pcr_boot_pub_pem: &k.pcr_boot_pub_pem,
+            db_crt_pem: &db_crt,
+        });
+        overlay::apply(&tree, &def, &binaries, trust_files.as_ref())?;
         let status = fs::read_to_string(tree.join(usrify::DPKG_STATUS))
             .context("reading the image's dpkg status")?;
         let packages = dpkg::parse_status(&status);
@@ -211,13 +229,14 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
                 usr: &usr_tree,
                 kernel_version: &kernel,
                 modules: &def.initrd_modules,
+                sealed: def.trust.as_ref().map(|t| t.without_tpm),
             },
         )
     })?;
 
-    let cmdline = uki::cmdline(&root_hash, &def.kernel_cmdline);
+    let cmdline = uki::cmdline(&root_hash, def.trust.is_some(), &def.kernel_cmdline);
     let uki_out = staging.join(format!("{}.efi", def.name));
-    stages.run("UKI", || {
+    let pcr11 = stages.run("UKI", || {
         let os_release = work.join("os-release");
         fs::copy(usr_tree.join("lib/os-release"), &os_release).context("copying os-release")?;
         let kernel_file = work.join("vmlinuz");
@@ -228,17 +247,17 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
         .context("copying the kernel")?;
         let initrd_copy = work.join("initrd.img");
         fs::copy(&initrd_path, &initrd_copy).context("copying the initrd")?;
-        uki::build(
-            &tools,
-            &uki::UkiInput {
-                kernel: &kernel_file,
-                initrd: &initrd_copy,
-                os_release: &os_release,
-                kernel_version: &kernel,
-                cmdline: &cmdline,
-            },
-            &uki_out,
-        )
+        let input = uki::UkiInput {
+            kernel: &kernel_file,
+            initrd: &initrd_copy,
+            os_release: &os_release,
+            kernel_version: &kernel,
+            cmdline: &cmdline,
+        };
+        match &keys {
+            Some(k) => uki::build_signed(&tools, &input, k, &work, &uki_out).map(Some),
+            None => uki::build(&tools, &input, &uki_out).map(|_| None),
+        }
     })?;
     cache::remove_path(&usr_tree)?;
 
@@ -248,7 +267,7 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
         .len();
     let parts = stages.run("disk image", || {
         let esp = work.join("esp");
-        disk::prepare_esp(&tools, &esp, &uki_out, &def.version, epoch)?;
+        disk::prepare_esp(&tools, &esp, &uki_out, &def.version, epoch, keys.as_ref())?;
         let esp_s = esp.display().to_string();
         let erofs_s = erofs.display().to_string();
         let verity_s = verity.display().to_string();
@@ -303,6 +322,20 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
             })
             .collect(),
         packages,
+        trust: match (&keys, pcr11) {
+            (Some(k), Some(pcr11)) => Some(manifest::TrustInfo {
+                pcr11,
+                pcr_initrd_key: crate::trust::measure::key_fingerprint(&k.pcr_initrd)?,
+                pcr_boot_key: crate::trust::measure::key_fingerprint(&k.pcr_boot)?,
+                secure_boot_signed: true,
+                without_tpm: def
+                    .trust
+                    .as_ref()
+                    .map(|t| t.without_tpm.as_str().to_string())
+                    .unwrap_or_default(),
+            }),
+            _ => None,
+        },
         artifacts: Vec::new(),
         timings: Vec::new(),
     };

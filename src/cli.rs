@@ -56,6 +56,9 @@ pub enum Commands {
     Boot(BootArgs),
     /// Run the QEMU integration tests in qemu-tests/ against an image.
     Test(TestArgs),
+    /// Manage the operator's signing keys (Secure Boot PK/KEK/db, PCR policy keys).
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Internal: run a command inside the tools tree.
     #[command(name = "__sandbox", hide = true)]
     Sandbox {
@@ -67,6 +70,18 @@ pub enum Commands {
         env: Vec<String>,
         #[arg(last = true, required = true)]
         argv: Vec<OsString>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a new key directory: PK, KEK, db (key + certificate), the PCR policy keys for the
+    /// initrd and for the running system, and the EFI owner GUID. Private keys are mode 0600.
+    Init {
+        dir: PathBuf,
+        /// Names the owner in certificate subjects.
+        #[arg(long, default_value = "Keel operator")]
+        label: String,
     },
 }
 
@@ -274,6 +289,14 @@ pub fn run(cli: Cli) -> Result<()> {
                     pkgs.added.len(), pkgs.removed.len(), pkgs.changed.len(), files.added.len(), files.removed.len(), files.modified.len()
                 );
             }
+            Ok(())
+        }
+        Commands::Keys(KeysCommand::Init { dir, label }) => {
+            crate::trust::keys::init(&dir, &label)?;
+            println!(
+                "created keys in {}: keep the *.key files secret (mode 0600); name the directory in an image definition as [trust] keys = \"...\"",
+                dir.display()
+            );
             Ok(())
         }
         Commands::Boot(a) => {

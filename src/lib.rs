@@ -15,3 +15,4 @@ pub mod render;
 pub mod store;
 pub mod testing;
 pub mod tools;
+pub mod trust;

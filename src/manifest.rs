@@ -12,6 +12,21 @@ use std::path::Path;
 pub const MANIFEST_FORMAT: u32 = 1;
 pub const MANIFEST_FILE: &str = "manifest.json";
 
+/// What a trusted image's UKI was measured and signed as.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrustInfo {
+    /// PCR 11 (sha256 bank) per boot phase, with its PolicyPCR digest.
+    pub pcr11: Vec<crate::trust::measure::PhasePrediction>,
+    /// `pkfp` of the key that signs the initrd phase (the root volume is sealed to it).
+    pub pcr_initrd_key: String,
+    /// `pkfp` of the key that signs the later phases.
+    pub pcr_boot_key: String,
+    /// systemd-boot and the UKI carry Authenticode signatures by the db key.
+    pub secure_boot_signed: bool,
+    /// `trust.without-tpm` of the definition.
+    pub without_tpm: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Artifact {
     pub file: String,
@@ -49,6 +64,10 @@ pub struct Manifest {
     pub uki: String,
     pub partitions: Vec<PartitionInfo>,
     pub packages: Vec<Package>,
+    /// Trusted boot: predicted PCR 11 values and the keys that signed them (absent for unsigned
+    /// images).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust: Option<TrustInfo>,
     pub artifacts: Vec<Artifact>,
     pub timings: Vec<StageTiming>,
 }

@@ -38,5 +38,6 @@ pub(crate) fn bootstrap_sample() -> Definition {
         keep_man: false,
         keep_locales: false,
         files: vec![],
+        trust: None,
     }
 }

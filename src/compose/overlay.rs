@@ -57,6 +57,28 @@ Label=root
 SizeMinBytes=512M
 ";
 
+/// The root partition of a sealed image: created empty; keel-root-init in the initrd makes it a
+/// TPM-sealed LUKS2 volume and formats it inside.
+pub const ROOT_REPART_SEALED: &str = "\
+# Created empty by systemd-repart in the initrd on first boot; keel-root-init seals it (LUKS2 +
+# TPM) and makes the file system for the node's /etc and /var inside.
+[Partition]
+Type=root
+Label=root
+SizeMinBytes=512M
+";
+
+/// Public trust material shipped under /usr (verity-protected): what node programs check
+/// signatures against.
+pub struct TrustFiles<'a> {
+    pub pcr_initrd_pub_pem: &'a [u8],
+    pub pcr_boot_pub_pem: &'a [u8],
+    pub db_crt_pem: &'a [u8],
+}
+
+/// Where [`TrustFiles`] land, relative to /usr.
+pub const TRUST_DIR: &str = "lib/keel/trust";
+
 /// os-release with the image's identity added (IMAGE_ID/IMAGE_VERSION are what A/B updates use).
 pub fn os_release(base: &str, def: &Definition) -> String {
     let mut out = String::new();
@@ -126,7 +148,12 @@ pub fn factory_tmpfiles(usr: &Path) -> Result<String> {
 }
 
 /// Applies everything keel adds to the base tree. `binaries_dir` holds built node programs.
-pub fn apply(usr: &Path, def: &Definition, binaries_dir: &Path) -> Result<()> {
+pub fn apply(
+    usr: &Path,
+    def: &Definition,
+    binaries_dir: &Path,
+    trust: Option<&TrustFiles>,
+) -> Result<()> {
     for unit in &def.units {
         let content = fs::read(&unit.source)
             .with_context(|| format!("reading unit {}", unit.source.display()))?;
@@ -163,9 +190,19 @@ pub fn apply(usr: &Path, def: &Definition, binaries_dir: &Path) -> Result<()> {
     )?;
     replace_file(
         &usr.join("lib/repart.d/50-keel-root.conf"),
-        ROOT_REPART.as_bytes(),
+        if trust.is_some() {
+            ROOT_REPART_SEALED.as_bytes()
+        } else {
+            ROOT_REPART.as_bytes()
+        },
         0o644,
     )?;
+    if let Some(t) = trust {
+        let dir = usr.join(TRUST_DIR);
+        replace_file(&dir.join("pcr-initrd.pub.pem"), t.pcr_initrd_pub_pem, 0o644)?;
+        replace_file(&dir.join("pcr-boot.pub.pem"), t.pcr_boot_pub_pem, 0o644)?;
+        replace_file(&dir.join("db.crt"), t.db_crt_pem, 0o644)?;
+    }
     let osr_path = usr.join("lib/os-release");
     let base =
         fs::read_to_string(&osr_path).with_context(|| format!("reading {}", osr_path.display()))?;
@@ -283,7 +320,7 @@ mod tests {
                 column: 1,
             },
         }];
-        apply(&usr, &d, Path::new("/nonexistent")).expect("apply");
+        apply(&usr, &d, Path::new("/nonexistent"), None).expect("apply");
         assert!(usr.join("lib/systemd/system/a.service").is_file());
         assert_eq!(
             fs::read_to_string(usr.join(FACTORY_ETC).join("keel/e.env")).expect("read"),
@@ -319,7 +356,10 @@ mod tests {
         fs::write(usr.join("lib-os"), "").expect("write");
         let mut d = bootstrap_sample();
         d.binaries = vec!["keel-agent".into()];
-        let err = format!("{:#}", apply(&usr, &d, t.path()).expect_err("must fail"));
+        let err = format!(
+            "{:#}",
+            apply(&usr, &d, t.path(), None).expect_err("must fail")
+        );
         assert!(
             err.contains("cargo build --release --bin keel-agent"),
             "{err}"

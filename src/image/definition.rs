@@ -67,6 +67,43 @@ struct RawFile {
     mode: Option<Spanned<u32>>,
 }
 
+/// What a node without a TPM does on first boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WithoutTpm {
+    /// Stop the boot with a message: the node's state is never stored unsealed.
+    Refuse,
+    /// Create the root partition with an empty LUKS passphrase (no protection) and warn.
+    Unencrypted,
+}
+
+impl WithoutTpm {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WithoutTpm::Refuse => "refuse",
+            WithoutTpm::Unencrypted => "unencrypted",
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawTrust {
+    keys: Option<Spanned<String>>,
+    generate_keys: Option<bool>,
+    without_tpm: Option<WithoutTpm>,
+}
+
+/// Trusted boot settings: signing keys and the sealed root partition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TrustSettings {
+    /// The operator's key directory (absolute).
+    pub keys: PathBuf,
+    /// Create the key directory when missing (development images only).
+    pub generate_keys: bool,
+    pub without_tpm: WithoutTpm,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawKeep {
@@ -96,6 +133,7 @@ struct RawDefinition {
     base: Option<RawBase>,
     keep: Option<RawKeep>,
     files: Option<Vec<RawFile>>,
+    trust: Option<RawTrust>,
 }
 
 /// A file copied from the project into the image.
@@ -150,6 +188,8 @@ pub struct Definition {
     pub keep_man: bool,
     pub keep_locales: bool,
     pub files: Vec<FileEntry>,
+    /// Signed, measured boot and a TPM-sealed root; `None` builds an unsigned image.
+    pub trust: Option<TrustSettings>,
 }
 
 pub const DEFAULT_SUITE: &str = "trixie";
@@ -167,6 +207,10 @@ const BASE_INITRD_MODULES: &[&str] = &[
     "dm_mod",
     "dm_verity",
     "dm_crypt",
+    // The sealed root's cipher (aes-xts-plain64) and cryptsetup's kernel crypto interface.
+    "xts",
+    "aesni_intel",
+    "algif_skcipher",
     "erofs",
     "ext4",
     "loop",
@@ -334,6 +378,7 @@ fn merge(layers: Vec<Layer>) -> Result<Definition, DefinitionError> {
         keep_man: false,
         keep_locales: false,
         files: vec![],
+        trust: None,
     };
     let mut name_seen = false;
     let mut version_seen = false;
@@ -545,6 +590,34 @@ fn merge(layers: Vec<Layer>) -> Result<Definition, DefinitionError> {
             // A later layer replaces an earlier file with the same destination.
             def.files.retain(|e| e.dest != entry.dest);
             def.files.push(entry);
+        }
+        if let Some(t) = &raw.trust {
+            let mut settings = def.trust.clone().unwrap_or(TrustSettings {
+                keys: PathBuf::new(),
+                generate_keys: false,
+                without_tpm: WithoutTpm::Refuse,
+            });
+            if let Some(k) = &t.keys {
+                if k.get_ref().is_empty() {
+                    return Err(bad(
+                        k.span(),
+                        "trust.keys",
+                        "must name the key directory made by `keel keys init DIR`".into(),
+                    ));
+                }
+                let dir = path.parent().unwrap_or(Path::new("."));
+                settings.keys = dir.join(k.get_ref());
+            }
+            if let Some(g) = t.generate_keys {
+                settings.generate_keys = g;
+            }
+            if let Some(w) = t.without_tpm {
+                settings.without_tpm = w;
+            }
+            if settings.keys.as_os_str().is_empty() {
+                return Err(invalid(path, text, 0..0, "trust.keys", "missing: a [trust] table must name the key directory (keys = \"DIR\", relative to this file)".into()));
+            }
+            def.trust = Some(settings);
         }
     }
 

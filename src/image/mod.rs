@@ -8,6 +8,6 @@ mod size;
 
 pub use definition::{
     line_col as definition_line_col, Definition, DefinitionError, FileEntry, Origin, OutputFormat,
-    UnitEntry, DEFAULT_MIRROR,
+    TrustSettings, UnitEntry, WithoutTpm, DEFAULT_MIRROR,
 };
 pub use size::ByteSize;

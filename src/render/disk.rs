@@ -17,8 +17,21 @@ pub fn prepare_esp(
     uki: &Path,
     version: &str,
     epoch: u64,
+    keys: Option<&crate::trust::Keys>,
 ) -> Result<()> {
-    let sdboot = tools.file("usr/lib/systemd/boot/efi/systemd-bootx64.efi");
+    let mut sdboot = tools.file("usr/lib/systemd/boot/efi/systemd-bootx64.efi");
+    if let Some(k) = keys {
+        // Signed next to the ESP directory (in the build's work dir), then copied in.
+        let signed = esp.with_extension("systemd-bootx64.signed.efi");
+        // sbsign runs inside the tools tree, where systemd-boot has its plain path.
+        super::uki::sbsign(
+            tools,
+            k,
+            Path::new("/usr/lib/systemd/boot/efi/systemd-bootx64.efi"),
+            &signed,
+        )?;
+        sdboot = signed;
+    }
     for dir in ["EFI/BOOT", "EFI/systemd", "EFI/Linux", "loader"] {
         fs::create_dir_all(esp.join(dir))
             .with_context(|| format!("creating {}/{dir}", esp.display()))?;

@@ -4,6 +4,7 @@
 //! from the factory defaults, and switches root.
 
 use crate::cache::{self, Cache};
+use crate::image::WithoutTpm;
 use crate::tools::{require_host_tool, run, HostTool, ToolsTree};
 use anyhow::{Context, Result};
 use std::collections::{BTreeMap, BTreeSet};
@@ -22,9 +23,15 @@ pub const INITRD_PACKAGES: &[&str] = &[
     "e2fsprogs",
     "util-linux",
     "mount",
+    // The sealed root: cryptsetup for the first-boot format, the TPM2 stack systemd loads.
+    "cryptsetup-bin",
+    "libtss2-esys-3.0.2-0t64",
+    "libtss2-mu-4.0.1-0t64",
+    "libtss2-rc0t64",
+    "libtss2-tcti-device0t64",
 ];
 /// Bump when the initrd's keel content or trimming changes.
-const INITRD_FORMAT: &str = "initrd-4";
+const INITRD_FORMAT: &str = "initrd-5";
 
 /// Copies the factory /etc onto the new root partition, once, atomically (staging + rename).
 const ETC_SETUP: &str = r#"#!/bin/sh
@@ -56,6 +63,121 @@ Type=oneshot
 RemainAfterExit=yes
 ExecStart=/usr/lib/keel/etc-setup
 ";
+
+/// First boot of a sealed image: turns the empty root partition systemd-repart created into a
+/// LUKS2 volume whose key the TPM releases only under a PCR 11 policy signed by the operator's
+/// initrd key, adds a recovery key, and makes the file system. The volume is labelled
+/// `keel-root-new` until every step is done, so an interrupted first boot starts over instead of
+/// leaving a volume nobody can open. `@WITHOUT_TPM@` is the image's `trust.without-tpm`.
+const ROOT_INIT: &str = r#"#!/bin/sh
+# keel: create the node's TPM-sealed root volume (first boot only). See docs/trusted-boot.md.
+set -eu
+WITHOUT_TPM=@WITHOUT_TPM@
+say() { echo "keel-root-init: $*"; echo "<5>keel-root-init: $*" > /dev/kmsg; }
+fail() { echo "keel-root-init: ERROR: $*" >&2; echo "<2>keel-root-init: ERROR: $*" > /dev/kmsg; exit 1; }
+
+udevadm settle -t 30 || true
+i=0
+while [ ! -e /dev/gpt-auto-root ] && [ ! -e /dev/gpt-auto-root-luks ]; do
+    i=$((i + 1))
+    [ "$i" -le 120 ] || fail "no root partition on the boot disk (systemd-repart did not create one; is the disk full?)"
+    sleep 0.5
+done
+if [ -e /dev/gpt-auto-root-luks ]; then
+    DEV=$(readlink -f /dev/gpt-auto-root-luks)
+    label=$(cryptsetup luksDump "$DEV" | sed -n 's/^Label:[[:space:]]*//p')
+    [ "$label" = keel-root-new ] || exit 0
+    say "$DEV holds an unfinished root volume from an interrupted first boot; creating it again"
+else
+    DEV=$(readlink -f /dev/gpt-auto-root)
+    fstype=$(blkid -p -o value -s TYPE "$DEV" || true)
+    [ -z "$fstype" ] || fail "root partition $DEV holds a $fstype file system, not a LUKS2 volume; this image keeps /etc and /var only in a TPM-sealed volume (wipe the partition to start over: its data cannot be used)"
+fi
+
+umask 077
+mkdir -p /run/keel
+KEY=/run/keel/root-init.key
+trap 'rm -f "$KEY" /run/keel/recovery-key; umount /run/keel/newroot 2>/dev/null || true; cryptsetup close keel-root-new 2>/dev/null || true' EXIT
+if [ -c /dev/tpmrm0 ]; then
+    TPM=1
+    head -c 64 /dev/urandom > "$KEY"
+else
+    TPM=0
+    if [ "$WITHOUT_TPM" != unencrypted ]; then
+        fail "no TPM2 device: this image never stores node state unsealed (trust.without-tpm = "refuse"); boot it with a TPM 2.0, or build with trust.without-tpm = "unencrypted""
+    fi
+    say "WARNING: no TPM2 device; creating the root volume WITHOUT protection (empty passphrase) because the image sets trust.without-tpm = "unencrypted""
+    : > "$KEY"
+fi
+say "creating the LUKS2 root volume on $DEV"
+cryptsetup luksFormat -q --type luks2 --label keel-root-new --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --key-file "$KEY" "$DEV"
+if [ "$TPM" = 1 ]; then
+    [ -r /.extra/tpm2-pcr-public-key.pem ] && [ -r /.extra/tpm2-pcr-signature.json ] || fail "the UKI carries no .pcrpkey/.pcrsig: it was not built with keel's signing keys"
+    say "sealing the volume key to the TPM under the operator's signed PCR 11 policy"
+    systemd-cryptenroll --unlock-key-file="$KEY" --tpm2-device=auto --tpm2-pcrs=         --tpm2-public-key=/.extra/tpm2-pcr-public-key.pem --tpm2-public-key-pcrs=11         --tpm2-signature=/.extra/tpm2-pcr-signature.json "$DEV"
+    systemd-cryptenroll --unlock-key-file="$KEY" --recovery-key "$DEV" > /run/keel/recovery-key 2> /run/keel/recovery-key.log \
+        || { cat /run/keel/recovery-key.log >&2; fail "adding the recovery key failed"; }
+fi
+cryptsetup open --key-file "$KEY" "$DEV" keel-root-new
+mkfs.ext4 -q -L root /dev/mapper/keel-root-new
+if [ "$TPM" = 1 ]; then
+    mkdir -p /run/keel/newroot
+    mount /dev/mapper/keel-root-new /run/keel/newroot
+    mkdir -p /run/keel/newroot/var/lib/keel
+    grep -v '^$' /run/keel/recovery-key | tail -n 1 > /run/keel/newroot/var/lib/keel/recovery-key
+    umount /run/keel/newroot
+fi
+cryptsetup close keel-root-new
+if [ "$TPM" = 1 ]; then
+    cryptsetup luksKillSlot -q "$DEV" 0
+fi
+cryptsetup config --label keel-root "$DEV"
+udevadm trigger --settle "$DEV" || true
+if [ "$TPM" = 1 ]; then
+    say "root volume sealed to this TPM; recovery key stored in /var/lib/keel/recovery-key (escrow it, then delete it)"
+else
+    say "root volume created unprotected"
+fi
+"#;
+
+const ROOT_INIT_UNIT: &str = "\
+[Unit]
+Description=Keel: create the TPM-sealed root volume (first boot)
+DefaultDependencies=no
+Wants=tpm2.target
+After=systemd-repart.service systemd-udev-trigger.service systemd-pcrphase-initrd.service tpm2.target
+Before=systemd-cryptsetup@root.service
+ConditionPathExists=/etc/initrd-release
+OnFailure=emergency.target
+OnFailureJobMode=isolate
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+StandardOutput=journal+console
+StandardError=journal+console
+ExecStart=/usr/lib/keel/root-init
+";
+
+/// The sealed root volume is opened from the initrd's crypttab (as `/dev/mapper/root`, the UKI's
+/// `root=`), after keel-root-init has created it. `tpm2-measure-pcr` records the volume key in
+/// PCR 15, so a swapped volume changes the measured state.
+const CRYPTSETUP_DROPIN: &str = "\
+[Unit]
+Requires=keel-root-init.service
+After=keel-root-init.service
+";
+
+/// The initrd's /etc/crypttab for a sealed image.
+pub fn crypttab(without_tpm: WithoutTpm) -> String {
+    let mut opts = String::from(
+        "tpm2-device=auto,tpm2-signature=/.extra/tpm2-pcr-signature.json,tpm2-measure-pcr=yes,x-initrd.attach",
+    );
+    if without_tpm == WithoutTpm::Unencrypted {
+        opts.push_str(",try-empty-password=yes");
+    }
+    format!("root /dev/gpt-auto-root-luks - {opts}\n")
+}
 
 /// The kernel's module index files, as text.
 pub struct ModuleIndex<'a> {
@@ -216,6 +338,8 @@ pub struct InitrdInput<'a> {
     pub usr: &'a Path,
     pub kernel_version: &'a str,
     pub modules: &'a [String],
+    /// A sealed root (trusted images): what to do without a TPM.
+    pub sealed: Option<WithoutTpm>,
 }
 
 /// Builds (or takes from the cache) the compressed initrd for an image; returns its path.
@@ -264,6 +388,15 @@ pub fn build(
         ETC_SETUP.into(),
         ETC_SETUP_UNIT.into(),
         input.epoch.to_string(),
+        input
+            .sealed
+            .map(|w| {
+                format!(
+                    "{ROOT_INIT}{ROOT_INIT_UNIT}{CRYPTSETUP_DROPIN}{}",
+                    crypttab(w)
+                )
+            })
+            .unwrap_or_default(),
     ]);
     let entry = cache.entry("initrd", &key).join("initrd.cpio.zst");
     if entry.exists() {
@@ -319,6 +452,30 @@ pub fn build(
         wants.join("keel-etc-setup.service"),
     )
     .context("enabling keel-etc-setup")?;
+    if let Some(without_tpm) = input.sealed {
+        crate::compose::overlay::replace_file(
+            &keel_lib.join("root-init"),
+            ROOT_INIT
+                .replace("@WITHOUT_TPM@", without_tpm.as_str())
+                .as_bytes(),
+            0o755,
+        )?;
+        crate::compose::overlay::replace_file(
+            &units.join("keel-root-init.service"),
+            ROOT_INIT_UNIT.as_bytes(),
+            0o644,
+        )?;
+        crate::compose::overlay::replace_file(
+            &units.join("systemd-cryptsetup@root.service.d/10-keel.conf"),
+            CRYPTSETUP_DROPIN.as_bytes(),
+            0o644,
+        )?;
+        crate::compose::overlay::replace_file(
+            &tree.join("etc/crypttab"),
+            crypttab(without_tpm).as_bytes(),
+            0o644,
+        )?;
+    }
 
     let tools = tools
         .clone()
