@@ -62,6 +62,7 @@ pub fn resolve_image(spec: &str, no_build: bool) -> Result<ResolvedImage> {
             repo: None,
             rebootstrap: false,
             quiet: false,
+            version: None,
         })?;
     } else if !out.join(crate::manifest::MANIFEST_FILE).exists() {
         bail!(
@@ -85,6 +86,38 @@ pub struct BootOptions {
     pub accel: Option<String>,
     /// Extra virtual disk for the root partition, in GiB.
     pub disk_gib: u64,
+    /// Boot with Secure Boot on and the image's keys enrolled.
+    pub secure_boot: bool,
+}
+
+/// Firmware and a fresh variable store for a VM in `dir`: plain OVMF, or the Secure Boot build
+/// with the image's PK/KEK/db enrolled.
+pub fn firmware_for(
+    manifest: Option<&Manifest>,
+    secure_boot: bool,
+    dir: &Path,
+) -> Result<(Firmware, PathBuf)> {
+    let vars = dir.join("OVMF_VARS.fd");
+    if !secure_boot {
+        std::fs::copy(Firmware::VARS, &vars)
+            .with_context(|| format!("copying {}", Firmware::VARS))?;
+        return Ok((Firmware::debian(), vars));
+    }
+    require_file(Path::new(Firmware::CODE_SECBOOT), "ovmf")?;
+    let certs = manifest
+        .and_then(|m| m.trust.as_ref())
+        .map(|t| &t.secure_boot)
+        .context("--secure-boot needs an image built with a [trust] table (its manifest names the keys to enrol)")?;
+    let cache = crate::cache::Cache::from_env()?;
+    let tools = crate::tools::ToolsTree::ensure(&cache, crate::image::DEFAULT_MIRROR)?;
+    crate::qemu::firmware::enroll(
+        &tools,
+        Path::new(Firmware::VARS),
+        certs,
+        &dir.join("sb-enroll"),
+        &vars,
+    )?;
+    Ok((Firmware::debian_secure_boot(), vars))
 }
 
 /// Parses `HOST:GUEST` port forwards.
@@ -128,8 +161,7 @@ pub fn boot(opts: &BootOptions) -> Result<()> {
     } else {
         eprintln!("keel: reusing the VM disk {}", overlay.display());
     }
-    let vars = tmp.path().join("OVMF_VARS.fd");
-    std::fs::copy(Firmware::VARS, &vars).with_context(|| format!("copying {}", Firmware::VARS))?;
+    let (firmware, vars) = firmware_for(image.manifest.as_ref(), opts.secure_boot, tmp.path())?;
     let tpm = opts
         .tpm_state
         .clone()
@@ -145,7 +177,7 @@ pub fn boot(opts: &BootOptions) -> Result<()> {
         accel: choice.accel,
         memory_mib: opts.memory_mib,
         cpus: opts.cpus,
-        firmware: Firmware::debian(),
+        firmware,
         vars,
         disk: overlay,
         swtpm_socket: tmp.path().join("swtpm.sock"),

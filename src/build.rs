@@ -26,6 +26,8 @@ pub struct BuildOptions {
     /// Bootstrap again even when a cached tree exists (packages still come from the cache).
     pub rebootstrap: bool,
     pub quiet: bool,
+    /// Build as this version instead of the definition's.
+    pub version: Option<String>,
 }
 
 /// The epoch from SOURCE_DATE_EPOCH, else [`DEFAULT_EPOCH`].
@@ -121,10 +123,19 @@ fn ensure_base(
     Ok((commit, kernel))
 }
 
+fn read_text(p: &std::path::Path) -> Result<String> {
+    fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+}
+
 pub fn build(opts: &BuildOptions) -> Result<Manifest> {
     let mut stages = Stages::new(opts.quiet);
     let def = stages.run("load definition", || {
-        Ok(Definition::load(&opts.definition)?)
+        let mut def = Definition::load(&opts.definition)?;
+        if let Some(v) = &opts.version {
+            def.set_version(v)
+                .map_err(|m| anyhow::anyhow!("--version: {m}"))?;
+        }
+        Ok(def)
     })?;
     let epoch = source_date_epoch()?;
     let keys = match &def.trust {
@@ -333,6 +344,12 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
                     .as_ref()
                     .map(|t| t.without_tpm.as_str().to_string())
                     .unwrap_or_default(),
+                secure_boot: manifest::SecureBootCerts {
+                    owner_guid: k.owner_guid.clone(),
+                    pk: read_text(&k.pk_crt)?,
+                    kek: read_text(&k.kek_crt)?,
+                    db: read_text(&k.db_crt)?,
+                },
             }),
             _ => None,
         },

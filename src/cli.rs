@@ -102,6 +102,9 @@ pub struct BuildArgs {
     /// Print the manifest as JSON when done.
     #[arg(long)]
     pub json: bool,
+    /// Build as this version instead of the definition's (e.g. from a release pipeline).
+    #[arg(long)]
+    pub version: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -137,6 +140,9 @@ pub struct BootArgs {
     /// GiB of disk beyond the image, for the root partition created on first boot.
     #[arg(long, default_value_t = 6)]
     pub disk_gib: u64,
+    /// Secure Boot on, with the image's PK/KEK/db enrolled in the VM's firmware variables.
+    #[arg(long)]
+    pub secure_boot: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -190,6 +196,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 repo: a.repo,
                 rebootstrap: a.rebootstrap,
                 quiet: a.json,
+                version: a.version,
             })?;
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&m)?);
@@ -317,6 +324,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 cpus: a.cpus,
                 accel: a.accel,
                 disk_gib: a.disk_gib,
+                secure_boot: a.secure_boot,
             })
         }
         Commands::Test(a) => {

@@ -67,12 +67,14 @@ pub struct Inspection {
     pub verity_partitions_found: Option<bool>,
 }
 
-/// Reads a partition of an image file as a byte range. Writes are refused (the image is only read).
-struct Slice {
-    file: File,
-    start: u64,
-    len: u64,
-    pos: u64,
+/// A partition of an image file as a byte range. Writes are refused unless `writable` (inspect
+/// only reads; the test harness edits ESPs of throwaway disks).
+pub(crate) struct Slice {
+    pub file: File,
+    pub start: u64,
+    pub len: u64,
+    pub pos: u64,
+    pub writable: bool,
 }
 
 impl Read for Slice {
@@ -108,11 +110,25 @@ impl Seek for Slice {
 }
 
 impl Write for Slice {
-    fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
-        Err(std::io::Error::new(
-            std::io::ErrorKind::PermissionDenied,
-            "inspect never writes",
-        ))
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if !self.writable {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "inspect never writes",
+            ));
+        }
+        let left = self.len.saturating_sub(self.pos);
+        let n = (buf.len() as u64).min(left) as usize;
+        if n == 0 && !buf.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::WriteZero,
+                "write past the end of the partition",
+            ));
+        }
+        self.file.seek(SeekFrom::Start(self.start + self.pos))?;
+        let put = self.file.write(&buf[..n])?;
+        self.pos += put as u64;
+        Ok(put)
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
@@ -217,6 +233,7 @@ fn inspect_raw(path: &Path) -> Result<Inspection> {
                 start: esp.offset,
                 len: esp.size,
                 pos: 0,
+                writable: false,
             },
             fatfs::FsOptions::new(),
         )

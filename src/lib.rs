@@ -1,6 +1,7 @@
 //! Keel: build, boot and test a trusted, immutable cluster operating system made of Debian
 //! packages. See `docs/architecture.md` for how the modules fit together.
 
+pub mod agent;
 pub mod boot;
 pub mod build;
 pub mod cache;

@@ -25,6 +25,17 @@ pub struct TrustInfo {
     pub secure_boot_signed: bool,
     /// `trust.without-tpm` of the definition.
     pub without_tpm: String,
+    /// The certificates to enrol for Secure Boot (public; `keel boot --secure-boot` uses them).
+    pub secure_boot: SecureBootCerts,
+}
+
+/// Secure Boot certificates (PEM) and the EFI signature owner GUID.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecureBootCerts {
+    pub owner_guid: String,
+    pub pk: String,
+    pub kek: String,
+    pub db: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -184,6 +195,7 @@ mod tests {
                 name: "systemd".into(),
                 version: "257".into(),
             }],
+            trust: None,
             artifacts: vec![Artifact {
                 file: "x.raw".into(),
                 sha256: "00".into(),

@@ -359,6 +359,168 @@ fn build_minimal_image_end_to_end() {
         .filter(|n| n.to_string_lossy().starts_with('.'))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // 9. A trusted variant: keys are created, the UKI's PCR 11 predictions and .pcrsig agree
+    //    with systemd-measure (calculate/sign) on the same sections, and sbverify accepts the UKI
+    //    and systemd-boot with the db certificate.
+    check_signed_variant(&def, tmp.path());
+}
+
+/// The contents of `name` in a PE file, as the stub measures them (VirtualSize bytes).
+fn pe_section(pe: &[u8], name: &str) -> Option<Vec<u8>> {
+    use object::read::pe::PeFile64;
+    let file = PeFile64::parse(pe).expect("PE");
+    file.section_table().iter().find_map(|s| {
+        let n = String::from_utf8_lossy(s.raw_name())
+            .trim_end_matches('\0')
+            .to_string();
+        (n == name).then(|| {
+            let off = s.pointer_to_raw_data.get(object::LittleEndian) as usize;
+            let raw = s.size_of_raw_data.get(object::LittleEndian) as usize;
+            let vsize = s.virtual_size.get(object::LittleEndian) as usize;
+            let mut d = pe[off..off + raw.min(vsize)].to_vec();
+            d.resize(vsize, 0);
+            d
+        })
+    })
+}
+
+fn check_signed_variant(minimal: &Path, tmp: &Path) {
+    let dir = tmp.join("signed");
+    fs::create_dir_all(dir.join("images")).expect("mkdir");
+    let def = dir.join("images/signed.toml");
+    fs::write(
+        &def,
+        format!(
+            "extends = \"{}\"\nname = \"signed\"\n[trust]\nkeys = \"../keys\"\ngenerate-keys = true\n",
+            minimal.display()
+        ),
+    )
+    .expect("write");
+    let out = dir.join("out");
+    let m = build(&def, &out, &[]);
+    let keys = dir.join("keys");
+    assert!(keys.join("pcr-initrd.key").is_file(), "keys were generated");
+    let uki = fs::read(out.join("signed.efi")).expect("uki");
+    let cmdline = String::from_utf8(pe_section(&uki, ".cmdline").expect(".cmdline")).expect("utf8");
+    assert!(cmdline.contains("root=/dev/mapper/root"), "{cmdline}");
+    assert_eq!(
+        pe_section(&uki, ".pcrpkey").expect(".pcrpkey"),
+        fs::read(keys.join("pcr-initrd.pub.pem")).expect("pub")
+    );
+
+    // Hand every measured section to systemd-measure as a file.
+    let sect = dir.join("sections");
+    fs::create_dir_all(&sect).expect("mkdir");
+    let mut args = Vec::new();
+    for (name, opt) in [
+        (".linux", "--linux"),
+        (".osrel", "--osrel"),
+        (".cmdline", "--cmdline"),
+        (".initrd", "--initrd"),
+        (".uname", "--uname"),
+        (".sbat", "--sbat"),
+        (".pcrpkey", "--pcrpkey"),
+    ] {
+        let data = pe_section(&uki, name).unwrap_or_else(|| panic!("{name} missing"));
+        let f = sect.join(name.trim_start_matches('.'));
+        fs::write(&f, data).expect("write section");
+        args.push(format!("{opt}={}", f.display()));
+    }
+    let measure = |extra: &[String]| -> String {
+        let o = keel()
+            .args(["__sandbox", "--root"])
+            .arg(tools_tree())
+            .arg("--bind")
+            .arg(&dir)
+            .args(["--", "/usr/lib/systemd/systemd-measure"])
+            .args(extra)
+            .args(&args)
+            .args(["--bank=sha256", "--json=short"])
+            .output()
+            .expect("run systemd-measure");
+        ok(o, "systemd-measure")
+    };
+    let calc: Value =
+        serde_json::from_str(&measure(&["calculate".to_string()])).expect("calculate JSON");
+    let theirs: Vec<(String, String)> = calc["sha256"]
+        .as_array()
+        .expect("sha256 bank")
+        .iter()
+        .map(|e| {
+            (
+                e["phase"].as_str().expect("phase").to_string(),
+                e["hash"].as_str().expect("hash").to_string(),
+            )
+        })
+        .collect();
+    let ours: Vec<(String, String)> = m["trust"]["pcr11"]
+        .as_array()
+        .expect("manifest trust.pcr11")
+        .iter()
+        .map(|e| {
+            (
+                e["phase"].as_str().expect("phase").to_string(),
+                e["sha256"].as_str().expect("sha256").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ours, theirs,
+        "keel's PCR 11 predictions vs systemd-measure calculate"
+    );
+
+    let sign = |key: &str, phases: &[&str]| -> Vec<Value> {
+        let mut a = vec![
+            "sign".to_string(),
+            format!(
+                "--private-key={}",
+                keys.join(format!("{key}.key")).display()
+            ),
+            format!(
+                "--public-key={}",
+                keys.join(format!("{key}.pub.pem")).display()
+            ),
+        ];
+        a.extend(phases.iter().map(|p| format!("--phase={p}")));
+        let v: Value = serde_json::from_str(&measure(&a)).expect("sign JSON");
+        v["sha256"].as_array().expect("sha256").clone()
+    };
+    let mut want = sign("pcr-initrd", &["enter-initrd"]);
+    want.extend(sign(
+        "pcr-boot",
+        &[
+            "enter-initrd:leave-initrd",
+            "enter-initrd:leave-initrd:sysinit",
+            "enter-initrd:leave-initrd:sysinit:ready",
+        ],
+    ));
+    let pcrsig: Value = serde_json::from_slice(
+        pe_section(&uki, ".pcrsig")
+            .expect(".pcrsig")
+            .split(|b| *b == 0)
+            .next()
+            .expect("json"),
+    )
+    .expect(".pcrsig JSON");
+    let mut got = pcrsig["sha256"].as_array().expect("sha256").clone();
+    let key = |v: &Value| v["pol"].as_str().unwrap_or_default().to_string();
+    got.sort_by_key(key);
+    want.sort_by_key(key);
+    assert_eq!(got, want, ".pcrsig vs systemd-measure sign");
+
+    // Secure Boot signatures: the UKI and the ESP's systemd-boot verify against db.crt.
+    let o = keel()
+        .args(["__sandbox", "--root"])
+        .arg(tools_tree())
+        .arg("--bind")
+        .arg(&dir)
+        .args(["--", "sbverify", "--cert"])
+        .arg(keys.join("db.crt"))
+        .arg(out.join("signed.efi"))
+        .output()
+        .expect("sbverify");
+    ok(o, "sbverify of the UKI");
 }
 
 fn nix_is_root() -> bool {

@@ -231,6 +231,13 @@ struct Layer {
 }
 
 impl Definition {
+    /// Overrides the version (e.g. `keel build --version` from a release pipeline).
+    pub fn set_version(&mut self, v: &str) -> Result<(), String> {
+        validate_version(v)?;
+        self.version = v.to_string();
+        Ok(())
+    }
+
     /// Loads `path`, follows `extends`, merges and validates. Nothing is built here.
     pub fn load(path: &Path) -> Result<Definition, DefinitionError> {
         let mut layers: Vec<Layer> = Vec::new();

@@ -8,16 +8,29 @@ use std::path::PathBuf;
 pub struct Firmware {
     pub code: PathBuf,
     pub vars_template: PathBuf,
+    /// The Secure Boot build: needs SMM and a secure pflash.
+    pub secure_boot: bool,
 }
 
 impl Firmware {
     pub const CODE: &'static str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
     pub const VARS: &'static str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+    pub const CODE_SECBOOT: &'static str = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd";
 
     pub fn debian() -> Firmware {
         Firmware {
             code: Self::CODE.into(),
             vars_template: Self::VARS.into(),
+            secure_boot: false,
+        }
+    }
+
+    /// The Secure Boot OVMF; its variables come from [`crate::qemu::firmware::enroll`].
+    pub fn debian_secure_boot() -> Firmware {
+        Firmware {
+            code: Self::CODE_SECBOOT.into(),
+            vars_template: Self::VARS.into(),
+            secure_boot: true,
         }
     }
 }
@@ -41,7 +54,7 @@ pub struct VmSpec {
     pub firmware: Firmware,
     /// Per-VM writable copy of the OVMF variables.
     pub vars: PathBuf,
-    /// The disk QEMU opens (a qcow2 overlay over the built image).
+    /// The disk QEMU opens (a qcow2 overlay over the built image, or a raw copy).
     pub disk: PathBuf,
     pub swtpm_socket: PathBuf,
     /// Serial console: `None` means the terminal (interactive), else a log file.
@@ -60,7 +73,16 @@ impl VmSpec {
         push("-name".into());
         push(format!("{},process=keel-{}", self.name, self.name));
         push("-machine".into());
-        push("q35,smm=off".into());
+        push(if self.firmware.secure_boot {
+            "q35,smm=on".into()
+        } else {
+            "q35,smm=off".into()
+        });
+        if self.firmware.secure_boot {
+            // Only SMM code may write the variable store: the guest OS cannot change the keys.
+            push("-global".into());
+            push("driver=cfi.pflash01,property=secure,value=on".into());
+        }
         push("-accel".into());
         push(if self.accel == "tcg" {
             "tcg,thread=multi".into()
@@ -103,7 +125,12 @@ impl VmSpec {
         push("tpm-crb,tpmdev=tpm0".into());
         push("-drive".into());
         push(format!(
-            "if=none,id=disk0,format=qcow2,file={},discard=unmap",
+            "if=none,id=disk0,format={},file={},discard=unmap",
+            if self.disk.extension().is_some_and(|e| e == "raw") {
+                "raw"
+            } else {
+                "qcow2"
+            },
             self.disk.display()
         ));
         push("-device".into());

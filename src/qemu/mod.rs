@@ -4,6 +4,7 @@
 
 pub mod accel;
 pub mod cmdline;
+pub mod firmware;
 pub mod qga;
 pub mod qmp;
 pub mod switch;

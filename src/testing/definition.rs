@@ -82,6 +82,25 @@ pub enum Action {
     Start,
     /// Change bytes of a file's data in usr slot A on the node's disk (node must be off).
     TamperUsr,
+    /// Replace the UKI in the node's ESP with a changed copy (`how`); node off, `raw-disk` node.
+    TamperUki,
+    /// Put the UKI saved before the first `tamper-uki` back.
+    RestoreUki,
+    /// Build the image again as `version` with the same keys, and install it as an A/B update:
+    /// /usr into slot B, the new UKI into the ESP. Node off, `raw-disk` node.
+    InstallUpdate,
+}
+
+/// How `tamper-uki` changes the UKI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UkiTamper {
+    /// One byte of the kernel (.linux) flipped; signatures and .pcrsig left as they were.
+    FlipByte,
+    /// Signature removed and the UKI signed again with a key the firmware does not know.
+    ForeignKey,
+    /// `.cmdline` text changed (`replace = [from, to]`, same length or shorter), .pcrsig kept.
+    Cmdline,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -96,6 +115,20 @@ pub struct Step {
     pub action: Option<Action>,
     /// For `tamper-usr`: the file under /usr whose data is changed.
     pub path: Option<String>,
+    /// For `tamper-uki`.
+    pub how: Option<UkiTamper>,
+    /// For `tamper-uki` with `how = "cmdline"`: `[from, to]`.
+    #[serde(default)]
+    pub replace: Vec<String>,
+    /// For `install-update`: the version the image is built as.
+    pub version: Option<String>,
+    /// For `start`: wait until the console shows all of these instead of waiting for the guest
+    /// agent (a boot that is meant to stop early). Implicit console checks skip that boot.
+    #[serde(default)]
+    pub console: Vec<String>,
+    /// For `start` with `console`: text that must not appear on that boot's console.
+    #[serde(default)]
+    pub console_not: Vec<String>,
     /// Substrings that must all appear in stdout (templates like `{usr_root_hash}` expanded).
     #[serde(default)]
     pub expect: Vec<String>,
@@ -129,6 +162,12 @@ pub struct NodeConfig {
     /// Ignition config passed through fw_cfg, relative to the test file.
     pub ignition: Option<PathBuf>,
     pub memory_mib: Option<u32>,
+    /// Secure Boot on, with the image's keys enrolled.
+    #[serde(default)]
+    pub secure_boot: bool,
+    /// A sparse raw copy of the image instead of a qcow2 overlay, for steps that edit the ESP.
+    #[serde(default)]
+    pub raw_disk: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -258,6 +297,47 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile> {
         {
             bail!(
                 "{}: step {n} ({}): tamper-usr needs `path` of a file under /usr/",
+                path.display(),
+                s.test
+            );
+        }
+        if s.action == Some(Action::TamperUki) {
+            match s.how {
+                None => bail!(
+                    "{}: step {n} ({}): tamper-uki needs `how` (flip-byte, foreign-key or cmdline)",
+                    path.display(),
+                    s.test
+                ),
+                Some(UkiTamper::Cmdline) if s.replace.len() != 2 => bail!(
+                    "{}: step {n} ({}): how = \"cmdline\" needs replace = [\"from\", \"to\"]",
+                    path.display(),
+                    s.test
+                ),
+                _ => {}
+            }
+        }
+        if s.action == Some(Action::InstallUpdate) && s.version.is_none() {
+            bail!(
+                "{}: step {n} ({}): install-update needs `version`",
+                path.display(),
+                s.test
+            );
+        }
+        if matches!(
+            s.action,
+            Some(Action::TamperUki | Action::RestoreUki | Action::InstallUpdate)
+        ) {
+            let k = match s.node {
+                NodeSel::One(k) => k,
+                NodeSel::All => 1,
+            };
+            if !spec.node.get(k - 1).is_some_and(|c| c.raw_disk) {
+                bail!("{}: step {n} ({}): {:?} edits the disk in place: give node {k} raw-disk = true", path.display(), s.test, s.action);
+            }
+        }
+        if (!s.console.is_empty() || !s.console_not.is_empty()) && s.action != Some(Action::Start) {
+            bail!(
+                "{}: step {n} ({}): `console` belongs to action = \"start\"",
                 path.display(),
                 s.test
             );

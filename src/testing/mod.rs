@@ -3,6 +3,7 @@
 //! node's console and journal.
 
 pub mod definition;
+pub mod esp;
 pub mod report;
 pub mod runner;
 pub mod tamper;

@@ -1,9 +1,9 @@
 //! Runs test scenarios against a built image: fresh overlay and TPM per node, steps through the
 //! guest agent, host-side actions, implicit checks, consoles and journals saved per node.
 
-use super::definition::{expand, Action, NodeSel, Step, TestFile};
+use super::definition::{expand, Action, NodeSel, Step, TestFile, UkiTamper};
 use super::report::{self, Outcome, TestResult};
-use super::tamper;
+use super::{esp, tamper};
 use crate::cache::Cache;
 use crate::manifest::Manifest;
 use crate::qemu::cmdline::{node_mac, Firmware, NetSpec, VmSpec};
@@ -54,6 +54,11 @@ struct Node {
     boots: usize,
     started: Instant,
     consoles: Vec<PathBuf>,
+    /// Consoles of boots meant to stop early (checked by their own step, not implicitly).
+    expected_failures: Vec<PathBuf>,
+    firmware: Firmware,
+    /// The UKI as built, saved by the first `tamper-uki` for `restore-uki`.
+    saved_uki: Option<(String, Vec<u8>)>,
 }
 
 impl Node {
@@ -63,7 +68,7 @@ impl Node {
             accel: accel.to_string(),
             memory_mib: self.memory_mib,
             cpus: 2,
-            firmware: Firmware::debian(),
+            firmware: self.firmware.clone(),
             vars: self.vars.clone(),
             disk: self.overlay.clone(),
             swtpm_socket: self.dir.join("swtpm.sock"),
@@ -221,6 +226,23 @@ fn wait_boot(node: &Node, old_boot: Option<&str>, deadline: Instant) -> Result<S
     }
 }
 
+/// A sparse copy of `src`, grown to `size` bytes.
+fn sparse_copy(src: &Path, dst: &Path, size: u64) -> Result<()> {
+    crate::tools::run(
+        std::process::Command::new("cp")
+            .arg("--sparse=always")
+            .arg(src)
+            .arg(dst),
+    )
+    .with_context(|| format!("copying {}", src.display()))?;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dst)
+        .with_context(|| format!("opening {}", dst.display()))?;
+    f.set_len(size)
+        .with_context(|| format!("growing {}", dst.display()))
+}
+
 fn slot_a_offset(raw: &Path, root_hash: &str) -> Result<u64> {
     let info = crate::inspect::inspect(raw)?;
     let (data_uuid, _) = crate::render::layout::verity_uuids(root_hash)?;
@@ -236,7 +258,13 @@ fn slot_a_offset(raw: &Path, root_hash: &str) -> Result<u64> {
         })
 }
 
-fn action(ctx: &RunContext, node: &mut Node, step: &Step, deadline: Instant) -> Result<()> {
+fn action(
+    ctx: &RunContext,
+    node: &mut Node,
+    step: &Step,
+    vars: &BTreeMap<String, String>,
+    deadline: Instant,
+) -> Result<()> {
     match step.action {
         Some(Action::Reboot) => {
             let old = node
@@ -277,7 +305,92 @@ fn action(ctx: &RunContext, node: &mut Node, step: &Step, deadline: Instant) -> 
                 bail!("node{} is already running", node.index);
             }
             node.start(&ctx.accel)?;
-            wait_boot(node, None, deadline).map(|_| ())
+            if step.console.is_empty() {
+                return wait_boot(node, None, deadline).map(|_| ());
+            }
+            let console = node.consoles.last().cloned().context("no console")?;
+            node.expected_failures.push(console.clone());
+            let limit = Instant::now() + step.timeout.map(|t| t.0).unwrap_or(REBOOT_TIMEOUT);
+            let want = step
+                .console
+                .iter()
+                .map(|c| expand(c, vars))
+                .collect::<Result<Vec<_>>>()?;
+            let never = step
+                .console_not
+                .iter()
+                .map(|c| expand(c, vars))
+                .collect::<Result<Vec<_>>>()?;
+            wait_console(
+                node,
+                &console,
+                (&want, &never),
+                limit.min(deadline),
+                ctx.interrupted,
+            )
+        }
+        Some(Action::TamperUki) => {
+            require_off(node, "tamper-uki")?;
+            let name = esp::find_uki(&node.overlay, &ctx.manifest.version)?;
+            let original = esp::read_uki(&node.overlay, &name)?;
+            let changed = match step.how {
+                Some(UkiTamper::FlipByte) => esp::flip_linux_byte(&original)?,
+                Some(UkiTamper::Cmdline) => {
+                    esp::replace_cmdline(&original, &step.replace[0], &step.replace[1])?
+                }
+                Some(UkiTamper::ForeignKey) => {
+                    let tools = ToolsTree::ensure(ctx.cache, crate::image::DEFAULT_MIRROR)?;
+                    esp::resign_foreign(&tools, &original, &node.dir)?
+                }
+                None => bail!("tamper-uki without `how`"),
+            };
+            if node.saved_uki.is_none() {
+                node.saved_uki = Some((name.clone(), original));
+            }
+            esp::write_uki(&node.overlay, &name, &changed)?;
+            tracing::info!(node = node.index, uki = %name, how = ?step.how, "changed the UKI in the ESP");
+            Ok(())
+        }
+        Some(Action::RestoreUki) => {
+            require_off(node, "restore-uki")?;
+            let (name, data) = node
+                .saved_uki
+                .take()
+                .context("restore-uki before any tamper-uki")?;
+            esp::write_uki(&node.overlay, &name, &data)?;
+            Ok(())
+        }
+        Some(Action::InstallUpdate) => {
+            require_off(node, "install-update")?;
+            let version = &expand(step.version.as_deref().unwrap_or_default(), vars)?;
+            let out = node.dir.join(format!("update-{version}"));
+            let m = crate::build::build(&crate::build::BuildOptions {
+                definition: PathBuf::from(&ctx.manifest.definition),
+                out: Some(out.clone()),
+                repo: None,
+                rebootstrap: false,
+                quiet: true,
+                version: Some(version.to_string()),
+            })
+            .with_context(|| {
+                format!("building {} as version {version}", ctx.manifest.definition)
+            })?;
+            let uki = std::fs::read(out.join(format!("{}.efi", m.name)))
+                .context("reading the update's UKI")?;
+            esp::install_update(
+                &node.overlay,
+                &out.join(format!("{}.raw", m.name)),
+                &m.usr_root_hash,
+                &format!("{}_{}", m.name, m.version),
+                &crate::render::layout::uki_file_name(&m.version),
+                &uki,
+            )?;
+            tracing::info!(
+                node = node.index,
+                version,
+                "installed the update into slot B"
+            );
+            Ok(())
         }
         Some(Action::TamperUsr) => {
             if node.running() {
@@ -300,10 +413,58 @@ fn action(ctx: &RunContext, node: &mut Node, step: &Step, deadline: Instant) -> 
     }
 }
 
+fn require_off(node: &Node, what: &str) -> Result<()> {
+    if node.vm.is_some() {
+        bail!(
+            "{what} needs node{} powered off (add an action = \"power-off\" step first)",
+            node.index
+        );
+    }
+    Ok(())
+}
+
+/// Waits until the console shows every string of `want`; fails on any of `never`.
+fn wait_console(
+    node: &mut Node,
+    console: &Path,
+    (want, never): (&[String], &[String]),
+    deadline: Instant,
+    interrupted: &AtomicBool,
+) -> Result<()> {
+    loop {
+        if interrupted.load(Ordering::SeqCst) {
+            bail!("interrupted");
+        }
+        let text = String::from_utf8_lossy(&std::fs::read(console).unwrap_or_default())
+            .replace("\u{1b}[0m", "");
+        if let Some(bad) = never.iter().find(|n| text.contains(n.as_str())) {
+            bail!("node{} console shows `{bad}`", node.index);
+        }
+        let missing: Vec<&String> = want.iter().filter(|w| !text.contains(w.as_str())).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline || !node.running() {
+            bail!(
+                "node{}: console never showed {:?} (see {})\n{}",
+                node.index,
+                missing,
+                console.display(),
+                tail_lines(text.as_bytes(), 15)
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
 /// Failed units and console problems on every running node.
 fn implicit_checks(nodes: &mut [Node]) -> Option<String> {
     for n in nodes.iter_mut() {
-        for c in &n.consoles {
+        for c in n
+            .consoles
+            .iter()
+            .filter(|c| !n.expected_failures.contains(c))
+        {
             if let Some(p) = std::fs::read_to_string(c)
                 .ok()
                 .as_deref()
@@ -380,6 +541,15 @@ pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>
     vars.insert("usr_root_hash".into(), ctx.manifest.usr_root_hash.clone());
     vars.insert("image_name".into(), ctx.manifest.name.clone());
     vars.insert("image_version".into(), ctx.manifest.version.clone());
+    // {pcr11_enter_initrd}, {pcr11_leave_initrd}, {pcr11_sysinit}, {pcr11_ready}: the build's
+    // predictions for the phase a path ends in.
+    for p in ctx.manifest.trust.iter().flat_map(|t| &t.pcr11) {
+        let last = p.phase.rsplit(':').next().unwrap_or(&p.phase);
+        vars.insert(
+            format!("pcr11_{}", last.replace('-', "_")),
+            p.sha256.clone(),
+        );
+    }
 
     let switch = if file.spec.network || file.spec.nodes > 1 {
         Some(Switch::start(&dir)?)
@@ -391,12 +561,18 @@ pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>
     for i in 1..=file.spec.nodes {
         let ndir = dir.join(format!("node{i}"));
         std::fs::create_dir_all(&ndir).with_context(|| format!("creating {}", ndir.display()))?;
-        let overlay = ndir.join("disk.qcow2");
-        create_overlay(&ctx.raw, &overlay, size)?;
-        let vars_fd = ndir.join("OVMF_VARS.fd");
-        std::fs::copy(Firmware::VARS, &vars_fd)
-            .with_context(|| format!("copying {} (package ovmf)", Firmware::VARS))?;
         let cfg = file.node_config(i - 1);
+        let overlay = if cfg.raw_disk {
+            let raw = ndir.join("disk.raw");
+            sparse_copy(&ctx.raw, &raw, size)?;
+            raw
+        } else {
+            let overlay = ndir.join("disk.qcow2");
+            create_overlay(&ctx.raw, &overlay, size)?;
+            overlay
+        };
+        let (firmware, vars_fd) =
+            crate::boot::firmware_for(Some(ctx.manifest), cfg.secure_boot, &ndir)?;
         let ignition = cfg
             .ignition
             .map(|p| file.path.parent().unwrap_or(Path::new(".")).join(p));
@@ -422,6 +598,9 @@ pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>
             boots: 0,
             started: Instant::now(),
             consoles: Vec::new(),
+            expected_failures: Vec::new(),
+            firmware,
+            saved_uki: None,
         });
     }
     let mut aborted: Option<String> = None;
@@ -489,7 +668,7 @@ pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>
                     })
                 }
             } else {
-                action(ctx, node, step, deadline).map(|_| None)
+                action(ctx, node, step, &vars, deadline).map(|_| None)
             };
             let st = state.get_mut(&step.test).context("unknown test")?;
             match outcome {

@@ -1,0 +1,23 @@
+//! keel-agent: the node-side program of Keel. See `keel-agent --help`.
+
+use clap::Parser;
+use std::process::ExitCode;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = keel::agent::cli::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("keel=info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    match keel::agent::cli::run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
