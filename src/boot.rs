@@ -180,7 +180,7 @@ pub fn boot(opts: &BootOptions) -> Result<()> {
         firmware,
         vars,
         disk: overlay,
-        swtpm_socket: tmp.path().join("swtpm.sock"),
+        swtpm_socket: Some(tmp.path().join("swtpm.sock")),
         console: opts.console.clone(),
         qga_socket: Some(tmp.path().join("qga.sock")),
         qmp_socket: Some(tmp.path().join("qmp.sock")),

@@ -787,6 +787,33 @@ dest = "/etc/x.conf"
         assert_eq!(d.files[0].mode, 0o644);
         assert!(d.files[0].source.ends_with("configs/x.conf"));
         assert!(d.initrd_modules.iter().any(|m| m == "dm_verity"));
+        assert_eq!(d.trust, None, "no [trust]: an unsigned image");
+    }
+
+    #[test]
+    fn trust_keys_resolve_relative_to_the_file_and_layers_merge() {
+        let p = project(&[
+            ("images/base.toml", BASE),
+            ("units/a.service", "[Unit]\n"),
+            ("configs/x.conf", "x"),
+            (
+                "images/signed.toml",
+                "extends = \"base.toml\"\n[trust]\nkeys = \"../keys\"\n",
+            ),
+            (
+                "images/open.toml",
+                "extends = \"signed.toml\"\n[trust]\nwithout-tpm = \"unencrypted\"\n",
+            ),
+        ]);
+        let d = Definition::load(&p.path().join("images/signed.toml")).expect("loads");
+        let t = d.trust.expect("trust");
+        assert!(t.keys.ends_with("images/../keys"), "{}", t.keys.display());
+        assert_eq!(t.without_tpm, WithoutTpm::Refuse, "refusing is the default");
+        assert!(!t.generate_keys);
+        let d = Definition::load(&p.path().join("images/open.toml")).expect("loads");
+        let t = d.trust.expect("trust");
+        assert!(t.keys.ends_with("images/../keys"), "keys inherited");
+        assert_eq!(t.without_tpm, WithoutTpm::Unencrypted);
     }
 
     #[test]
@@ -844,6 +871,9 @@ mode = 0o600
             ("bad format", "name = \"x\"\nversion = \"1\"\nformats = [\"vhd\"]\n", ":3:12: unknown variant `vhd`"),
             ("bad mirror", "name = \"x\"\nversion = \"1\"\n[base]\nmirror = \"ftp.debian.org\"\n", ":4:10: field `base.mirror`"),
             ("extends missing", "extends = \"gone.toml\"\nname = \"x\"\n", ":1:11: field `extends`: no such definition"),
+            ("trust without keys", "name = \"x\"\nversion = \"1\"\n[trust]\ngenerate-keys = true\n", "field `trust.keys`: missing"),
+            ("bad without-tpm", "name = \"x\"\nversion = \"1\"\n[trust]\nkeys = \"k\"\nwithout-tpm = \"maybe\"\n", ":5:15: unknown variant `maybe`"),
+            ("trust typo", "name = \"x\"\nversion = \"1\"\n[trust]\nkey = \"k\"\n", ":4:1: unknown field `key`"),
         ];
         for (name, text, want) in cases {
             let p = project(&[("images/t.toml", text), ("configs/x.conf", "x")]);

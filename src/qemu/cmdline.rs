@@ -56,7 +56,8 @@ pub struct VmSpec {
     pub vars: PathBuf,
     /// The disk QEMU opens (a qcow2 overlay over the built image, or a raw copy).
     pub disk: PathBuf,
-    pub swtpm_socket: PathBuf,
+    /// The software TPM's control socket; `None` gives a machine without a TPM.
+    pub swtpm_socket: Option<PathBuf>,
     /// Serial console: `None` means the terminal (interactive), else a log file.
     pub console: Option<PathBuf>,
     pub qga_socket: Option<PathBuf>,
@@ -114,15 +115,14 @@ impl VmSpec {
             "if=pflash,format=raw,unit=1,file={}",
             self.vars.display()
         ));
-        push("-chardev".into());
-        push(format!(
-            "socket,id=chrtpm,path={}",
-            self.swtpm_socket.display()
-        ));
-        push("-tpmdev".into());
-        push("emulator,id=tpm0,chardev=chrtpm".into());
-        push("-device".into());
-        push("tpm-crb,tpmdev=tpm0".into());
+        if let Some(sock) = &self.swtpm_socket {
+            push("-chardev".into());
+            push(format!("socket,id=chrtpm,path={}", sock.display()));
+            push("-tpmdev".into());
+            push("emulator,id=tpm0,chardev=chrtpm".into());
+            push("-device".into());
+            push("tpm-crb,tpmdev=tpm0".into());
+        }
         push("-drive".into());
         push(format!(
             "if=none,id=disk0,format={},file={},discard=unmap",
@@ -210,7 +210,7 @@ mod tests {
             firmware: Firmware::debian(),
             vars: "/vm/vars.fd".into(),
             disk: "/vm/disk.qcow2".into(),
-            swtpm_socket: "/vm/tpm/sock".into(),
+            swtpm_socket: Some("/vm/tpm/sock".into()),
             console: Some("/vm/console.log".into()),
             qga_socket: Some("/vm/qga.sock".into()),
             qmp_socket: Some("/vm/qmp.sock".into()),

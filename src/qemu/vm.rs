@@ -103,10 +103,42 @@ fn stop(child: &mut Child, grace: Duration) {
     let _ = child.wait();
 }
 
+/// Starts swtpm (TPM 2.0) with its state in `tpm_dir` and waits for its socket.
+fn start_swtpm(sock: &Path, tpm_dir: &Path) -> Result<Child> {
+    let swtpm_bin = require_host_tool(HostTool::Swtpm)?;
+    std::fs::create_dir_all(tpm_dir).with_context(|| format!("creating {}", tpm_dir.display()))?;
+    let tpm_dir = tpm_dir
+        .canonicalize()
+        .with_context(|| format!("resolving {}", tpm_dir.display()))?;
+    let _ = std::fs::remove_file(sock);
+    let mut swtpm = Command::new(swtpm_bin)
+        .arg("socket")
+        .arg("--tpm2")
+        .arg("--tpmstate")
+        .arg(format!("dir={}", tpm_dir.display()))
+        .arg("--ctrl")
+        .arg(format!("type=unixio,path={}", sock.display()))
+        .arg("--log")
+        .arg(format!(
+            "file={},level=1",
+            tpm_dir.join("swtpm.log").display()
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting swtpm")?;
+    if let Err(e) = wait_for_path(sock, &mut swtpm, "swtpm", Duration::from_secs(10)) {
+        stop(&mut swtpm, Duration::from_secs(1));
+        return Err(e);
+    }
+    Ok(swtpm)
+}
+
 pub struct Vm {
     pub spec: VmSpec,
     qemu: Child,
-    swtpm: Child,
+    swtpm: Option<Child>,
 }
 
 impl Vm {
@@ -114,40 +146,11 @@ impl Vm {
     /// the terminal.
     pub fn start(spec: VmSpec, tpm_dir: &Path) -> Result<Vm> {
         let qemu_bin = require_host_tool(HostTool::QemuSystem)?;
-        let swtpm_bin = require_host_tool(HostTool::Swtpm)?;
         require_file(&spec.firmware.code, "ovmf")?;
-        std::fs::create_dir_all(tpm_dir)
-            .with_context(|| format!("creating {}", tpm_dir.display()))?;
-        let tpm_dir = tpm_dir
-            .canonicalize()
-            .with_context(|| format!("resolving {}", tpm_dir.display()))?;
-        let _ = std::fs::remove_file(&spec.swtpm_socket);
-        let mut swtpm = Command::new(swtpm_bin)
-            .arg("socket")
-            .arg("--tpm2")
-            .arg("--tpmstate")
-            .arg(format!("dir={}", tpm_dir.display()))
-            .arg("--ctrl")
-            .arg(format!("type=unixio,path={}", spec.swtpm_socket.display()))
-            .arg("--log")
-            .arg(format!(
-                "file={},level=1",
-                tpm_dir.join("swtpm.log").display()
-            ))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting swtpm")?;
-        if let Err(e) = wait_for_path(
-            &spec.swtpm_socket,
-            &mut swtpm,
-            "swtpm",
-            Duration::from_secs(10),
-        ) {
-            stop(&mut swtpm, Duration::from_secs(1));
-            return Err(e);
-        }
+        let mut swtpm = match &spec.swtpm_socket {
+            Some(sock) => Some(start_swtpm(sock, tpm_dir)?),
+            None => None,
+        };
         let mut cmd = Command::new(qemu_bin);
         cmd.args(spec.args());
         tracing::debug!(command = %crate::tools::display_cmd(&cmd), "starting QEMU");
@@ -166,7 +169,9 @@ impl Vm {
         let qemu = match cmd.spawn() {
             Ok(q) => q,
             Err(e) => {
-                stop(&mut swtpm, Duration::from_secs(1));
+                if let Some(t) = swtpm.as_mut() {
+                    stop(t, Duration::from_secs(1));
+                }
                 return Err(e).context("starting qemu-system-x86_64");
             }
         };
@@ -184,7 +189,9 @@ impl Vm {
     ) -> Result<Option<ExitStatus>> {
         loop {
             if let Some(s) = self.qemu.try_wait().context("waiting for QEMU")? {
-                stop(&mut self.swtpm, Duration::from_secs(2));
+                if let Some(t) = self.swtpm.as_mut() {
+                    stop(t, Duration::from_secs(2));
+                }
                 return Ok(Some(s));
             }
             if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
@@ -198,7 +205,9 @@ impl Vm {
     /// Stops QEMU and swtpm (hard power-off).
     pub fn kill(&mut self) {
         stop(&mut self.qemu, Duration::from_secs(5));
-        stop(&mut self.swtpm, Duration::from_secs(2));
+        if let Some(t) = self.swtpm.as_mut() {
+            stop(t, Duration::from_secs(2));
+        }
     }
 }
 

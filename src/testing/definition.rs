@@ -156,7 +156,7 @@ fn default_node() -> NodeSel {
     NodeSel::One(1)
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct NodeConfig {
     /// Ignition config passed through fw_cfg, relative to the test file.
@@ -168,6 +168,31 @@ pub struct NodeConfig {
     /// A sparse raw copy of the image instead of a qcow2 overlay, for steps that edit the ESP.
     #[serde(default)]
     pub raw_disk: bool,
+    /// A software TPM 2.0 (default); `false` gives a machine without one.
+    #[serde(default = "yes")]
+    pub tpm: bool,
+    /// Start with the scenario and wait for the guest agent (default); `false` leaves the node
+    /// off until an `action = "start"` step (e.g. one that waits for console text).
+    #[serde(default = "yes")]
+    pub autostart: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for NodeConfig {
+    /// A node as a test gets it without a `[[node]]` table: 2 GiB, a TPM, a qcow2 overlay.
+    fn default() -> Self {
+        NodeConfig {
+            ignition: None,
+            memory_mib: None,
+            secure_boot: false,
+            raw_disk: false,
+            tpm: true,
+            autostart: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -449,6 +474,11 @@ retry-for = "30s"
             Some(Secs(Duration::from_secs(30)))
         );
         assert_eq!(f.spec.step[1].action, Some(Action::Reboot));
+        let n = f.node_config(0);
+        assert!(
+            n.tpm && !n.raw_disk && !n.secure_boot,
+            "default node: TPM, overlay, no SB"
+        );
     }
 
     #[test]
@@ -476,6 +506,11 @@ retry-for = "30s"
             ("node out of range", "description = \"x\"\ntimeout = 5\n[[step]]\ntest = \"a\"\nnode = 3\nrun = \"true\"\n", "names node 3"),
             ("tamper without path", "description = \"x\"\ntimeout = 5\n[[step]]\ntest = \"a\"\naction = \"tamper-usr\"\n", "tamper-usr needs"),
             ("bad duration", "description = \"x\"\ntimeout = \"5h\"\n[[step]]\ntest = \"a\"\nrun = \"true\"\n", "not a duration"),
+            ("tamper-uki without how", "description = \"x\"\ntimeout = 5\n[[node]]\nraw-disk = true\n[[step]]\ntest = \"a\"\naction = \"tamper-uki\"\n", "needs `how`"),
+            ("cmdline without replace", "description = \"x\"\ntimeout = 5\n[[node]]\nraw-disk = true\n[[step]]\ntest = \"a\"\naction = \"tamper-uki\"\nhow = \"cmdline\"\n", "replace = ["),
+            ("uki edit on an overlay", "description = \"x\"\ntimeout = 5\n[[step]]\ntest = \"a\"\naction = \"tamper-uki\"\nhow = \"flip-byte\"\n", "raw-disk = true"),
+            ("update without version", "description = \"x\"\ntimeout = 5\n[[node]]\nraw-disk = true\n[[step]]\ntest = \"a\"\naction = \"install-update\"\n", "needs `version`"),
+            ("console on a command", "description = \"x\"\ntimeout = 5\n[[step]]\ntest = \"a\"\nrun = \"true\"\nconsole = [\"x\"]\n", "belongs to action"),
         ];
         for (name, text, want) in cases {
             let err = format!("{:#}", parse(Path::new("t.toml"), text).expect_err(name));
@@ -509,6 +544,11 @@ retry-for = "30s"
             "boot.verity-tamper",
             "etcd.single-node",
             "net.two-nodes",
+            "trust.pcr11-prediction",
+            "trust.secureboot",
+            "trust.tampered-uki-no-unlock",
+            "trust.update-same-key-unlocks",
+            "trust.no-tpm-refused",
         ] {
             assert!(
                 names.iter().any(|n| n == want),

@@ -57,6 +57,9 @@ struct Node {
     /// Consoles of boots meant to stop early (checked by their own step, not implicitly).
     expected_failures: Vec<PathBuf>,
     firmware: Firmware,
+    /// False for a machine without a TPM (`tpm = false`).
+    tpm_enabled: bool,
+    autostart: bool,
     /// The UKI as built, saved by the first `tamper-uki` for `restore-uki`.
     saved_uki: Option<(String, Vec<u8>)>,
 }
@@ -71,7 +74,7 @@ impl Node {
             firmware: self.firmware.clone(),
             vars: self.vars.clone(),
             disk: self.overlay.clone(),
-            swtpm_socket: self.dir.join("swtpm.sock"),
+            swtpm_socket: self.tpm_enabled.then(|| self.dir.join("swtpm.sock")),
             console: Some(console),
             qga_socket: Some(self.qga_socket.clone()),
             qmp_socket: Some(self.qmp_socket.clone()),
@@ -353,10 +356,12 @@ fn action(
         }
         Some(Action::RestoreUki) => {
             require_off(node, "restore-uki")?;
-            let (name, data) = node
+            let (_, data) = node
                 .saved_uki
                 .take()
                 .context("restore-uki before any tamper-uki")?;
+            // systemd-boot may have renamed the file since (boot counting): restore in place.
+            let name = esp::find_uki(&node.overlay, &ctx.manifest.version)?;
             esp::write_uki(&node.overlay, &name, &data)?;
             Ok(())
         }
@@ -423,6 +428,27 @@ fn require_off(node: &Node, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Console text without terminal escape sequences (systemd colours unit names inside status
+/// lines, so `Starting foo.service` is only found once they are gone).
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            // Parameters and intermediates, then one final byte in @..~.
+            for n in chars.by_ref() {
+                if ('@'..='~').contains(&n) {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Waits until the console shows every string of `want`; fails on any of `never`.
 fn wait_console(
     node: &mut Node,
@@ -435,8 +461,9 @@ fn wait_console(
         if interrupted.load(Ordering::SeqCst) {
             bail!("interrupted");
         }
-        let text = String::from_utf8_lossy(&std::fs::read(console).unwrap_or_default())
-            .replace("\u{1b}[0m", "");
+        let text = strip_ansi(&String::from_utf8_lossy(
+            &std::fs::read(console).unwrap_or_default(),
+        ));
         if let Some(bad) = never.iter().find(|n| text.contains(n.as_str())) {
             bail!("node{} console shows `{bad}`", node.index);
         }
@@ -600,18 +627,20 @@ pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>
             consoles: Vec::new(),
             expected_failures: Vec::new(),
             firmware,
+            tpm_enabled: cfg.tpm,
+            autostart: cfg.autostart,
             saved_uki: None,
         });
     }
     let mut aborted: Option<String> = None;
-    for n in nodes.iter_mut() {
+    for n in nodes.iter_mut().filter(|n| n.autostart) {
         if let Err(e) = n.start(&ctx.accel) {
             aborted = Some(format!("starting node{}: {e:#}", n.index));
             break;
         }
     }
     if aborted.is_none() {
-        for n in &nodes {
+        for n in nodes.iter().filter(|n| n.autostart) {
             if let Err(e) = wait_boot(n, None, deadline) {
                 aborted = Some(format!("{e:#}"));
                 break;
@@ -763,6 +792,17 @@ pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ansi_sequences_are_removed_from_console_text() {
+        let line =
+            "         Starting \u{1b}[0;1;39msystemd-cryptsetup@root.s…ce\u{1b}[0m - Cryptography";
+        assert_eq!(
+            strip_ansi(line),
+            "         Starting systemd-cryptsetup@root.s…ce - Cryptography"
+        );
+        assert_eq!(strip_ansi("plain [brackets]"), "plain [brackets]");
+    }
     use crate::testing::definition::parse;
 
     fn step(toml_step: &str) -> Step {
