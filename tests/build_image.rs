@@ -521,6 +521,40 @@ fn check_signed_variant(minimal: &Path, tmp: &Path) {
         .output()
         .expect("sbverify");
     ok(o, "sbverify of the UKI");
+
+    // The tampering `keel test` does, on the real UKI: a changed command line keeps the
+    // signature bytes but moves PCR 11 off every signed policy; a flipped kernel byte breaks the
+    // Authenticode signature.
+    let changed =
+        keel::testing::esp::replace_cmdline(&uki, "systemd.firstboot=off", "init=/usr/bin/sh")
+            .expect("replace cmdline");
+    assert_eq!(changed.len(), uki.len());
+    let sections = keel::trust::measure::measured_sections(&changed).expect("sections");
+    let predicted = keel::trust::measure::predict(&sections);
+    for p in &predicted {
+        assert!(
+            !got.iter().any(|e| e["pol"] == p.policy.as_str()),
+            "a changed command line must match no signed policy ({})",
+            p.phase
+        );
+    }
+    let flipped = keel::testing::esp::flip_linux_byte(&uki).expect("flip");
+    let bad = dir.join("flipped.efi");
+    fs::write(&bad, flipped).expect("write");
+    let o = keel()
+        .args(["__sandbox", "--root"])
+        .arg(tools_tree())
+        .arg("--bind")
+        .arg(&dir)
+        .args(["--", "sbverify", "--cert"])
+        .arg(keys.join("db.crt"))
+        .arg(&bad)
+        .output()
+        .expect("sbverify");
+    assert!(
+        !o.status.success(),
+        "sbverify must reject a UKI with a flipped kernel byte"
+    );
 }
 
 fn nix_is_root() -> bool {

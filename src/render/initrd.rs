@@ -104,9 +104,9 @@ if [ -c /dev/tpmrm0 ]; then
 else
     TPM=0
     if [ "$WITHOUT_TPM" != unencrypted ]; then
-        fail "no TPM2 device: this image never stores node state unsealed (trust.without-tpm = "refuse"); boot it with a TPM 2.0, or build with trust.without-tpm = "unencrypted""
+        fail "no TPM2 device: this image never stores node state unsealed (trust.without-tpm = \"refuse\"); boot it with a TPM 2.0, or build with trust.without-tpm = \"unencrypted\""
     fi
-    say "WARNING: no TPM2 device; creating the root volume WITHOUT protection (empty passphrase) because the image sets trust.without-tpm = "unencrypted""
+    say "WARNING: no TPM2 device; creating the root volume WITHOUT protection (empty passphrase) because the image sets trust.without-tpm = \"unencrypted\""
     : > "$KEY"
 fi
 say "creating the LUKS2 root volume on $DEV"
@@ -161,7 +161,10 @@ ExecStart=/usr/lib/keel/root-init
 
 /// The sealed root volume is opened from the initrd's crypttab (as `/dev/mapper/root`, the UKI's
 /// `root=`), after keel-root-init has created it. `tpm2-measure-pcr` records the volume key in
-/// PCR 15, so a swapped volume changes the measured state.
+/// PCR 15, so a swapped volume changes the measured state. The LUKS device only appears once
+/// keel-root-init has formatted it, which may take longer than systemd's default 90 s device
+/// wait (e.g. while the initrd waits for a TPM the firmware announced): no device timeout, since
+/// keel-root-init either creates the device or fails into emergency mode.
 const CRYPTSETUP_DROPIN: &str = "\
 [Unit]
 Requires=keel-root-init.service
@@ -171,7 +174,7 @@ After=keel-root-init.service
 /// The initrd's /etc/crypttab for a sealed image.
 pub fn crypttab(without_tpm: WithoutTpm) -> String {
     let mut opts = String::from(
-        "tpm2-device=auto,tpm2-signature=/.extra/tpm2-pcr-signature.json,tpm2-measure-pcr=yes,x-initrd.attach",
+        "tpm2-device=auto,tpm2-signature=/.extra/tpm2-pcr-signature.json,tpm2-measure-pcr=yes,x-initrd.attach,x-systemd.device-timeout=0",
     );
     if without_tpm == WithoutTpm::Unencrypted {
         opts.push_str(",try-empty-password=yes");
@@ -566,6 +569,28 @@ kernel/lib/crc16.ko.xz:\n";
             "{files:?}"
         );
         assert!(files.contains(&"kernel/lib/libcrc32c.ko.xz".to_string()));
+    }
+
+    #[test]
+    fn crypttab_opens_the_sealed_root_and_allows_empty_passphrase_only_when_asked() {
+        let refuse = crypttab(WithoutTpm::Refuse);
+        assert!(
+            refuse.starts_with("root /dev/gpt-auto-root-luks - "),
+            "{refuse}"
+        );
+        for opt in [
+            "tpm2-device=auto",
+            "x-initrd.attach",
+            "x-systemd.device-timeout=0",
+        ] {
+            assert!(refuse.contains(opt), "{opt} missing: {refuse}");
+        }
+        assert!(!refuse.contains("try-empty-password"), "{refuse}");
+        assert!(crypttab(WithoutTpm::Unencrypted).contains("try-empty-password=yes"));
+        assert!(
+            ROOT_INIT.contains("@WITHOUT_TPM@"),
+            "the setting is substituted at build time"
+        );
     }
 
     #[test]
