@@ -129,7 +129,9 @@ if [ "$TPM" = 1 ]; then
 fi
 cryptsetup close keel-root-new
 if [ "$TPM" = 1 ]; then
-    cryptsetup luksKillSlot -q "$DEV" 0
+    # Batch mode needs no remaining passphrase; it still says "Nothing to read on input".
+    cryptsetup luksKillSlot -q "$DEV" 0 < /dev/null 2> /run/keel/killslot.log \
+        || { cat /run/keel/killslot.log >&2; fail "removing the one-time key slot failed"; }
 fi
 cryptsetup config --label keel-root "$DEV"
 udevadm trigger --settle "$DEV" || true
@@ -272,6 +274,24 @@ pub fn resolve_modules(index: &ModuleIndex, wanted: &[String]) -> (Vec<String>, 
     (files.into_iter().collect(), missing)
 }
 
+/// Modules systemd-modules-load loads at once in the initrd, when the initrd has them.
+const EARLY_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "dm_verity", "erofs"];
+
+/// The [`EARLY_MODULES`] present among the initrd's module files (a name that is missing would
+/// make systemd-modules-load fail).
+pub fn early_modules(files: &[String]) -> Vec<String> {
+    EARLY_MODULES
+        .iter()
+        .filter(|m| {
+            files.iter().any(|f| {
+                let base = f.rsplit('/').next().unwrap_or(f);
+                base.split(".ko").next().unwrap_or(base).replace('-', "_") == **m
+            })
+        })
+        .map(|m| m.to_string())
+        .collect()
+}
+
 /// Directories and files removed from the initrd tree: documentation, locales, perl, package
 /// state — nothing the boot needs.
 const TRIM: &[&str] = &[
@@ -390,6 +410,7 @@ pub fn build(
         osr.clone(),
         ETC_SETUP.into(),
         ETC_SETUP_UNIT.into(),
+        early_modules(&files).join(","),
         input.epoch.to_string(),
         input
             .sealed
@@ -432,6 +453,20 @@ pub fn build(
         }
     }
     fs::write(tree.join("etc/initrd-release"), &osr).context("writing initrd-release")?;
+    // Load the disk and /usr modules as soon as systemd starts, instead of when udev's coldplug
+    // reaches the devices (seconds later under emulation).
+    let early = early_modules(&files);
+    if !early.is_empty() {
+        crate::compose::overlay::replace_file(
+            &tree.join("etc/modules-load.d/keel-early.conf"),
+            format!(
+                "# keel: disk and /usr modules, loaded before udev coldplug\n{}\n",
+                early.join("\n")
+            )
+            .as_bytes(),
+            0o644,
+        )?;
+    }
     fs::write(tree.join("etc/machine-id"), "").context("writing machine-id")?;
     cache::remove_path(&tree.join("init"))?;
     symlink("usr/lib/systemd/systemd", tree.join("init")).context("linking /init")?;
@@ -591,6 +626,16 @@ kernel/lib/crc16.ko.xz:\n";
             ROOT_INIT.contains("@WITHOUT_TPM@"),
             "the setting is substituted at build time"
         );
+    }
+
+    #[test]
+    fn early_modules_are_only_those_the_initrd_has() {
+        let files = vec![
+            "kernel/drivers/block/virtio_blk.ko.xz".to_string(),
+            "kernel/drivers/md/dm-verity.ko.xz".to_string(),
+        ];
+        assert_eq!(early_modules(&files), vec!["virtio_blk", "dm_verity"]);
+        assert!(early_modules(&[]).is_empty());
     }
 
     #[test]
