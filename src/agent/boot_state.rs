@@ -34,10 +34,17 @@ pub struct Inputs<'a> {
     pub keys: &'a [TrustedKey],
 }
 
+/// PCRs reported besides 11: firmware code (0), boot loader code (4), Secure Boot policy (7),
+/// kernel command line from outside the UKI (12), system extensions (13), volume keys and
+/// machine identity (15).
+pub const REPORTED_PCRS: &[u32] = &[0, 4, 7, 11, 12, 13, 15];
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BootState {
     /// PCR 11, sha256 bank, as the TPM reports it.
     pub pcr11: String,
+    /// Every reported PCR (sha256 bank), by index.
+    pub pcrs: std::collections::BTreeMap<u32, String>,
     /// PCR 11 replayed from the event logs.
     pub replayed: String,
     pub replay_matches: bool,
@@ -110,6 +117,7 @@ pub fn evaluate(i: &Inputs) -> BootState {
     let trusted = replay_matches && firmware_events > 0 && signed_by.is_some();
     BootState {
         pcr11: hex::encode(i.pcr11),
+        pcrs: std::collections::BTreeMap::new(),
         replayed: hex::encode(replayed),
         replay_matches,
         firmware_events,
@@ -147,7 +155,12 @@ pub fn load_keys(root: &Path) -> anyhow::Result<Vec<TrustedKey>> {
 pub fn read(root: &Path) -> anyhow::Result<BootState> {
     use anyhow::Context;
     let keys = load_keys(root)?;
-    let pcr11 = super::tpm::read_pcr_sha256(11)?;
+    let pcrs = super::tpm::read_pcrs_sha256(REPORTED_PCRS)?;
+    let pcr11 = pcrs
+        .iter()
+        .find(|(i, _)| *i == 11)
+        .map(|(_, v)| *v)
+        .context("the TPM returned no PCR 11")?;
     let fw_path = root.join(FIRMWARE_LOG);
     let fw = std::fs::read(&fw_path)
         .with_context(|| format!("reading the firmware event log {}", fw_path.display()))?;
@@ -164,13 +177,15 @@ pub fn read(root: &Path) -> anyhow::Result<BootState> {
         ),
         Err(_) => None,
     };
-    Ok(evaluate(&Inputs {
+    let mut state = evaluate(&Inputs {
         pcr11,
         firmware: &firmware,
         userspace: &userspace,
         pcrsig: pcrsig.as_ref(),
         keys: &keys,
-    }))
+    });
+    state.pcrs = pcrs.iter().map(|(i, v)| (*i, hex::encode(v))).collect();
+    Ok(state)
 }
 
 #[cfg(test)]

@@ -32,7 +32,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
-                println!("PCR 11 (sha256)   {}", s.pcr11);
+                for (i, v) in &s.pcrs {
+                    println!("PCR {i:<2} (sha256)   {v}");
+                }
                 println!(
                     "event log replay  {} ({} firmware events, phases: {})",
                     if s.replay_matches {

@@ -17,28 +17,57 @@ fn context() -> Result<tss_esapi::Context> {
     tss_esapi::Context::new(tcti).context("opening the TPM (/dev/tpmrm0): is there a TPM 2.0?")
 }
 
-/// Reads PCR `index` of the sha256 bank.
-pub fn read_pcr_sha256(index: u32) -> Result<[u8; 32]> {
-    let slot = match index {
+fn slot(index: u32) -> Result<PcrSlot> {
+    Ok(match index {
         0 => PcrSlot::Slot0,
+        1 => PcrSlot::Slot1,
+        2 => PcrSlot::Slot2,
+        3 => PcrSlot::Slot3,
         4 => PcrSlot::Slot4,
+        5 => PcrSlot::Slot5,
+        6 => PcrSlot::Slot6,
         7 => PcrSlot::Slot7,
+        8 => PcrSlot::Slot8,
+        9 => PcrSlot::Slot9,
+        10 => PcrSlot::Slot10,
         11 => PcrSlot::Slot11,
+        12 => PcrSlot::Slot12,
+        13 => PcrSlot::Slot13,
+        14 => PcrSlot::Slot14,
         15 => PcrSlot::Slot15,
-        _ => anyhow::bail!("PCR {index} is not one keel-agent reads"),
-    };
+        _ => anyhow::bail!("PCR {index} is not one keel-agent reads (0-15)"),
+    })
+}
+
+/// Reads PCRs of the sha256 bank (at most 8 per TPM2_PCR_Read), in the order given.
+pub fn read_pcrs_sha256(indices: &[u32]) -> Result<Vec<(u32, [u8; 32])>> {
     let mut ctx = context()?;
-    let sel = PcrSelectionListBuilder::new()
-        .with_selection(HashingAlgorithm::Sha256, &[slot])
-        .build()
-        .context("building the PCR selection")?;
-    let (_, _, digests) = ctx
-        .pcr_read(sel)
-        .with_context(|| format!("reading PCR {index} (sha256)"))?;
-    let d = digests
-        .value()
-        .first()
-        .with_context(|| format!("the TPM returned no value for PCR {index} (sha256 bank off?)"))?;
-    <[u8; 32]>::try_from(d.value())
-        .with_context(|| format!("PCR {index} sha256 value has {} bytes", d.value().len()))
+    let mut out = Vec::new();
+    for chunk in indices.chunks(8) {
+        let slots = chunk.iter().map(|i| slot(*i)).collect::<Result<Vec<_>>>()?;
+        let sel = PcrSelectionListBuilder::new()
+            .with_selection(HashingAlgorithm::Sha256, &slots)
+            .build()
+            .context("building the PCR selection")?;
+        let (_, _, digests) = ctx
+            .pcr_read(sel)
+            .with_context(|| format!("reading PCRs {chunk:?} (sha256)"))?;
+        // The TPM answers in ascending PCR order.
+        let mut sorted = chunk.to_vec();
+        sorted.sort_unstable();
+        if digests.value().len() != sorted.len() {
+            anyhow::bail!(
+                "the TPM returned {} of {} PCR values (sha256 bank off?)",
+                digests.value().len(),
+                sorted.len()
+            );
+        }
+        for (i, d) in sorted.iter().zip(digests.value()) {
+            let v = <[u8; 32]>::try_from(d.value())
+                .with_context(|| format!("PCR {i} sha256 value has {} bytes", d.value().len()))?;
+            out.push((*i, v));
+        }
+    }
+    out.sort_by_key(|(i, _)| indices.iter().position(|x| x == i));
+    Ok(out)
 }
