@@ -274,8 +274,16 @@ pub fn resolve_modules(index: &ModuleIndex, wanted: &[String]) -> (Vec<String>, 
     (files.into_iter().collect(), missing)
 }
 
-/// Modules systemd-modules-load loads at once in the initrd, when the initrd has them.
-const EARLY_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "dm_verity", "erofs"];
+/// Modules systemd-modules-load loads at once in the initrd, when the initrd has them, in this
+/// order: the accelerated sha256 must be registered before dm-verity sets up /usr, or the
+/// device hashes with sha256-generic for the rest of the boot.
+const EARLY_MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_blk",
+    "sha256_ssse3",
+    "dm_verity",
+    "erofs",
+];
 
 /// The [`EARLY_MODULES`] present among the initrd's module files (a name that is missing would
 /// make systemd-modules-load fail).

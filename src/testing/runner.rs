@@ -212,11 +212,29 @@ fn run_command(
     }
 }
 
+/// Waits for the guest agent to answer with a boot ID other than `old_boot`. Gives up early
+/// when the current boot's console shows a panic or emergency mode (nothing will answer then).
 fn wait_boot(node: &Node, old_boot: Option<&str>, deadline: Instant) -> Result<String> {
     let qga = node.qga();
     loop {
         if Instant::now() > deadline {
             bail!("node{} did not come back (guest agent silent)", node.index);
+        }
+        if let Some(console) = node.consoles.last() {
+            let text = strip_ansi(&String::from_utf8_lossy(
+                &std::fs::read(console).unwrap_or_default(),
+            ));
+            if let Some(line) = text
+                .lines()
+                .find(|l| l.contains("Kernel panic") || l.contains("You are in emergency mode"))
+            {
+                bail!(
+                    "node{} will not come back: console shows `{}` (see {})",
+                    node.index,
+                    line.trim(),
+                    console.display()
+                );
+            }
         }
         if qga.ping(Duration::from_secs(3)) {
             if let Ok(id) = qga.boot_id() {
@@ -309,7 +327,8 @@ fn action(
             }
             node.start(&ctx.accel)?;
             if step.console.is_empty() {
-                return wait_boot(node, None, deadline).map(|_| ());
+                let limit = Instant::now() + step.timeout.map(|t| t.0).unwrap_or(REBOOT_TIMEOUT);
+                return wait_boot(node, None, limit.min(deadline)).map(|_| ());
             }
             let console = node.consoles.last().cloned().context("no console")?;
             node.expected_failures.push(console.clone());
