@@ -7,6 +7,7 @@ pub mod build;
 pub mod cache;
 pub mod cli;
 pub mod compose;
+pub mod container;
 pub mod image;
 pub mod inspect;
 pub mod manifest;
