@@ -182,6 +182,7 @@ pub fn boot(opts: &BootOptions) -> Result<()> {
         disk: overlay,
         swtpm_socket: Some(tmp.path().join("swtpm.sock")),
         console: opts.console.clone(),
+        console_input: None,
         qga_socket: Some(tmp.path().join("qga.sock")),
         qmp_socket: Some(tmp.path().join("qmp.sock")),
         ignition: opts.ignition.clone(),

@@ -60,6 +60,9 @@ pub struct VmSpec {
     pub swtpm_socket: Option<PathBuf>,
     /// Serial console: `None` means the terminal (interactive), else a log file.
     pub console: Option<PathBuf>,
+    /// With a console log file: also a unix socket through which the console can be typed into
+    /// (everything the guest writes still lands in the log file).
+    pub console_input: Option<PathBuf>,
     pub qga_socket: Option<PathBuf>,
     pub qmp_socket: Option<PathBuf>,
     pub ignition: Option<PathBuf>,
@@ -144,7 +147,14 @@ impl VmSpec {
             }
             Some(path) => {
                 push("-chardev".into());
-                push(format!("file,id=console0,path={}", path.display()));
+                match &self.console_input {
+                    None => push(format!("file,id=console0,path={}", path.display())),
+                    Some(sock) => push(format!(
+                        "socket,id=console0,path={},server=on,wait=off,logfile={},logappend=on",
+                        sock.display(),
+                        path.display()
+                    )),
+                }
                 push("-serial".into());
                 push("chardev:console0".into());
             }
@@ -212,6 +222,7 @@ mod tests {
             disk: "/vm/disk.qcow2".into(),
             swtpm_socket: Some("/vm/tpm/sock".into()),
             console: Some("/vm/console.log".into()),
+            console_input: None,
             qga_socket: Some("/vm/qga.sock".into()),
             qmp_socket: Some("/vm/qmp.sock".into()),
             ignition: Some("/vm/config.ign".into()),
@@ -255,6 +266,20 @@ mod tests {
         ] {
             assert!(j.contains(want), "missing `{want}` in {j}");
         }
+    }
+
+    #[test]
+    fn console_with_input_is_a_logged_socket() {
+        let mut s = spec();
+        s.console_input = Some("/vm/console.sock".into());
+        let a: Vec<String> = s
+            .args()
+            .iter()
+            .map(|x| x.to_string_lossy().into())
+            .collect();
+        assert!(a.contains(
+            &"socket,id=console0,path=/vm/console.sock,server=on,wait=off,logfile=/vm/console.log,logappend=on".to_string()
+        ), "{a:?}");
     }
 
     #[test]

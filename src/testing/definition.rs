@@ -86,6 +86,8 @@ pub enum Action {
     TamperUki,
     /// Put the UKI saved before the first `tamper-uki` back.
     RestoreUki,
+    /// Type `text` on the serial console (e.g. a passphrase at a prompt); node running.
+    Type,
     /// Build the image again as `version` with the same keys, and install it as an A/B update:
     /// /usr into slot B, the new UKI into the ESP. Node off, `raw-disk` node.
     InstallUpdate,
@@ -122,6 +124,8 @@ pub struct Step {
     pub replace: Vec<String>,
     /// For `install-update`: the version the image is built as.
     pub version: Option<String>,
+    /// For `type`: the text, templates expanded; `\n` is sent as Enter.
+    pub text: Option<String>,
     /// For `start`: wait until the console shows all of these instead of waiting for the guest
     /// agent (a boot that is meant to stop early). Implicit console checks skip that boot.
     #[serde(default)]
@@ -341,6 +345,13 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile> {
                 _ => {}
             }
         }
+        if s.action == Some(Action::Type) && s.text.is_none() {
+            bail!(
+                "{}: step {n} ({}): type needs `text`",
+                path.display(),
+                s.test
+            );
+        }
         if s.action == Some(Action::InstallUpdate) && s.version.is_none() {
             bail!(
                 "{}: step {n} ({}): install-update needs `version`",
@@ -510,6 +521,7 @@ retry-for = "30s"
             ("cmdline without replace", "description = \"x\"\ntimeout = 5\n[[node]]\nraw-disk = true\n[[step]]\ntest = \"a\"\naction = \"tamper-uki\"\nhow = \"cmdline\"\n", "replace = ["),
             ("uki edit on an overlay", "description = \"x\"\ntimeout = 5\n[[step]]\ntest = \"a\"\naction = \"tamper-uki\"\nhow = \"flip-byte\"\n", "raw-disk = true"),
             ("update without version", "description = \"x\"\ntimeout = 5\n[[node]]\nraw-disk = true\n[[step]]\ntest = \"a\"\naction = \"install-update\"\n", "needs `version`"),
+            ("type without text", "description = \"x\"\ntimeout = 5\n[[step]]\ntest = \"a\"\naction = \"type\"\n", "type needs `text`"),
             ("console on a command", "description = \"x\"\ntimeout = 5\n[[step]]\ntest = \"a\"\nrun = \"true\"\nconsole = [\"x\"]\n", "belongs to action"),
         ];
         for (name, text, want) in cases {
@@ -549,6 +561,7 @@ retry-for = "30s"
             "trust.tampered-uki-no-unlock",
             "trust.update-same-key-unlocks",
             "trust.no-tpm-refused",
+            "trust.recovery-key",
         ] {
             assert!(
                 names.iter().any(|n| n == want),

@@ -76,6 +76,7 @@ impl Node {
             disk: self.overlay.clone(),
             swtpm_socket: self.tpm_enabled.then(|| self.dir.join("swtpm.sock")),
             console: Some(console),
+            console_input: Some(self.dir.join("console.sock")),
             qga_socket: Some(self.qga_socket.clone()),
             qmp_socket: Some(self.qmp_socket.clone()),
             ignition: self.ignition.clone(),
@@ -351,6 +352,14 @@ fn action(
                 ctx.interrupted,
             )
         }
+        Some(Action::Type) => {
+            if !node.running() {
+                bail!("node{} is not running: nothing to type into", node.index);
+            }
+            let text = expand(step.text.as_deref().unwrap_or_default(), vars)?;
+            type_into_console(&node.dir.join("console.sock"), &text)
+                .with_context(|| format!("typing into node{}'s console", node.index))
+        }
         Some(Action::TamperUki) => {
             require_off(node, "tamper-uki")?;
             let name = esp::find_uki(&node.overlay, &ctx.manifest.version)?;
@@ -435,6 +444,20 @@ fn action(
         }
         None => Ok(()),
     }
+}
+
+/// Sends `text` to the serial console, a character at a time as a person would type (a line end
+/// is a carriage return, as a terminal sends it).
+fn type_into_console(sock: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(sock)
+        .with_context(|| format!("connecting to {}", sock.display()))?;
+    for b in text.replace('\n', "\r").bytes() {
+        s.write_all(&[b]).context("writing to the console")?;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    s.flush().context("flushing the console")?;
+    Ok(())
 }
 
 fn require_off(node: &Node, what: &str) -> Result<()> {
