@@ -82,18 +82,48 @@ fn tools_tree() -> PathBuf {
     trees.pop().expect("a tools tree with veritysetup")
 }
 
-fn veritysetup_verify(dir: &Path, data: &Path, hash: &Path, root_hash: &str) -> Output {
+/// Runs a program of the tools tree with `dir` visible inside.
+fn in_tools<I, S>(dir: &Path, argv: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
     keel()
         .args(["__sandbox", "--root"])
         .arg(tools_tree())
         .arg("--bind")
         .arg(dir)
-        .args(["--", "veritysetup", "verify"])
-        .arg(data)
-        .arg(hash)
-        .arg(root_hash)
+        .arg("--")
+        .args(argv)
         .output()
-        .expect("run veritysetup")
+        .expect("run a tool in the tools tree")
+}
+
+fn veritysetup_verify(dir: &Path, data: &Path, hash: &Path, root_hash: &str) -> Output {
+    in_tools(
+        dir,
+        [
+            "veritysetup".as_ref(),
+            "verify".as_ref(),
+            data.as_os_str(),
+            hash.as_os_str(),
+            root_hash.as_ref(),
+        ],
+    )
+}
+
+/// `(phase, value)` pairs from a JSON array of per-phase PCR values.
+fn phase_values(list: &Value, value_key: &str) -> Vec<(String, String)> {
+    list.as_array()
+        .expect("array of phases")
+        .iter()
+        .map(|e| {
+            (
+                e["phase"].as_str().expect("phase").to_string(),
+                e[value_key].as_str().expect("value").to_string(),
+            )
+        })
+        .collect()
 }
 
 #[test]
@@ -428,43 +458,16 @@ fn check_signed_variant(minimal: &Path, tmp: &Path) {
         args.push(format!("{opt}={}", f.display()));
     }
     let measure = |extra: &[String]| -> String {
-        let o = keel()
-            .args(["__sandbox", "--root"])
-            .arg(tools_tree())
-            .arg("--bind")
-            .arg(&dir)
-            .args(["--", "/usr/lib/systemd/systemd-measure"])
-            .args(extra)
-            .args(&args)
-            .args(["--bank=sha256", "--json=short"])
-            .output()
-            .expect("run systemd-measure");
-        ok(o, "systemd-measure")
+        let mut argv = vec!["/usr/lib/systemd/systemd-measure".to_string()];
+        argv.extend(extra.iter().cloned());
+        argv.extend(args.iter().cloned());
+        argv.extend(["--bank=sha256".to_string(), "--json=short".to_string()]);
+        ok(in_tools(&dir, argv), "systemd-measure")
     };
     let calc: Value =
         serde_json::from_str(&measure(&["calculate".to_string()])).expect("calculate JSON");
-    let theirs: Vec<(String, String)> = calc["sha256"]
-        .as_array()
-        .expect("sha256 bank")
-        .iter()
-        .map(|e| {
-            (
-                e["phase"].as_str().expect("phase").to_string(),
-                e["hash"].as_str().expect("hash").to_string(),
-            )
-        })
-        .collect();
-    let ours: Vec<(String, String)> = m["trust"]["pcr11"]
-        .as_array()
-        .expect("manifest trust.pcr11")
-        .iter()
-        .map(|e| {
-            (
-                e["phase"].as_str().expect("phase").to_string(),
-                e["sha256"].as_str().expect("sha256").to_string(),
-            )
-        })
-        .collect();
+    let theirs = phase_values(&calc["sha256"], "hash");
+    let ours = phase_values(&m["trust"]["pcr11"], "sha256");
     assert_eq!(
         ours, theirs,
         "keel's PCR 11 predictions vs systemd-measure calculate"
@@ -510,17 +513,18 @@ fn check_signed_variant(minimal: &Path, tmp: &Path) {
     assert_eq!(got, want, ".pcrsig vs systemd-measure sign");
 
     // Secure Boot signatures: the UKI and the ESP's systemd-boot verify against db.crt.
-    let o = keel()
-        .args(["__sandbox", "--root"])
-        .arg(tools_tree())
-        .arg("--bind")
-        .arg(&dir)
-        .args(["--", "sbverify", "--cert"])
-        .arg(keys.join("db.crt"))
-        .arg(out.join("signed.efi"))
-        .output()
-        .expect("sbverify");
-    ok(o, "sbverify of the UKI");
+    let sbverify = |efi: &Path| {
+        in_tools(
+            &dir,
+            [
+                "sbverify".as_ref(),
+                "--cert".as_ref(),
+                keys.join("db.crt").as_os_str(),
+                efi.as_os_str(),
+            ],
+        )
+    };
+    ok(sbverify(&out.join("signed.efi")), "sbverify of the UKI");
 
     // The tampering `keel test` does, on the real UKI: a changed command line keeps the
     // signature bytes but moves PCR 11 off every signed policy; a flipped kernel byte breaks the
@@ -541,16 +545,7 @@ fn check_signed_variant(minimal: &Path, tmp: &Path) {
     let flipped = keel::testing::esp::flip_linux_byte(&uki).expect("flip");
     let bad = dir.join("flipped.efi");
     fs::write(&bad, flipped).expect("write");
-    let o = keel()
-        .args(["__sandbox", "--root"])
-        .arg(tools_tree())
-        .arg("--bind")
-        .arg(&dir)
-        .args(["--", "sbverify", "--cert"])
-        .arg(keys.join("db.crt"))
-        .arg(&bad)
-        .output()
-        .expect("sbverify");
+    let o = sbverify(&bad);
     assert!(
         !o.status.success(),
         "sbverify must reject a UKI with a flipped kernel byte"

@@ -94,25 +94,28 @@ pub fn evaluate(i: &Inputs) -> BootState {
                     "PCR 11 is in no state the UKI's .pcrsig lists (policy {policy}): the UKI, its command line or the boot phases differ from what was signed"
                 ));
             }
+            // A state counts as signed when any matching entry verifies with a trusted key;
+            // the reasons the others did not are only worth reporting when none does.
+            let mut rejected = Vec::new();
             for e in matching {
                 match i.keys.iter().find(|k| k.fingerprint == e.pkfp) {
-                    None => problems.push(format!(
+                    None => rejected.push(format!(
                         "a signature for this state is by key {}, which is not one of the operator's keys in /{TRUST_DIR}",
                         e.pkfp
                     )),
                     Some(k) => match measure::verify_entry(e, &k.key) {
                         Ok(true) => signed_by = Some(k.file.clone()),
-                        Ok(false) | Err(_) => problems.push(format!(
+                        Ok(false) | Err(_) => rejected.push(format!(
                             "the signature for this state does not verify with {}",
                             k.file
                         )),
                     },
                 }
             }
+            if signed_by.is_none() {
+                problems.extend(rejected);
+            }
         }
-    }
-    if signed_by.is_some() {
-        problems.retain(|p| !p.starts_with("a signature") && !p.starts_with("the signature"));
     }
     let trusted = replay_matches && firmware_events > 0 && signed_by.is_some();
     BootState {

@@ -222,9 +222,7 @@ fn wait_boot(node: &Node, old_boot: Option<&str>, deadline: Instant) -> Result<S
             bail!("node{} did not come back (guest agent silent)", node.index);
         }
         if let Some(console) = node.consoles.last() {
-            let text = strip_ansi(&String::from_utf8_lossy(
-                &std::fs::read(console).unwrap_or_default(),
-            ));
+            let text = console_text(console);
             if let Some(line) = text
                 .lines()
                 .find(|l| l.contains("Kernel panic") || l.contains("You are in emergency mode"))
@@ -491,6 +489,13 @@ pub fn strip_ansi(text: &str) -> String {
     out
 }
 
+/// A console log as text, without escape sequences (empty while QEMU has not created it).
+fn console_text(console: &Path) -> String {
+    strip_ansi(&String::from_utf8_lossy(
+        &std::fs::read(console).unwrap_or_default(),
+    ))
+}
+
 /// Waits until the console shows every string of `want`; fails on any of `never`.
 fn wait_console(
     node: &mut Node,
@@ -503,9 +508,7 @@ fn wait_console(
         if interrupted.load(Ordering::SeqCst) {
             bail!("interrupted");
         }
-        let text = strip_ansi(&String::from_utf8_lossy(
-            &std::fs::read(console).unwrap_or_default(),
-        ));
+        let text = console_text(console);
         if let Some(bad) = never.iter().find(|n| text.contains(n.as_str())) {
             bail!("node{} console shows `{bad}`", node.index);
         }

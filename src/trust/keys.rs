@@ -135,15 +135,10 @@ fn random_guid() -> Result<String, KeyError> {
     openssl::rand::rand_bytes(&mut b)?;
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let h = hex::encode(b);
-    Ok(format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    ))
+    crate::render::layout::uuid_from_hex(&hex::encode(b)).map_err(|e| KeyError::File {
+        path: PathBuf::from(file::OWNER),
+        message: format!("{e:#}"),
+    })
 }
 
 /// Creates a new key directory. `label` names the owner in certificate subjects. The keys are
