@@ -123,6 +123,62 @@ fn ensure_base(
     Ok((commit, kernel))
 }
 
+/// The container policy files an image carries: policy.json, the public keys (checked to be
+/// P-256), and the enrolled-machines list when the definition names one (its signature checked
+/// against those keys, so a build never ships a list the nodes would refuse).
+fn container_files(
+    c: &crate::image::ContainerSettings,
+    trust: Option<&crate::image::TrustSettings>,
+) -> Result<overlay::ContainerFiles> {
+    use crate::container::{policy, signature::TrustedKey};
+    let mut paths = c.keys.clone();
+    if paths.is_empty() {
+        let t = trust.context(
+            "`keys` is empty and there is no [trust] key directory to take container-signing.pub.pem from",
+        )?;
+        if t.generate_keys {
+            crate::trust::keys::ensure_container_key(&t.keys)?;
+        }
+        paths.push(t.keys.join(crate::trust::keys::file::CONTAINER_PUB));
+    }
+    let mut keys = Vec::new();
+    let mut trusted = Vec::new();
+    for p in &paths {
+        let pem = fs::read(p).with_context(|| format!("reading container key {}", p.display()))?;
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .context("key file name")?;
+        trusted.push(TrustedKey::from_pem(&name, &pem).with_context(|| p.display().to_string())?);
+        if keys.iter().any(|(n, _): &(String, Vec<u8>)| n == &name) {
+            anyhow::bail!("two container keys are named {name}; rename one");
+        }
+        keys.push((name, pem));
+    }
+    let machines = match &c.machines {
+        Some(m) => {
+            let list = policy::read_signed(m, &trusted)?
+                .with_context(|| format!("{}: no such file", m.display()))?;
+            tracing::debug!(serial = list.serial, "shipping the enrolled-machines list");
+            Some((
+                fs::read(m).with_context(|| format!("reading {}", m.display()))?,
+                fs::read(policy::sig_path(m))?,
+            ))
+        }
+        None => None,
+    };
+    let policy = policy::Policy {
+        keys: keys.iter().map(|(n, _)| n.clone()).collect(),
+        require_trusted_boot: c.require_trusted_boot,
+        require_enrolled_machines: c.require_enrolled_machines,
+    };
+    Ok(overlay::ContainerFiles {
+        policy_json: serde_json::to_vec_pretty(&policy)?,
+        keys,
+        machines,
+    })
+}
+
 fn read_text(p: &std::path::Path) -> Result<String> {
     fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
 }
@@ -142,6 +198,13 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
         Some(t) => Some(stages.run("signing keys", || {
             crate::trust::ensure_keys(t, &def.name)
                 .with_context(|| format!("trust.keys of {}", def.path.display()))
+        })?),
+        None => None,
+    };
+    let container_files = match &def.containers {
+        Some(c) => Some(stages.run("container policy", || {
+            container_files(c, def.trust.as_ref())
+                .with_context(|| format!("[containers] of {}", def.path.display()))
         })?),
         None => None,
     };
@@ -190,7 +253,13 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
             pcr_boot_pub_pem: &k.pcr_boot_pub_pem,
             db_crt_pem: &db_crt,
         });
-        overlay::apply(&tree, &def, &binaries, trust_files.as_ref())?;
+        overlay::apply(
+            &tree,
+            &def,
+            &binaries,
+            trust_files.as_ref(),
+            container_files.as_ref(),
+        )?;
         let status = fs::read_to_string(tree.join(usrify::DPKG_STATUS))
             .context("reading the image's dpkg status")?;
         let packages = dpkg::parse_status(&status);

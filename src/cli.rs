@@ -59,6 +59,12 @@ pub enum Commands {
     /// Manage the operator's signing keys (Secure Boot PK/KEK/db, PCR policy keys).
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Make, sign and check container images (OCI layouts with cosign-compatible signatures).
+    #[command(subcommand)]
+    Container(ContainerCommand),
+    /// Edit the operator-signed list of enrolled machines (TPM endorsement key hashes).
+    #[command(subcommand)]
+    Machines(MachinesCommand),
     /// Internal: run a command inside the tools tree.
     #[command(name = "__sandbox", hide = true)]
     Sandbox {
@@ -74,6 +80,99 @@ pub enum Commands {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum ContainerCommand {
+    /// Make an OCI image layout whose one layer is a directory tree.
+    Build {
+        /// The directory that becomes the container's root.
+        #[arg(long)]
+        from_tree: PathBuf,
+        /// Output layout directory (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        /// Also write an oci-archive (tar) of the layout here, for nodes' spool directories.
+        #[arg(long)]
+        archive: Option<PathBuf>,
+        /// Environment variables (KEY=VALUE), repeatable.
+        #[arg(long = "env")]
+        env: Vec<String>,
+        /// The program and its arguments.
+        #[arg(last = true, required = true)]
+        entrypoint: Vec<String>,
+    },
+    /// Sign an image layout with a container-signing key (stored in the layout as cosign does).
+    Sign {
+        image: PathBuf,
+        /// PEM private key (ECDSA P-256), e.g. KEYDIR/container-signing.key.
+        #[arg(long)]
+        key: PathBuf,
+        /// The reference named in the payload.
+        #[arg(long, default_value = "keel/local")]
+        reference: String,
+        /// Also write an oci-archive (tar) of the signed layout here.
+        #[arg(long)]
+        archive: Option<PathBuf>,
+    },
+    /// Print the simple-signing payload of an image, to sign with `cosign sign-blob --key`.
+    Payload {
+        image: PathBuf,
+        #[arg(long, default_value = "keel/local")]
+        reference: String,
+    },
+    /// Store a signature made with cosign (`cosign sign-blob` over `keel container payload`).
+    Attach {
+        image: PathBuf,
+        #[arg(long)]
+        payload: PathBuf,
+        /// File with the base64 signature cosign printed.
+        #[arg(long)]
+        signature: PathBuf,
+        #[arg(long)]
+        archive: Option<PathBuf>,
+    },
+    /// Check an image's signature and digests with public keys, as a node would.
+    Verify {
+        image: PathBuf,
+        /// PEM public keys (cosign.pub or container-signing.pub.pem), repeatable.
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MachinesCommand {
+    /// Add a machine (its EK hash from `keel-agent ek-hash`) and sign the list again.
+    Add {
+        /// The list (created when missing); its signature goes to LIST.sig.
+        #[arg(long)]
+        list: PathBuf,
+        /// Container-signing private key.
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// sha256:<hex>, as `keel-agent ek-hash` prints it.
+        #[arg(long)]
+        ek: String,
+    },
+    /// Remove a machine by name or EK hash and sign the list again.
+    Remove {
+        #[arg(long)]
+        list: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+        what: String,
+    },
+    /// Print a list after checking its signature.
+    List {
+        #[arg(long)]
+        list: PathBuf,
+        /// Public key to check the signature with.
+        #[arg(long = "pub")]
+        public: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum KeysCommand {
     /// Create a new key directory: PK, KEK, db (key + certificate), the PCR policy keys for the
     /// initrd and for the running system, and the EFI owner GUID. Private keys are mode 0600.
@@ -83,6 +182,8 @@ pub enum KeysCommand {
         #[arg(long, default_value = "Keel operator")]
         label: String,
     },
+    /// Add the container-signing key (ECDSA P-256) to a key directory made before keel had it.
+    AddContainerKey { dir: PathBuf },
 }
 
 #[derive(Debug, clap::Args)]
@@ -306,6 +407,22 @@ pub fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Commands::Keys(KeysCommand::AddContainerKey { dir }) => {
+            if crate::trust::keys::ensure_container_key(&dir)? {
+                println!(
+                    "created {}/container-signing.key and .pub.pem",
+                    dir.display()
+                );
+            } else {
+                println!(
+                    "{} already has a container-signing key; kept it",
+                    dir.display()
+                );
+            }
+            Ok(())
+        }
+        Commands::Container(c) => crate::container::commands::run(c),
+        Commands::Machines(c) => crate::container::commands::machines(c),
         Commands::Boot(a) => {
             let forwards = a
                 .forwards

@@ -23,10 +23,130 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print this machine's TPM endorsement key hash, for `keel machines add`.
+    EkHash,
+    /// Verify a signed image (layout directory or oci-archive), check this machine against the
+    /// image policy, unpack it and start it as a systemd unit (keel-ctr-NAME.service).
+    Run {
+        /// OCI image layout directory or oci-archive (.tar).
+        image: PathBuf,
+        /// Container name (default: from the file name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Print the result (digest, signer, phase timings) as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the containers keel-agent started.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a container.
+    Stop { name: String },
+    /// Show a container's output (from the journal).
+    Logs {
+        name: String,
+        /// Keep following.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Watch the spool directory (/var/lib/keel/spool) and run the archives dropped there; the
+    /// keel-agent service runs this.
+    Serve,
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
+    use super::containers::{self, ThisMachine};
+    use super::systemd::{Systemd, Units};
+    let machine = || ThisMachine {
+        root: cli.root.clone(),
+    };
     match cli.command {
+        Command::EkHash => {
+            println!("{}", super::tpm::ek_sha256()?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { image, name, json } => {
+            let name = name.unwrap_or_else(|| containers::default_name(&image));
+            let units = Systemd::connect()?;
+            match containers::run(
+                &cli.root,
+                &image,
+                &name,
+                &machine(),
+                &units,
+                &containers::RunOptions::default(),
+            ) {
+                Ok(s) => {
+                    tracing::info!(container = %s.name, digest = %s.manifest_digest, signed_by = %s.signed_by, gate = %s.gate, "started");
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&s)?);
+                    } else {
+                        println!(
+                            "started {} ({}), signed by {}; {}",
+                            s.unit, s.manifest_digest, s.signed_by, s.gate
+                        );
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    // The journal keeps the reason too (stderr of a service, or this line).
+                    tracing::error!(container = %name, image = %image.display(), "{e:#}");
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
+        Command::List { json } => {
+            let units = Systemd::connect()?.list()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&units)?);
+            } else {
+                for u in units {
+                    let name = u
+                        .name
+                        .trim_start_matches(super::systemd::UNIT_PREFIX)
+                        .trim_end_matches(".service");
+                    println!(
+                        "{name:<24} {:<10} {:<10} {}",
+                        u.active, u.sub, u.description
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Stop { name } => {
+            containers::stop(&Systemd::connect()?, &name)?;
+            println!("stopped {name}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Logs { name, follow } => {
+            containers::check_name(&name)?;
+            let mut c = std::process::Command::new("journalctl");
+            c.args([
+                "--no-pager",
+                "-o",
+                "cat",
+                "-u",
+                &super::systemd::unit_name(&name),
+            ]);
+            if follow {
+                c.arg("-f");
+            }
+            let status = c
+                .status()
+                .map_err(|e| anyhow::anyhow!("running journalctl: {e}"))?;
+            Ok(if status.success() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Serve => {
+            let units = Systemd::connect()?;
+            super::spool::serve(&cli.root, &machine(), &units)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::BootState { json } => {
             let s = super::boot_state::read(&cli.root)?;
             if json {

@@ -1,6 +1,9 @@
-//! `keel-agent`: the node-side program. So far it reports the node's measured boot state; the
-//! container launcher (signed images only, enrolled hardware only) builds on this.
+//! `keel-agent`: the node-side program. It reports the node's measured boot state and runs
+//! containers that the operator signed, only on machines the operator enrolled.
 
 pub mod boot_state;
 pub mod cli;
+pub mod containers;
+pub mod spool;
+pub mod systemd;
 pub mod tpm;

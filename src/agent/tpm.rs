@@ -71,3 +71,43 @@ pub fn read_pcrs_sha256(indices: &[u32]) -> Result<Vec<(u32, [u8; 32])>> {
     out.sort_by_key(|(i, _)| indices.iter().position(|x| x == i));
     Ok(out)
 }
+
+/// `sha256:<hex>` of this TPM's endorsement key: the RSA 2048 EK of the TCG default template
+/// (created from the endorsement seed, so the same key every time), as DER SubjectPublicKeyInfo.
+pub fn ek_sha256() -> Result<String> {
+    use tss_esapi::abstraction::ek;
+    use tss_esapi::interface_types::algorithm::AsymmetricAlgorithm;
+    use tss_esapi::structures::Public;
+    let mut ctx = context()?;
+    let handle = ek::create_ek_object(&mut ctx, AsymmetricAlgorithm::Rsa, None)
+        .context("creating the endorsement key (TCG default RSA 2048 template)")?;
+    let read = ctx.read_public(handle);
+    let _ = ctx.flush_context(handle.into());
+    let (public, _, _) = read.context("reading the endorsement key's public part")?;
+    let Public::Rsa {
+        unique, parameters, ..
+    } = public
+    else {
+        anyhow::bail!("the endorsement key is not an RSA key");
+    };
+    let exponent = match parameters.exponent().value() {
+        0 => 65537,
+        e => e,
+    };
+    spki_sha256(unique.value(), exponent)
+}
+
+/// sha256 of the DER SubjectPublicKeyInfo of an RSA public key.
+pub fn spki_sha256(modulus: &[u8], exponent: u32) -> Result<String> {
+    use openssl::bn::BigNum;
+    let n = BigNum::from_slice(modulus).context("EK modulus")?;
+    let e = BigNum::from_u32(exponent).context("EK exponent")?;
+    let rsa = openssl::rsa::Rsa::from_public_components(n, e).context("EK public key")?;
+    let der = openssl::pkey::PKey::from_rsa(rsa)
+        .and_then(|k| k.public_key_to_der())
+        .context("encoding the EK public key")?;
+    Ok(format!(
+        "sha256:{}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&der))
+    ))
+}

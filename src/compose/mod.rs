@@ -39,5 +39,6 @@ pub(crate) fn bootstrap_sample() -> Definition {
         keep_locales: false,
         files: vec![],
         trust: None,
+        containers: None,
     }
 }

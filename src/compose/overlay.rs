@@ -76,6 +76,16 @@ pub struct TrustFiles<'a> {
     pub db_crt_pem: &'a [u8],
 }
 
+/// The container policy keel-agent applies (see [`crate::container::policy`]): policy.json,
+/// the public keys it names, and optionally a signed enrolled-machines list.
+pub struct ContainerFiles {
+    pub policy_json: Vec<u8>,
+    /// (file name, PEM).
+    pub keys: Vec<(String, Vec<u8>)>,
+    /// (machines.json, machines.json.sig).
+    pub machines: Option<(Vec<u8>, Vec<u8>)>,
+}
+
 /// Where [`TrustFiles`] land, relative to /usr.
 pub const TRUST_DIR: &str = "lib/keel/trust";
 
@@ -153,6 +163,7 @@ pub fn apply(
     def: &Definition,
     binaries_dir: &Path,
     trust: Option<&TrustFiles>,
+    containers: Option<&ContainerFiles>,
 ) -> Result<()> {
     for unit in &def.units {
         let content = fs::read(&unit.source)
@@ -202,6 +213,17 @@ pub fn apply(
         replace_file(&dir.join("pcr-initrd.pub.pem"), t.pcr_initrd_pub_pem, 0o644)?;
         replace_file(&dir.join("pcr-boot.pub.pem"), t.pcr_boot_pub_pem, 0o644)?;
         replace_file(&dir.join("db.crt"), t.db_crt_pem, 0o644)?;
+    }
+    if let Some(c) = containers {
+        let dir = usr.join("lib/keel/containers");
+        replace_file(&dir.join("policy.json"), &c.policy_json, 0o644)?;
+        for (name, pem) in &c.keys {
+            replace_file(&dir.join(name), pem, 0o644)?;
+        }
+        if let Some((list, sig)) = &c.machines {
+            replace_file(&dir.join("machines.json"), list, 0o644)?;
+            replace_file(&dir.join("machines.json.sig"), sig, 0o644)?;
+        }
     }
     let osr_path = usr.join("lib/os-release");
     let base =
@@ -320,7 +342,7 @@ mod tests {
                 column: 1,
             },
         }];
-        apply(&usr, &d, Path::new("/nonexistent"), None).expect("apply");
+        apply(&usr, &d, Path::new("/nonexistent"), None, None).expect("apply");
         assert!(usr.join("lib/systemd/system/a.service").is_file());
         assert_eq!(
             fs::read_to_string(usr.join(FACTORY_ETC).join("keel/e.env")).expect("read"),
@@ -358,7 +380,7 @@ mod tests {
         d.binaries = vec!["keel-agent".into()];
         let err = format!(
             "{:#}",
-            apply(&usr, &d, t.path(), None).expect_err("must fail")
+            apply(&usr, &d, t.path(), None, None).expect_err("must fail")
         );
         assert!(
             err.contains("cargo build --release --bin keel-agent"),

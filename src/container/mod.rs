@@ -1,5 +1,10 @@
-//! Signed containers: cosign-compatible signatures over OCI image manifests. The agent that
-//! unpacks and runs them builds on this (issue 5); so far this module verifies and creates
-//! signatures.
+//! Signed containers: OCI image layouts with cosign-compatible signatures, the policy a node
+//! applies before running one, and safe unpacking. Used by `keel container` (operator side) and
+//! `keel-agent` (node side).
 
+pub mod build;
+pub mod commands;
+pub mod oci;
+pub mod policy;
 pub mod signature;
+pub mod unpack;

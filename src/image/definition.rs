@@ -104,6 +104,27 @@ pub struct TrustSettings {
     pub without_tpm: WithoutTpm,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawContainers {
+    keys: Option<Vec<Spanned<String>>>,
+    require_trusted_boot: Option<bool>,
+    require_enrolled_machines: Option<bool>,
+    machines: Option<Spanned<String>>,
+}
+
+/// The container policy the image carries for keel-agent (docs/containers.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ContainerSettings {
+    /// Public keys (PEM) allowed to sign images; empty means the container-signing key of the
+    /// `[trust]` key directory.
+    pub keys: Vec<PathBuf>,
+    pub require_trusted_boot: bool,
+    pub require_enrolled_machines: bool,
+    /// A signed enrolled-machines list to ship in the image (its `.sig` beside it).
+    pub machines: Option<PathBuf>,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawKeep {
@@ -134,6 +155,7 @@ struct RawDefinition {
     keep: Option<RawKeep>,
     files: Option<Vec<RawFile>>,
     trust: Option<RawTrust>,
+    containers: Option<RawContainers>,
 }
 
 /// A file copied from the project into the image.
@@ -190,6 +212,8 @@ pub struct Definition {
     pub files: Vec<FileEntry>,
     /// Signed, measured boot and a TPM-sealed root; `None` builds an unsigned image.
     pub trust: Option<TrustSettings>,
+    /// Signed containers only (keel-agent); `None` ships no container policy.
+    pub containers: Option<ContainerSettings>,
 }
 
 pub const DEFAULT_SUITE: &str = "trixie";
@@ -386,6 +410,7 @@ fn merge(layers: Vec<Layer>) -> Result<Definition, DefinitionError> {
         keep_locales: false,
         files: vec![],
         trust: None,
+        containers: None,
     };
     let mut name_seen = false;
     let mut version_seen = false;
@@ -625,6 +650,28 @@ fn merge(layers: Vec<Layer>) -> Result<Definition, DefinitionError> {
                 return Err(invalid(path, text, 0..0, "trust.keys", "missing: a [trust] table must name the key directory (keys = \"DIR\", relative to this file)".into()));
             }
             def.trust = Some(settings);
+        }
+        if let Some(c) = &raw.containers {
+            let dir = path.parent().unwrap_or(Path::new("."));
+            let mut settings = def.containers.clone().unwrap_or(ContainerSettings {
+                keys: vec![],
+                require_trusted_boot: true,
+                require_enrolled_machines: false,
+                machines: None,
+            });
+            if let Some(keys) = &c.keys {
+                settings.keys = keys.iter().map(|k| dir.join(k.get_ref())).collect();
+            }
+            if let Some(b) = c.require_trusted_boot {
+                settings.require_trusted_boot = b;
+            }
+            if let Some(b) = c.require_enrolled_machines {
+                settings.require_enrolled_machines = b;
+            }
+            if let Some(m) = &c.machines {
+                settings.machines = Some(dir.join(m.get_ref()));
+            }
+            def.containers = Some(settings);
         }
     }
 

@@ -7,7 +7,7 @@ mod definition;
 mod size;
 
 pub use definition::{
-    line_col as definition_line_col, Definition, DefinitionError, FileEntry, Origin, OutputFormat,
-    TrustSettings, UnitEntry, WithoutTpm, DEFAULT_MIRROR,
+    line_col as definition_line_col, ContainerSettings, Definition, DefinitionError, FileEntry,
+    Origin, OutputFormat, TrustSettings, UnitEntry, WithoutTpm, DEFAULT_MIRROR,
 };
 pub use size::ByteSize;

@@ -31,7 +31,7 @@ pub const INITRD_PACKAGES: &[&str] = &[
     "libtss2-tcti-device0t64",
 ];
 /// Bump when the initrd's keel content or trimming changes.
-const INITRD_FORMAT: &str = "initrd-5";
+const INITRD_FORMAT: &str = "initrd-6";
 
 /// Copies the factory /etc onto the new root partition, once, atomically (staging + rename).
 const ETC_SETUP: &str = r#"#!/bin/sh
@@ -119,7 +119,9 @@ if [ "$TPM" = 1 ]; then
         || { cat /run/keel/recovery-key.log >&2; fail "adding the recovery key failed"; }
 fi
 cryptsetup open --key-file "$KEY" "$DEV" keel-root-new
-mkfs.ext4 -q -L root /dev/mapper/keel-root-new
+# Inode tables and the journal are zeroed lazily (by the kernel, after boot) instead of being
+# written through the cipher now: the volume is new, and a clean journal is never replayed.
+mkfs.ext4 -q -L root -E lazy_itable_init=1,lazy_journal_init=1,nodiscard /dev/mapper/keel-root-new
 if [ "$TPM" = 1 ]; then
     mkdir -p /run/keel/newroot
     mount /dev/mapper/keel-root-new /run/keel/newroot
@@ -320,6 +322,15 @@ const TRIM: &[&str] = &[
     "etc/systemd/system",
     "etc/hostname",
     "etc/resolv.conf",
+    // Generators for things an initrd never does (gettys, SysV scripts, rc.local, ssh sockets,
+    // offline updates, resume from swap, dm-integrity): each is a process started on every boot.
+    "usr/lib/systemd/system-generators/systemd-getty-generator",
+    "usr/lib/systemd/system-generators/systemd-sysv-generator",
+    "usr/lib/systemd/system-generators/systemd-rc-local-generator",
+    "usr/lib/systemd/system-generators/systemd-ssh-generator",
+    "usr/lib/systemd/system-generators/systemd-system-update-generator",
+    "usr/lib/systemd/system-generators/systemd-hibernate-resume-generator",
+    "usr/lib/systemd/system-generators/systemd-integritysetup-generator",
 ];
 
 /// The cached initrd base tree (packages only), bootstrapped when missing.

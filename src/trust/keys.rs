@@ -32,6 +32,9 @@ pub mod file {
     /// Signs the later phases (after leaving the initrd); used for boot-state checks on the node.
     pub const PCR_BOOT_KEY: &str = "pcr-boot.key";
     pub const PCR_BOOT_PUB: &str = "pcr-boot.pub.pem";
+    /// ECDSA P-256 key that signs container images and enrolled-machine lists (cosign's scheme).
+    pub const CONTAINER_KEY: &str = "container-signing.key";
+    pub const CONTAINER_PUB: &str = "container-signing.pub.pem";
 }
 
 const CERT_DAYS: u32 = 3650;
@@ -229,6 +232,7 @@ pub fn init(dir: &Path, label: &str) -> Result<(), KeyError> {
             )?;
             write_file(&staging.join(pub_file), &key.public_key_to_pem()?, 0o644)?;
         }
+        write_container_key(&staging)?;
         write_file(
             &staging.join(file::OWNER),
             format!("{}\n", random_guid()?).as_bytes(),
@@ -243,6 +247,41 @@ pub fn init(dir: &Path, label: &str) -> Result<(), KeyError> {
         let _ = fs::remove_dir_all(&staging);
     }
     result
+}
+
+fn write_container_key(dir: &Path) -> Result<(), KeyError> {
+    let key = crate::container::signature::generate_key()?;
+    write_file(
+        &dir.join(file::CONTAINER_KEY),
+        &key.private_key_to_pem_pkcs8()?,
+        0o600,
+    )?;
+    write_file(
+        &dir.join(file::CONTAINER_PUB),
+        &key.public_key_to_pem()?,
+        0o644,
+    )
+}
+
+/// Adds the container-signing key to a key directory made before it existed; returns whether
+/// it was created (an existing key is never replaced).
+pub fn ensure_container_key(dir: &Path) -> Result<bool, KeyError> {
+    if dir.join(file::CONTAINER_KEY).exists() {
+        return Ok(false);
+    }
+    if !dir.is_dir() {
+        return Err(KeyError::File {
+            path: dir.to_path_buf(),
+            message: "no such key directory; create one with `keel keys init DIR`".into(),
+        });
+    }
+    write_container_key(dir)?;
+    Ok(true)
+}
+
+/// The container-signing private key of a key directory (mode checked).
+pub fn container_key(dir: &Path) -> Result<PKey<Private>, KeyError> {
+    private(dir, file::CONTAINER_KEY).map(|(_, k)| k)
 }
 
 fn read(dir: &Path, name: &str) -> Result<Vec<u8>, KeyError> {

@@ -1,0 +1,630 @@
+//! Running signed containers: the gate (enrolled TPM, trusted boot), verification, unpacking
+//! into a staging directory, the OCI runtime config, and the transient unit that runs crun.
+//!
+//! Order of a `run`, each step only after the previous held: policy → hardware gate → image
+//! signature, manifest, config and layer digests → unpack into `containers/.staging-*` →
+//! runtime config → rename to `containers/NAME` → start `keel-ctr-NAME.service`. A refusal at any
+//! step removes what the run created; nothing of a refused image is left where it could run.
+
+use super::systemd::{unit_name, UnitSpec, Units};
+use crate::container::oci::{self, Layout, VerifiedImage};
+use crate::container::policy::{self, LoadedPolicy};
+use crate::container::unpack::{self, LayerFile, Limits};
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Where containers live on a node (relative to its root).
+pub const CONTAINERS_DIR: &str = "var/lib/keel/containers";
+/// The spool directory the agent service watches (relative to the node's root).
+pub const SPOOL_DIR: &str = "var/lib/keel/spool";
+const CRUN: &str = "/usr/bin/crun";
+
+/// What the gate needs to know about the machine.
+pub trait Machine {
+    /// `sha256:<hex>` of the TPM's endorsement key.
+    fn ek_sha256(&self) -> Result<String>;
+    /// Whether this boot matches a PCR 11 policy the operator signed; reasons when not.
+    fn boot_trusted(&self) -> Result<(bool, Vec<String>)>;
+}
+
+/// The real machine: the TPM and the boot state read from `root`.
+pub struct ThisMachine {
+    pub root: PathBuf,
+}
+
+impl Machine for ThisMachine {
+    fn ek_sha256(&self) -> Result<String> {
+        super::tpm::ek_sha256()
+    }
+    fn boot_trusted(&self) -> Result<(bool, Vec<String>)> {
+        let s = super::boot_state::read(&self.root)?;
+        Ok((s.trusted, s.problems))
+    }
+}
+
+/// Why nothing was started.
+#[derive(Debug, thiserror::Error)]
+#[error("refused: {0}")]
+pub struct Refusal(pub String);
+
+/// Checks the machine against the policy: trusted boot (when required) and the enrolled TPMs.
+pub fn gate(root: &Path, loaded: &LoadedPolicy, machine: &dyn Machine) -> Result<String, Refusal> {
+    let mut said = Vec::new();
+    if loaded.policy.require_trusted_boot {
+        match machine.boot_trusted() {
+            Ok((true, _)) => said.push("boot trusted".to_string()),
+            Ok((false, problems)) => {
+                return Err(Refusal(format!(
+                    "this boot does not match a PCR 11 policy the operator signed ({})",
+                    problems.join("; ")
+                )))
+            }
+            Err(e) => return Err(Refusal(format!("cannot establish the boot state: {e:#}"))),
+        }
+    }
+    match policy::effective_machines(root, loaded) {
+        Err(e) => return Err(Refusal(e.to_string())),
+        Ok(Some((list, from))) => {
+            let ek = machine
+                .ek_sha256()
+                .map_err(|e| Refusal(format!("the enrolled-machines list ({}) needs this machine's TPM, which cannot be read: {e:#}", from.display())))?;
+            match list.contains(&ek) {
+                Some(m) => said.push(format!("TPM enrolled as `{}`", m.name)),
+                None => {
+                    return Err(Refusal(format!(
+                        "this machine's TPM (EK {ek}) is not in the enrolled machines list ({}, serial {}); enrol it with `keel machines add`",
+                        from.display(),
+                        list.serial
+                    )))
+                }
+            }
+        }
+        Ok(None) if loaded.policy.require_enrolled_machines => return Err(Refusal(format!(
+            "the image's policy requires an enrolled-machines list and there is none ({} or {})",
+            loaded.dir.join(policy::IMAGE_MACHINES).display(),
+            root.join(policy::NODE_MACHINES).display()
+        ))),
+        Ok(None) => said.push("no enrolled-machines list".into()),
+    }
+    Ok(said.join(", "))
+}
+
+/// `[a-z0-9][a-z0-9_-]{0,62}`.
+pub fn check_name(name: &str) -> Result<(), Refusal> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().enumerate().all(|(i, b)| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || (i > 0 && (b == b'-' || b == b'_'))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(Refusal(format!(
+            "container name `{name}`: lowercase letters, digits, `-` and `_`, at most 63, starting with a letter or digit"
+        )))
+    }
+}
+
+/// A name from the image file or directory (`hello.tar` → `hello`).
+pub fn default_name(image: &Path) -> String {
+    let stem = image
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let stem = stem.strip_suffix(".tar").unwrap_or(&stem);
+    stem.to_ascii_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
+/// How long each phase of a run took, in milliseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Timings {
+    pub gate_ms: f64,
+    pub verify_ms: f64,
+    pub unpack_ms: f64,
+    pub start_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Started {
+    pub name: String,
+    pub unit: String,
+    pub manifest_digest: String,
+    pub signed_by: String,
+    pub gate: String,
+    pub bytes: u64,
+    pub timings: Timings,
+}
+
+/// Settings of a run.
+pub struct RunOptions {
+    pub limits: Limits,
+    pub memory_max: u64,
+    pub tasks_max: u64,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            limits: Limits::default(),
+            memory_max: 512 << 20,
+            tasks_max: 512,
+        }
+    }
+}
+
+/// Removes a directory tree when dropped, unless disarmed.
+struct Cleanup(Option<PathBuf>);
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = fs::remove_dir_all(p);
+        }
+    }
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+/// Verifies and starts the image at `image` (a layout directory or an oci-archive) as `name`.
+pub fn run(
+    root: &Path,
+    image: &Path,
+    name: &str,
+    machine: &dyn Machine,
+    units: &dyn Units,
+    opts: &RunOptions,
+) -> Result<Started> {
+    check_name(name)?;
+    let mut timings = Timings::default();
+    let t = Instant::now();
+    let loaded = policy::load(root).map_err(|e| Refusal(e.to_string()))?;
+    let gate = gate(root, &loaded, machine)?;
+    timings.gate_ms = ms(t);
+
+    let dir = root.join(CONTAINERS_DIR);
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let pid = std::process::id();
+    let t = Instant::now();
+    let incoming = Cleanup(
+        image
+            .is_file()
+            .then(|| dir.join(format!(".incoming-{name}-{pid}"))),
+    );
+    let layout = match &incoming.0 {
+        Some(tmp) => {
+            let _ = fs::remove_dir_all(tmp);
+            oci::extract_archive(image, tmp, opts.limits.max_bytes)
+                .map_err(|e| Refusal(e.to_string()))?
+        }
+        None => Layout::open(image).map_err(|e| Refusal(e.to_string()))?,
+    };
+    let verified: VerifiedImage =
+        oci::verify(&layout, &loaded.keys).map_err(|e| Refusal(e.to_string()))?;
+    timings.verify_ms = ms(t);
+
+    let unit = unit_name(name);
+    if units
+        .state(&unit)?
+        .is_some_and(|s| s.active == "active" || s.active == "activating")
+    {
+        bail!(Refusal(format!(
+            "a container named `{name}` is running; stop it first (`keel-agent stop {name}`)"
+        )));
+    }
+
+    let t = Instant::now();
+    let staging = Cleanup(Some(dir.join(format!(".staging-{name}-{pid}"))));
+    let stage = staging.0.clone().context("staging path")?;
+    let _ = fs::remove_dir_all(&stage);
+    let rootfs = stage.join("rootfs");
+    fs::create_dir_all(&rootfs).with_context(|| format!("creating {}", rootfs.display()))?;
+    let files: Vec<LayerFile> = verified
+        .layers
+        .iter()
+        .map(|(p, c, _)| LayerFile {
+            path: p,
+            compression: *c,
+        })
+        .collect();
+    let stats = unpack::unpack(&rootfs, &files, opts.limits).map_err(|e| Refusal(e.to_string()))?;
+    let spec = runtime_spec(&verified, name, &rootfs)?;
+    fs::write(stage.join("config.json"), serde_json::to_vec_pretty(&spec)?)
+        .context("writing config.json")?;
+    let record = serde_json::json!({
+        "manifest-digest": verified.manifest_digest,
+        "signed-by": verified.signed_by,
+        "reference": verified.reference,
+        "gate": gate,
+    });
+    fs::write(
+        stage.join("image.json"),
+        serde_json::to_vec_pretty(&record)?,
+    )
+    .context("writing image.json")?;
+    let bundle = dir.join(name);
+    if bundle.exists() {
+        fs::remove_dir_all(&bundle)
+            .with_context(|| format!("removing the old {}", bundle.display()))?;
+    }
+    fs::rename(&stage, &bundle)
+        .with_context(|| format!("moving the bundle to {}", bundle.display()))?;
+    let mut staging = staging;
+    staging.0 = None;
+    timings.unpack_ms = ms(t);
+
+    let t = Instant::now();
+    let bundle_s = bundle.display().to_string();
+    let started = units.start(&UnitSpec {
+        name: name.to_string(),
+        description: format!("keel container {name} ({})", verified.manifest_digest),
+        exec: (
+            CRUN.into(),
+            vec![
+                "crun".into(),
+                "--cgroup-manager=disabled".into(),
+                "run".into(),
+                "--bundle".into(),
+                bundle_s,
+                format!("keel-{name}"),
+            ],
+        ),
+        exec_stop_post: Some((
+            CRUN.into(),
+            vec![
+                "crun".into(),
+                "delete".into(),
+                "--force".into(),
+                format!("keel-{name}"),
+            ],
+        )),
+        memory_max: opts.memory_max,
+        tasks_max: opts.tasks_max,
+    });
+    if let Err(e) = started {
+        let _ = fs::remove_dir_all(&bundle);
+        return Err(e);
+    }
+    timings.start_ms = ms(t);
+    Ok(Started {
+        name: name.to_string(),
+        unit,
+        manifest_digest: verified.manifest_digest,
+        signed_by: verified.signed_by,
+        gate,
+        bytes: stats.bytes,
+        timings,
+    })
+}
+
+/// Looks a user up in the container's /etc/passwd (`name` or `uid`, optionally `:group`).
+fn resolve_user(rootfs: &Path, user: &str) -> Result<(u32, u32)> {
+    if user.is_empty() {
+        return Ok((0, 0));
+    }
+    let (u, g) = user
+        .split_once(':')
+        .map_or((user, None), |(u, g)| (u, Some(g)));
+    let passwd = fs::read_to_string(rootfs.join("etc/passwd")).unwrap_or_default();
+    let (uid, mut gid) = match u.parse::<u32>() {
+        Ok(n) => (n, n),
+        Err(_) => passwd
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                (f.len() > 3 && f[0] == u).then(|| (f[2].parse().ok(), f[3].parse().ok()))
+            })
+            .and_then(|(a, b)| Some((a?, b?)))
+            .with_context(|| format!("the image's user `{u}` is not in its /etc/passwd"))?,
+    };
+    if let Some(g) = g {
+        gid = g
+            .parse()
+            .with_context(|| format!("group `{g}`: only numeric groups are supported"))?;
+    }
+    Ok((uid, gid))
+}
+
+/// The OCI runtime config for a verified image: the runtime spec's defaults (namespaces, masked
+/// paths, a small capability set), the image's command, environment, directory and user, a
+/// read-only root with a tmpfs /tmp.
+pub fn runtime_spec(
+    image: &VerifiedImage,
+    name: &str,
+    rootfs: &Path,
+) -> Result<oci_spec::runtime::Spec> {
+    use oci_spec::runtime::{MountBuilder, ProcessBuilder, RootBuilder, UserBuilder};
+    let c = &image.config.config;
+    let mut args: Vec<String> = c.entrypoint.clone().unwrap_or_default();
+    args.extend(c.cmd.clone().unwrap_or_default());
+    if args.is_empty() {
+        bail!(Refusal(
+            "the image's config has neither Entrypoint nor Cmd: nothing to run".into()
+        ));
+    }
+    let mut env = c.env.clone().unwrap_or_default();
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        env.push("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    }
+    let (uid, gid) = resolve_user(rootfs, c.user.as_deref().unwrap_or(""))?;
+    let mut spec = oci_spec::runtime::Spec::default();
+    let default_process = spec.process().clone().unwrap_or_default();
+    let process = ProcessBuilder::default()
+        .terminal(false)
+        .args(args)
+        .env(env)
+        .cwd(
+            c.working_dir
+                .clone()
+                .filter(|d| !d.is_empty())
+                .unwrap_or_else(|| "/".into()),
+        )
+        .user(UserBuilder::default().uid(uid).gid(gid).build()?)
+        .capabilities(default_process.capabilities().clone().unwrap_or_default())
+        .rlimits(default_process.rlimits().clone().unwrap_or_default())
+        .no_new_privileges(true)
+        .build()?;
+    spec.set_process(Some(process));
+    spec.set_hostname(Some(name.to_string()));
+    spec.set_root(Some(
+        RootBuilder::default().path(rootfs).readonly(true).build()?,
+    ));
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    mounts.push(
+        MountBuilder::default()
+            .destination("/tmp")
+            .typ("tmpfs")
+            .source("tmpfs")
+            .options(vec![
+                "nosuid".into(),
+                "nodev".into(),
+                "mode=1777".into(),
+                "size=64m".into(),
+            ])
+            .build()?,
+    );
+    spec.set_mounts(Some(mounts));
+    Ok(spec)
+}
+
+/// Stops a container's unit.
+pub fn stop(units: &dyn Units, name: &str) -> Result<()> {
+    check_name(name)?;
+    let unit = unit_name(name);
+    if units.state(&unit)?.is_none() {
+        bail!("no container named `{name}` is running");
+    }
+    units.stop(&unit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::systemd::UnitState;
+    use crate::container::signature;
+    use std::cell::RefCell;
+
+    struct FakeMachine {
+        ek: Option<String>,
+        trusted: bool,
+    }
+    impl Machine for FakeMachine {
+        fn ek_sha256(&self) -> Result<String> {
+            self.ek.clone().context("no TPM")
+        }
+        fn boot_trusted(&self) -> Result<(bool, Vec<String>)> {
+            Ok((
+                self.trusted,
+                if self.trusted {
+                    vec![]
+                } else {
+                    vec!["PCR 11 unsigned".into()]
+                },
+            ))
+        }
+    }
+
+    #[derive(Default)]
+    struct FakeUnits {
+        started: RefCell<Vec<UnitSpec>>,
+    }
+    impl Units for FakeUnits {
+        fn start(&self, spec: &UnitSpec) -> Result<()> {
+            self.started.borrow_mut().push(spec.clone());
+            Ok(())
+        }
+        fn stop(&self, _: &str) -> Result<()> {
+            Ok(())
+        }
+        fn list(&self) -> Result<Vec<UnitState>> {
+            Ok(vec![])
+        }
+        fn state(&self, _: &str) -> Result<Option<UnitState>> {
+            Ok(None)
+        }
+    }
+
+    const EK: &str = "sha256:abababababababababababababababababababababababababababababababab";
+
+    /// A node root with a policy trusting `key`, and a signed one-layer image.
+    fn node(
+        require_boot: bool,
+    ) -> (
+        tempfile::TempDir,
+        openssl::pkey::PKey<openssl::pkey::Private>,
+        PathBuf,
+    ) {
+        let t = tempfile::tempdir().expect("tmp");
+        let k = signature::generate_key().expect("key");
+        let pdir = t.path().join(policy::POLICY_DIR);
+        fs::create_dir_all(&pdir).expect("dir");
+        fs::write(
+            pdir.join("ops.pub.pem"),
+            k.public_key_to_pem().expect("pem"),
+        )
+        .expect("key");
+        let p = policy::Policy {
+            keys: vec!["ops.pub.pem".into()],
+            require_trusted_boot: require_boot,
+            require_enrolled_machines: false,
+        };
+        fs::write(
+            pdir.join(policy::POLICY_FILE),
+            serde_json::to_vec(&p).expect("json"),
+        )
+        .expect("policy");
+        let tree = t.path().join("tree");
+        fs::create_dir_all(tree.join("bin")).expect("tree");
+        fs::write(tree.join("bin/hello"), b"#!/bin/sh\necho hi\n").expect("file");
+        let img = t.path().join("hello");
+        crate::container::build::from_tree(&tree, &img, &["/bin/hello".into()], &[])
+            .expect("build");
+        crate::container::build::sign(&img, &k, "keel/hello").expect("sign");
+        (t, k, img)
+    }
+
+    #[test]
+    fn a_signed_image_is_unpacked_and_started() {
+        let (t, _, img) = node(true);
+        let units = FakeUnits::default();
+        let m = FakeMachine {
+            ek: Some(EK.into()),
+            trusted: true,
+        };
+        let s = run(t.path(), &img, "hello", &m, &units, &RunOptions::default()).expect("runs");
+        assert_eq!(s.unit, "keel-ctr-hello.service");
+        let bundle = t.path().join(CONTAINERS_DIR).join("hello");
+        assert!(bundle.join("rootfs/bin/hello").is_file());
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&fs::read(bundle.join("config.json")).expect("config"))
+                .expect("json");
+        assert_eq!(cfg["process"]["args"][0], "/bin/hello");
+        assert_eq!(cfg["root"]["readonly"], true);
+        let started = units.started.borrow();
+        assert_eq!(started.len(), 1);
+        assert!(started[0].exec.1.contains(&bundle.display().to_string()));
+    }
+
+    /// Nothing of a refused image is left where it could run, and nothing started.
+    fn assert_refused(root: &Path, units: &FakeUnits, r: Result<Started>, want: &str) {
+        let e = r.expect_err("refused");
+        let msg = format!("{e:#}");
+        assert!(msg.contains(want), "{msg}");
+        assert!(units.started.borrow().is_empty(), "nothing started");
+        let dir = root.join(CONTAINERS_DIR);
+        let left: Vec<_> = fs::read_dir(&dir)
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(
+            left.is_empty(),
+            "left behind in {}: {left:?}",
+            dir.display()
+        );
+    }
+
+    #[test]
+    fn refusals_leave_nothing_behind() {
+        // Untrusted boot.
+        let (t, _, img) = node(true);
+        let units = FakeUnits::default();
+        let m = FakeMachine {
+            ek: Some(EK.into()),
+            trusted: false,
+        };
+        let r = run(t.path(), &img, "hello", &m, &units, &RunOptions::default());
+        assert_refused(t.path(), &units, r, "does not match a PCR 11 policy");
+
+        // Unsigned: a fresh build without a signature.
+        let tree = t.path().join("tree");
+        let unsigned = t.path().join("unsigned");
+        crate::container::build::from_tree(&tree, &unsigned, &["/bin/hello".into()], &[])
+            .expect("build");
+        let m = FakeMachine {
+            ek: Some(EK.into()),
+            trusted: true,
+        };
+        let r = run(
+            t.path(),
+            &unsigned,
+            "hello",
+            &m,
+            &units,
+            &RunOptions::default(),
+        );
+        assert_refused(t.path(), &units, r, "not signed");
+
+        // A layer byte changed after signing.
+        let layout = Layout::open(&img).expect("layout");
+        let d = layout.image_descriptor().expect("image");
+        let man: oci::Manifest =
+            serde_json::from_slice(&layout.read_blob(&d, "m").expect("manifest")).expect("json");
+        let blob = layout.blob_path(&man.layers[0].digest).expect("path");
+        let mut bytes = fs::read(&blob).expect("layer");
+        let n = bytes.len() / 2;
+        bytes[n] ^= 0x40;
+        fs::write(&blob, bytes).expect("tamper");
+        let r = run(t.path(), &img, "hello", &m, &units, &RunOptions::default());
+        assert_refused(t.path(), &units, r, "changed after signing");
+    }
+
+    #[test]
+    fn the_enrolled_machines_list_gates_the_node() {
+        let (t, k, img) = node(false);
+        let units = FakeUnits::default();
+        let mut list = policy::Machines::default();
+        list.add(
+            "other",
+            "sha256:cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd",
+        )
+        .expect("add");
+        let node_list = t.path().join(policy::NODE_MACHINES);
+        fs::create_dir_all(node_list.parent().expect("parent")).expect("dir");
+        policy::write_signed(&node_list, &list, &k).expect("list");
+        let m = FakeMachine {
+            ek: Some(EK.into()),
+            trusted: true,
+        };
+        let r = run(t.path(), &img, "hello", &m, &units, &RunOptions::default());
+        assert_refused(t.path(), &units, r, "is not in the enrolled machines list");
+        let nomachine = FakeMachine {
+            ek: None,
+            trusted: true,
+        };
+        let r = run(
+            t.path(),
+            &img,
+            "hello",
+            &nomachine,
+            &units,
+            &RunOptions::default(),
+        );
+        assert_refused(t.path(), &units, r, "cannot be read");
+        list.add("this", EK).expect("add");
+        policy::write_signed(&node_list, &list, &k).expect("list");
+        run(t.path(), &img, "hello", &m, &units, &RunOptions::default()).expect("enrolled: runs");
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_name("hello-1").is_ok());
+        for bad in ["", "-x", "Hello", "a/b", "../x", &"x".repeat(64)] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            default_name(Path::new("/spool/Hello World.tar")),
+            "hello-world"
+        );
+    }
+}

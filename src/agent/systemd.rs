@@ -1,0 +1,157 @@
+//! The systemd seam: keel-agent starts, lists and stops containers as transient units through
+//! systemd's D-Bus API (zbus), so systemd supervises them, puts them in their own cgroup with
+//! limits, and sends their output to the journal.
+
+use anyhow::{Context, Result};
+use std::time::{Duration, Instant};
+use zbus::blocking::{Connection, Proxy};
+use zbus::zvariant::{OwnedObjectPath, Value};
+
+/// Prefix of the units keel-agent creates.
+pub const UNIT_PREFIX: &str = "keel-ctr-";
+
+pub fn unit_name(container: &str) -> String {
+    format!("{UNIT_PREFIX}{container}.service")
+}
+
+/// How a container unit is started.
+#[derive(Debug, Clone)]
+pub struct UnitSpec {
+    pub name: String,
+    pub description: String,
+    /// The program and its argv (argv\[0\] included).
+    pub exec: (String, Vec<String>),
+    /// Run after the main process exits, failures ignored.
+    pub exec_stop_post: Option<(String, Vec<String>)>,
+    pub memory_max: u64,
+    pub tasks_max: u64,
+}
+
+/// A unit as `list` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UnitState {
+    pub name: String,
+    pub active: String,
+    pub sub: String,
+    pub description: String,
+}
+
+/// What keel-agent needs from systemd.
+pub trait Units {
+    fn start(&self, spec: &UnitSpec) -> Result<()>;
+    fn stop(&self, unit: &str) -> Result<()>;
+    fn list(&self) -> Result<Vec<UnitState>>;
+    fn state(&self, unit: &str) -> Result<Option<UnitState>>;
+}
+
+/// systemd over the system bus.
+pub struct Systemd {
+    conn: Connection,
+}
+
+type UnitRow = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    OwnedObjectPath,
+    u32,
+    String,
+    OwnedObjectPath,
+);
+
+impl Systemd {
+    pub fn connect() -> Result<Systemd> {
+        Ok(Systemd {
+            conn: Connection::system()
+                .context("connecting to the system D-Bus (is dbus running?)")?,
+        })
+    }
+
+    fn manager(&self) -> Result<Proxy<'_>> {
+        Proxy::new(
+            &self.conn,
+            "org.freedesktop.systemd1",
+            "/org/freedesktop/systemd1",
+            "org.freedesktop.systemd1.Manager",
+        )
+        .context("systemd manager proxy")
+    }
+}
+
+impl Units for Systemd {
+    fn start(&self, spec: &UnitSpec) -> Result<()> {
+        let exec = |(path, argv): &(String, Vec<String>), ignore: bool| {
+            Value::from(vec![(path.clone(), argv.clone(), ignore)])
+        };
+        let mut props: Vec<(&str, Value)> = vec![
+            ("Description", Value::from(spec.description.clone())),
+            ("ExecStart", exec(&spec.exec, false)),
+            ("Type", Value::from("exec")),
+            ("KillMode", Value::from("mixed")),
+            ("MemoryMax", Value::from(spec.memory_max)),
+            ("TasksMax", Value::from(spec.tasks_max)),
+            ("CollectMode", Value::from("inactive-or-failed")),
+            ("SyslogIdentifier", Value::from(spec.name.clone())),
+        ];
+        if let Some(post) = &spec.exec_stop_post {
+            props.push(("ExecStopPost", exec(post, true)));
+        }
+        let aux: Vec<(&str, Vec<(&str, Value)>)> = Vec::new();
+        let unit = unit_name(&spec.name);
+        let _job: OwnedObjectPath = self
+            .manager()?
+            .call("StartTransientUnit", &(unit.as_str(), "fail", props, aux))
+            .with_context(|| format!("starting {unit} through systemd"))?;
+        // Type=exec: the job finishes once the process runs (or failed to).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.state(&unit)? {
+                Some(s) if s.active == "active" => return Ok(()),
+                Some(s) if s.active == "failed" => {
+                    anyhow::bail!(
+                        "{unit} failed to start ({}); see `keel-agent logs {}`",
+                        s.sub,
+                        spec.name
+                    )
+                }
+                None => anyhow::bail!("{unit} ended at once; see `keel-agent logs {}`", spec.name),
+                _ if Instant::now() > deadline => anyhow::bail!("{unit} did not start within 30 s"),
+                _ => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    }
+
+    fn stop(&self, unit: &str) -> Result<()> {
+        let _job: OwnedObjectPath = self
+            .manager()?
+            .call("StopUnit", &(unit, "replace"))
+            .with_context(|| format!("stopping {unit}"))?;
+        Ok(())
+    }
+
+    fn list(&self) -> Result<Vec<UnitState>> {
+        let rows: Vec<UnitRow> = self
+            .manager()?
+            .call(
+                "ListUnitsByPatterns",
+                &(Vec::<&str>::new(), vec![format!("{UNIT_PREFIX}*.service")]),
+            )
+            .context("listing container units")?;
+        Ok(rows
+            .into_iter()
+            .map(|r| UnitState {
+                name: r.0,
+                description: r.1,
+                active: r.3,
+                sub: r.4,
+            })
+            .collect())
+    }
+
+    fn state(&self, unit: &str) -> Result<Option<UnitState>> {
+        Ok(self.list()?.into_iter().find(|u| u.name == unit))
+    }
+}

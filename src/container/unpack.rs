@@ -1,0 +1,651 @@
+//! Unpacking verified image layers into a root file system, as if that directory were `/`.
+//!
+//! Layer content is not trusted to be well formed even when signed: entry names with `..` are
+//! refused; symbolic links in the path of an entry are followed *inside* the root (an absolute
+//! link restarts at the root, `..` stops there), so no entry can land outside it; hard links must
+//! name a regular file already in the root; device nodes and FIFOs are refused; the bytes and
+//! entries of all layers together are limited. Whiteouts (`.wh.NAME`, `.wh..wh..opq`) remove
+//! content of lower layers, as the OCI image spec defines. The caller unpacks into a staging
+//! directory and throws it away on any error.
+
+use super::oci::Compression;
+use std::collections::VecDeque;
+use std::ffi::{OsStr, OsString};
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+/// Bounds on what the layers of one image may unpack to.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Bytes of file data, all layers together.
+    pub max_bytes: u64,
+    /// Entries, all layers together.
+    pub max_entries: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_bytes: 2 << 30,
+            max_entries: 500_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UnpackError {
+    #[error("layer {layer}: entry `{path}` would escape the root (`..` in its name)")]
+    PathEscape { layer: usize, path: String },
+    #[error("layer {layer}: entry `{path}` is a device node or FIFO; images may not carry them")]
+    DeviceNode { layer: usize, path: String },
+    #[error("layer {layer}: entry `{path}` has a type keel does not unpack ({kind})")]
+    Unsupported {
+        layer: usize,
+        path: String,
+        kind: String,
+    },
+    #[error("layer {layer}: entry `{path}`: the image unpacks to more than {max} bytes (limit)")]
+    TooLarge {
+        layer: usize,
+        path: String,
+        max: u64,
+    },
+    #[error("layer {layer}: more than {max} entries (limit)")]
+    TooManyEntries { layer: usize, max: u64 },
+    #[error("layer {layer}: hard link `{path}` -> `{target}`: {reason}")]
+    BadLink {
+        layer: usize,
+        path: String,
+        target: String,
+        reason: String,
+    },
+    #[error("layer {layer}: `{path}`: {reason}")]
+    Resolve {
+        layer: usize,
+        path: String,
+        reason: String,
+    },
+    #[error("layer {layer}: {context}: {source}")]
+    Io {
+        layer: usize,
+        context: String,
+        source: io::Error,
+    },
+}
+
+/// What was unpacked.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+/// A layer to unpack: the blob file and its compression.
+pub struct LayerFile<'a> {
+    pub path: &'a Path,
+    pub compression: Compression,
+}
+
+/// Unpacks `layers` (bottom first) into `root`, which must exist.
+pub fn unpack(root: &Path, layers: &[LayerFile], limits: Limits) -> Result<Stats, UnpackError> {
+    let mut stats = Stats::default();
+    for (i, l) in layers.iter().enumerate() {
+        let n = i + 1;
+        // Whiteouts remove what lower layers put there, never this layer's own content: apply
+        // them first, then the layer's other entries.
+        let mut u = Unpacker {
+            root,
+            layer: n,
+            limits,
+            stats: &mut stats,
+            whiteouts_only: true,
+        };
+        u.run(l)?;
+        u.whiteouts_only = false;
+        u.run(l)?;
+    }
+    Ok(stats)
+}
+
+struct Unpacker<'a> {
+    root: &'a Path,
+    layer: usize,
+    limits: Limits,
+    stats: &'a mut Stats,
+    whiteouts_only: bool,
+}
+
+const WHITEOUT: &str = ".wh.";
+const OPAQUE: &str = ".wh..wh..opq";
+
+impl Unpacker<'_> {
+    fn io(&self, context: String) -> impl FnOnce(io::Error) -> UnpackError {
+        let layer = self.layer;
+        move |source| UnpackError::Io {
+            layer,
+            context,
+            source,
+        }
+    }
+
+    fn run(&mut self, l: &LayerFile) -> Result<(), UnpackError> {
+        let f = fs::File::open(l.path).map_err(self.io(format!("opening {}", l.path.display())))?;
+        let reader: Box<dyn Read> = match l.compression {
+            Compression::None => Box::new(io::BufReader::new(f)),
+            Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(io::BufReader::new(f))),
+        };
+        let mut archive = tar::Archive::new(reader);
+        let entries = archive
+            .entries()
+            .map_err(self.io("reading the layer as tar".into()))?;
+        for entry in entries {
+            let entry = entry.map_err(self.io("reading the layer as tar".into()))?;
+            self.entry(entry)?;
+        }
+        Ok(())
+    }
+
+    fn entry<R: Read>(&mut self, mut entry: tar::Entry<R>) -> Result<(), UnpackError> {
+        let layer = self.layer;
+        let raw = entry
+            .path()
+            .map_err(self.io("reading an entry name".into()))?
+            .into_owned();
+        let shown = raw.display().to_string();
+        let kind = entry.header().entry_type();
+        if matches!(
+            kind,
+            tar::EntryType::XGlobalHeader | tar::EntryType::XHeader
+        ) {
+            return Ok(());
+        }
+        let comps = components(&raw).ok_or_else(|| UnpackError::PathEscape {
+            layer,
+            path: shown.clone(),
+        })?;
+        let Some((name, parent)) = comps.split_last() else {
+            return Ok(()); // the root itself
+        };
+        let name_str = name.to_string_lossy();
+        let is_whiteout = name_str.starts_with(WHITEOUT);
+        if self.whiteouts_only != is_whiteout {
+            return Ok(());
+        }
+        if !self.whiteouts_only {
+            self.stats.entries += 1;
+            if self.stats.entries > self.limits.max_entries {
+                return Err(UnpackError::TooManyEntries {
+                    layer,
+                    max: self.limits.max_entries,
+                });
+            }
+        }
+        if is_whiteout {
+            let Some(dir) = self.resolve(parent, false, &shown)? else {
+                return Ok(()); // nothing below to hide
+            };
+            if name_str == OPAQUE {
+                let list = fs::read_dir(&dir).map_err(self.io(format!("listing {shown}")))?;
+                for e in list {
+                    let e = e.map_err(self.io(format!("listing {shown}")))?;
+                    remove_any(&e.path()).map_err(self.io(format!("applying {shown}")))?;
+                }
+            } else {
+                let hidden = dir.join(&name_str[WHITEOUT.len()..]);
+                remove_any(&hidden).map_err(self.io(format!("applying {shown}")))?;
+            }
+            return Ok(());
+        }
+        let dir = self
+            .resolve(parent, true, &shown)?
+            .ok_or_else(|| UnpackError::Resolve {
+                layer,
+                path: shown.clone(),
+                reason: "parent directory could not be created".into(),
+            })?;
+        let target = dir.join(name);
+        let mode = entry.header().mode().unwrap_or(0o644) & 0o7777;
+        match kind {
+            tar::EntryType::Directory => {
+                match fs::symlink_metadata(&target) {
+                    Ok(m) if m.is_dir() => {}
+                    Ok(_) => {
+                        remove_any(&target).map_err(self.io(format!("replacing {shown}")))?;
+                        fs::create_dir(&target).map_err(self.io(format!("creating {shown}")))?;
+                    }
+                    Err(_) => {
+                        fs::create_dir(&target).map_err(self.io(format!("creating {shown}")))?
+                    }
+                }
+                fs::set_permissions(&target, fs::Permissions::from_mode(mode))
+                    .map_err(self.io(format!("setting the mode of {shown}")))?;
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                let size = entry.header().size().unwrap_or(u64::MAX);
+                if self.stats.bytes.saturating_add(size) > self.limits.max_bytes {
+                    return Err(UnpackError::TooLarge {
+                        layer,
+                        path: shown,
+                        max: self.limits.max_bytes,
+                    });
+                }
+                remove_any(&target).map_err(self.io(format!("replacing {shown}")))?;
+                let mut out = fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .open(&target)
+                    .map_err(self.io(format!("creating {shown}")))?;
+                let n = io::copy(&mut (&mut entry).take(size), &mut out)
+                    .map_err(self.io(format!("writing {shown}")))?;
+                self.stats.bytes += n;
+                fs::set_permissions(&target, fs::Permissions::from_mode(mode))
+                    .map_err(self.io(format!("setting the mode of {shown}")))?;
+            }
+            tar::EntryType::Symlink => {
+                let link = entry
+                    .link_name()
+                    .map_err(self.io(format!("reading the link of {shown}")))?
+                    .ok_or_else(|| UnpackError::Resolve {
+                        layer,
+                        path: shown.clone(),
+                        reason: "symbolic link without a target".into(),
+                    })?;
+                remove_any(&target).map_err(self.io(format!("replacing {shown}")))?;
+                // The link is stored as written; it is only ever followed inside the root (here
+                // by `resolve`, in the container by its own root).
+                std::os::unix::fs::symlink(&link, &target)
+                    .map_err(self.io(format!("creating the link {shown}")))?;
+            }
+            tar::EntryType::Link => {
+                let link = entry
+                    .link_name()
+                    .map_err(self.io(format!("reading the link of {shown}")))?
+                    .map(|l| l.into_owned())
+                    .unwrap_or_default();
+                let bad = |reason: &str| UnpackError::BadLink {
+                    layer,
+                    path: shown.clone(),
+                    target: link.display().to_string(),
+                    reason: reason.into(),
+                };
+                let lc = components(&link).ok_or_else(|| bad("`..` in the target"))?;
+                let (lname, lparent) = lc.split_last().ok_or_else(|| bad("empty target"))?;
+                let src = self
+                    .resolve(lparent, false, &shown)?
+                    .map(|d| d.join(lname))
+                    .ok_or_else(|| bad("target not in the image"))?;
+                match fs::symlink_metadata(&src) {
+                    Ok(m) if m.file_type().is_file() => {}
+                    Ok(_) => return Err(bad("target is not a regular file")),
+                    Err(_) => return Err(bad("target not in the image")),
+                }
+                remove_any(&target).map_err(self.io(format!("replacing {shown}")))?;
+                fs::hard_link(&src, &target).map_err(self.io(format!("linking {shown}")))?;
+            }
+            tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
+                return Err(UnpackError::DeviceNode { layer, path: shown })
+            }
+            other => {
+                return Err(UnpackError::Unsupported {
+                    layer,
+                    path: shown,
+                    kind: format!("{other:?}"),
+                })
+            }
+        }
+        if kind != tar::EntryType::Link && nix::unistd::geteuid().is_root() {
+            let uid = entry
+                .header()
+                .uid()
+                .ok()
+                .and_then(|u| u32::try_from(u).ok());
+            let gid = entry
+                .header()
+                .gid()
+                .ok()
+                .and_then(|g| u32::try_from(g).ok());
+            std::os::unix::fs::lchown(&target, uid, gid)
+                .map_err(self.io(format!("setting the owner of {shown}")))?;
+            if kind != tar::EntryType::Symlink && mode & 0o6000 != 0 {
+                // chown clears set-id bits; put them back.
+                fs::set_permissions(&target, fs::Permissions::from_mode(mode))
+                    .map_err(self.io(format!("setting the mode of {shown}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The real directory under the root that `comps` names, with symbolic links followed as
+    /// if the root were `/`. Missing directories are created when `create`, else `None`.
+    fn resolve(
+        &self,
+        comps: &[OsString],
+        create: bool,
+        shown: &str,
+    ) -> Result<Option<PathBuf>, UnpackError> {
+        let err = |reason: &str| UnpackError::Resolve {
+            layer: self.layer,
+            path: shown.into(),
+            reason: reason.into(),
+        };
+        let mut done: Vec<OsString> = Vec::new();
+        let mut todo: VecDeque<OsString> = comps.iter().cloned().collect();
+        let mut hops = 0;
+        while let Some(c) = todo.pop_front() {
+            if c == ".." {
+                done.pop();
+                continue;
+            }
+            if c == "." || c.is_empty() {
+                continue;
+            }
+            let here: PathBuf = self.root.join(done.iter().collect::<PathBuf>()).join(&c);
+            match fs::symlink_metadata(&here) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    hops += 1;
+                    if hops > 40 {
+                        return Err(err("too many levels of symbolic links"));
+                    }
+                    let to = fs::read_link(&here)
+                        .map_err(self.io(format!("reading a link in {shown}")))?;
+                    if to.is_absolute() {
+                        done.clear();
+                    }
+                    let mut next: VecDeque<OsString> = to
+                        .components()
+                        .filter_map(|c| match c {
+                            Component::Normal(s) => Some(s.to_os_string()),
+                            Component::ParentDir => Some(OsString::from("..")),
+                            _ => None,
+                        })
+                        .collect();
+                    next.extend(todo.drain(..));
+                    todo = next;
+                }
+                Ok(m) if m.is_dir() => done.push(c),
+                Ok(_) if create => {
+                    // A later layer turns a file into a directory.
+                    fs::remove_file(&here)
+                        .map_err(self.io(format!("replacing a file in {shown}")))?;
+                    fs::create_dir(&here)
+                        .map_err(self.io(format!("creating a directory in {shown}")))?;
+                    done.push(c);
+                }
+                Ok(_) => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
+                    fs::create_dir(&here)
+                        .map_err(self.io(format!("creating a directory in {shown}")))?;
+                    done.push(c);
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(self.io(format!("looking at {shown}"))(e)),
+            }
+        }
+        Ok(Some(self.root.join(done.iter().collect::<PathBuf>())))
+    }
+}
+
+/// The normal components of an entry name (leading `/` and `./` dropped); `None` when it holds
+/// `..`.
+fn components(p: &Path) -> Option<Vec<OsString>> {
+    let mut out = Vec::new();
+    for c in p.components() {
+        match c {
+            Component::Normal(s) => out.push(s.to_os_string()),
+            Component::CurDir | Component::RootDir => {}
+            Component::ParentDir | Component::Prefix(_) => return None,
+        }
+    }
+    Some(out)
+}
+
+/// Removes a file, link or directory tree; nothing there is fine.
+fn remove_any(p: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(p),
+        Ok(_) => fs::remove_file(p),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[allow(dead_code)]
+fn os(s: &str) -> &OsStr {
+    OsStr::new(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tar layer built entry by entry (raw headers, so names like `../x` can be written).
+    struct Tar {
+        b: tar::Builder<Vec<u8>>,
+    }
+
+    impl Tar {
+        fn new() -> Tar {
+            Tar {
+                b: tar::Builder::new(Vec::new()),
+            }
+        }
+        fn header(kind: tar::EntryType, name: &str, size: u64, mode: u32) -> tar::Header {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(kind);
+            h.set_size(size);
+            h.set_mode(mode);
+            h.set_uid(0);
+            h.set_gid(0);
+            // Raw bytes: no normalisation, so hostile names reach the unpacker as written.
+            let field = &mut h.as_old_mut().name;
+            field[..name.len()].copy_from_slice(name.as_bytes());
+            h.set_cksum();
+            h
+        }
+        fn file(mut self, name: &str, data: &[u8]) -> Tar {
+            let h = Tar::header(tar::EntryType::Regular, name, data.len() as u64, 0o644);
+            self.b.append(&h, data).expect("append");
+            self
+        }
+        fn dir(mut self, name: &str) -> Tar {
+            let h = Tar::header(tar::EntryType::Directory, name, 0, 0o755);
+            self.b.append(&h, io::empty()).expect("append");
+            self
+        }
+        fn link(mut self, kind: tar::EntryType, name: &str, target: &str) -> Tar {
+            let mut h = Tar::header(kind, name, 0, 0o777);
+            h.set_link_name(target).expect("link name");
+            h.set_cksum();
+            self.b.append(&h, io::empty()).expect("append");
+            self
+        }
+        fn special(mut self, kind: tar::EntryType, name: &str) -> Tar {
+            let h = Tar::header(kind, name, 0, 0o644);
+            self.b.append(&h, io::empty()).expect("append");
+            self
+        }
+        fn write(self, dir: &Path, name: &str) -> PathBuf {
+            let p = dir.join(name);
+            fs::write(&p, self.b.into_inner().expect("tar")).expect("write");
+            p
+        }
+    }
+
+    fn run(layers: Vec<Tar>, limits: Limits) -> (tempfile::TempDir, Result<Stats, UnpackError>) {
+        let t = tempfile::tempdir().expect("tmp");
+        let root = t.path().join("root");
+        fs::create_dir(&root).expect("root");
+        let paths: Vec<PathBuf> = layers
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| l.write(t.path(), &format!("l{i}.tar")))
+            .collect();
+        let files: Vec<LayerFile> = paths
+            .iter()
+            .map(|p| LayerFile {
+                path: p,
+                compression: Compression::None,
+            })
+            .collect();
+        let r = unpack(&root, &files, limits);
+        (t, r)
+    }
+
+    #[test]
+    fn files_dirs_links_and_whiteouts() {
+        let lower = Tar::new()
+            .dir("etc/")
+            .file("etc/keep", b"keep")
+            .file("etc/gone", b"gone")
+            .dir("opaque/")
+            .file("opaque/old", b"old")
+            .file("bin/busybox", b"\x7fELF")
+            .link(tar::EntryType::Symlink, "bin/sh", "busybox")
+            .link(tar::EntryType::Link, "bin/hard", "bin/busybox");
+        let upper = Tar::new()
+            .file("etc/.wh.gone", b"")
+            .file("opaque/.wh..wh..opq", b"")
+            .file("opaque/new", b"new");
+        let (t, r) = run(vec![lower, upper], Limits::default());
+        let root = t.path().join("root");
+        let s = r.expect("unpacks");
+        assert_eq!(fs::read(root.join("etc/keep")).expect("keep"), b"keep");
+        assert!(!root.join("etc/gone").exists(), "whiteout applied");
+        assert!(!root.join("opaque/old").exists(), "opaque dir cleared");
+        assert_eq!(
+            fs::read(root.join("opaque/new")).expect("new"),
+            b"new",
+            "same-layer content kept"
+        );
+        assert_eq!(
+            fs::read_link(root.join("bin/sh")).expect("link"),
+            Path::new("busybox")
+        );
+        assert_eq!(fs::read(root.join("bin/hard")).expect("hard"), b"\x7fELF");
+        assert!(
+            !root.join("etc/.wh.gone").exists(),
+            "whiteout files are not unpacked"
+        );
+        assert_eq!(s.bytes, 4 + 4 + 3 + 4 + 3, "keep, gone, old, busybox, new");
+    }
+
+    #[test]
+    fn dotdot_names_are_refused() {
+        for name in ["../escape", "a/../../escape", "./../escape"] {
+            let (t, r) = run(vec![Tar::new().file(name, b"x")], Limits::default());
+            let e = r.expect_err(name);
+            assert!(matches!(e, UnpackError::PathEscape { .. }), "{name}: {e}");
+            assert!(
+                !t.path().join("escape").exists(),
+                "{name}: nothing written outside"
+            );
+        }
+    }
+
+    #[test]
+    fn absolute_names_stay_inside() {
+        let (t, r) = run(vec![Tar::new().file("/etc/abs", b"x")], Limits::default());
+        r.expect("unpacks");
+        assert_eq!(
+            fs::read(t.path().join("root/etc/abs")).expect("inside"),
+            b"x"
+        );
+    }
+
+    #[test]
+    fn symlinks_cannot_carry_writes_out_of_the_root() {
+        let outside = tempfile::tempdir().expect("tmp");
+        let target = outside.path().display().to_string();
+        let (t, r) = run(
+            vec![
+                Tar::new()
+                    .link(tar::EntryType::Symlink, "abs", &target)
+                    .link(tar::EntryType::Symlink, "up", "../../../..")
+                    .file("abs/planted", b"x"),
+                Tar::new().file("up/planted2", b"y"),
+            ],
+            Limits::default(),
+        );
+        r.expect("unpacks, inside the root");
+        assert!(
+            !outside.path().join("planted").exists(),
+            "absolute link followed to the host"
+        );
+        assert!(
+            !t.path().join("planted2").exists(),
+            "relative link followed out"
+        );
+        let root = t.path().join("root");
+        // Both land where the links point when the root is `/`.
+        assert!(root
+            .join(target.trim_start_matches('/'))
+            .join("planted")
+            .exists());
+        assert!(root.join("planted2").exists());
+    }
+
+    #[test]
+    fn hard_links_must_name_a_file_in_the_image() {
+        let outside = tempfile::NamedTempFile::new().expect("tmp");
+        let p = outside.path().display().to_string();
+        let (_t, r) = run(
+            vec![Tar::new().link(tar::EntryType::Link, "stolen", &p)],
+            Limits::default(),
+        );
+        let e = r.expect_err("host file");
+        assert!(matches!(e, UnpackError::BadLink { .. }), "{e}");
+        let (_t, r) = run(
+            vec![Tar::new().link(tar::EntryType::Link, "x", "../etc/shadow")],
+            Limits::default(),
+        );
+        assert!(matches!(
+            r.expect_err("dotdot"),
+            UnpackError::BadLink { .. }
+        ));
+    }
+
+    #[test]
+    fn device_nodes_and_fifos_are_refused() {
+        for kind in [
+            tar::EntryType::Char,
+            tar::EntryType::Block,
+            tar::EntryType::Fifo,
+        ] {
+            let (t, r) = run(vec![Tar::new().special(kind, "dev/sda")], Limits::default());
+            let e = r.expect_err("device");
+            assert!(matches!(e, UnpackError::DeviceNode { .. }), "{kind:?}: {e}");
+            assert!(!t.path().join("root/dev/sda").exists());
+        }
+    }
+
+    #[test]
+    fn limits_stop_oversized_layers() {
+        let big = vec![0u8; 4096];
+        let limits = Limits {
+            max_bytes: 6000,
+            max_entries: 100,
+        };
+        let (_t, r) = run(
+            vec![Tar::new().file("a", &big), Tar::new().file("b", &big)],
+            limits,
+        );
+        let e = r.expect_err("too large");
+        assert!(matches!(e, UnpackError::TooLarge { layer: 2, .. }), "{e}");
+        let limits = Limits {
+            max_bytes: 1 << 20,
+            max_entries: 2,
+        };
+        let (_t, r) = run(
+            vec![Tar::new().file("a", b"").file("b", b"").file("c", b"")],
+            limits,
+        );
+        assert!(matches!(
+            r.expect_err("entries"),
+            UnpackError::TooManyEntries { .. }
+        ));
+    }
+}
