@@ -65,6 +65,9 @@ pub enum Commands {
     /// Edit the operator-signed list of enrolled machines (TPM endorsement key hashes).
     #[command(subcommand)]
     Machines(MachinesCommand),
+    /// Internal: print the tools tree's path (bootstrapping it when missing), for scripts.
+    #[command(name = "__tools-path", hide = true)]
+    ToolsPath,
     /// Internal: run a command inside the tools tree.
     #[command(name = "__sandbox", hide = true)]
     Sandbox {
@@ -422,6 +425,12 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Commands::Container(c) => crate::container::commands::run(c),
+        Commands::ToolsPath => {
+            let cache = crate::cache::Cache::from_env()?;
+            let t = crate::tools::ToolsTree::ensure(&cache, crate::image::DEFAULT_MIRROR)?;
+            println!("{}", t.root().display());
+            Ok(())
+        }
         Commands::Machines(c) => crate::container::commands::machines(c),
         Commands::Boot(a) => {
             let forwards = a

@@ -68,18 +68,12 @@ fn extract(src: &Path, offset: u64, len: u64, dst: &Path) {
 }
 
 fn tools_tree() -> PathBuf {
-    let cache = std::env::var_os("KEEL_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/keel")
-        });
-    let mut trees: Vec<PathBuf> = fs::read_dir(cache.join("tools"))
-        .expect("tools cache")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("usr/sbin/veritysetup").exists())
-        .collect();
-    trees.sort();
-    trees.pop().expect("a tools tree with veritysetup")
+    // The tools tree of this keel (bootstrapped when missing), as keel itself resolves it.
+    let out = keel()
+        .arg("__tools-path")
+        .output()
+        .expect("run keel __tools-path");
+    PathBuf::from(ok(out, "keel __tools-path").trim())
 }
 
 /// Runs a program of the tools tree with `dir` visible inside.

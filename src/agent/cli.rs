@@ -91,8 +91,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(e) => {
-                    // The journal keeps the reason too (stderr of a service, or this line).
                     tracing::error!(container = %name, image = %image.display(), "{e:#}");
+                    // The journal keeps the reason too, also when run from a shell.
+                    to_journal(&format!("container {name} ({}): {e:#}", image.display()));
                     Ok(ExitCode::from(1))
                 }
             }
@@ -186,5 +187,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
+    }
+}
+
+/// Sends an error line to the journal through the syslog socket (when there is one).
+fn to_journal(msg: &str) {
+    // user.err: facility 1, severity 3.
+    let line = format!("<11>keel-agent: {}", msg.replace('\n', " "));
+    if let Ok(s) = std::os::unix::net::UnixDatagram::unbound() {
+        let _ = s.send_to(line.as_bytes(), "/dev/log");
     }
 }

@@ -82,11 +82,13 @@ pub fn gate(root: &Path, loaded: &LoadedPolicy, machine: &dyn Machine) -> Result
                 }
             }
         }
-        Ok(None) if loaded.policy.require_enrolled_machines => return Err(Refusal(format!(
+        Ok(None) if loaded.policy.require_enrolled_machines => {
+            return Err(Refusal(format!(
             "the image's policy requires an enrolled-machines list and there is none ({} or {})",
             loaded.dir.join(policy::IMAGE_MACHINES).display(),
             root.join(policy::NODE_MACHINES).display()
-        ))),
+        )))
+        }
         Ok(None) => said.push("no enrolled-machines list".into()),
     }
     Ok(said.join(", "))
@@ -378,8 +380,12 @@ pub fn runtime_spec(
         .build()?;
     spec.set_process(Some(process));
     spec.set_hostname(Some(name.to_string()));
+    // Relative to the bundle, which is built in a staging directory and then renamed.
     spec.set_root(Some(
-        RootBuilder::default().path(rootfs).readonly(true).build()?,
+        RootBuilder::default()
+            .path("rootfs")
+            .readonly(true)
+            .build()?,
     ));
     let mut mounts = spec.mounts().clone().unwrap_or_default();
     mounts.push(
@@ -512,6 +518,10 @@ mod tests {
                 .expect("json");
         assert_eq!(cfg["process"]["args"][0], "/bin/hello");
         assert_eq!(cfg["root"]["readonly"], true);
+        assert_eq!(
+            cfg["root"]["path"], "rootfs",
+            "relative: the bundle was renamed from staging"
+        );
         let started = units.started.borrow();
         assert_eq!(started.len(), 1);
         assert!(started[0].exec.1.contains(&bundle.display().to_string()));

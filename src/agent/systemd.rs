@@ -7,6 +7,9 @@ use std::time::{Duration, Instant};
 use zbus::blocking::{Connection, Proxy};
 use zbus::zvariant::{OwnedObjectPath, Value};
 
+/// How long a container gets to exit after SIGTERM before systemd kills it.
+const STOP_TIMEOUT_USEC: u64 = 10_000_000;
+
 /// Prefix of the units keel-agent creates.
 pub const UNIT_PREFIX: &str = "keel-ctr-";
 
@@ -94,6 +97,7 @@ impl Units for Systemd {
             ("MemoryMax", Value::from(spec.memory_max)),
             ("TasksMax", Value::from(spec.tasks_max)),
             ("CollectMode", Value::from("inactive-or-failed")),
+            ("TimeoutStopUSec", Value::from(STOP_TIMEOUT_USEC)),
             ("SyslogIdentifier", Value::from(spec.name.clone())),
         ];
         if let Some(post) = &spec.exec_stop_post {
@@ -129,7 +133,17 @@ impl Units for Systemd {
             .manager()?
             .call("StopUnit", &(unit, "replace"))
             .with_context(|| format!("stopping {unit}"))?;
-        Ok(())
+        // Return once it is gone (SIGTERM, then SIGKILL after the stop timeout).
+        let deadline =
+            Instant::now() + Duration::from_micros(STOP_TIMEOUT_USEC) + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            match self.state(unit)? {
+                None => return Ok(()),
+                Some(s) if s.active == "inactive" || s.active == "failed" => return Ok(()),
+                _ => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+        anyhow::bail!("{unit} did not stop in time")
     }
 
     fn list(&self) -> Result<Vec<UnitState>> {

@@ -183,6 +183,39 @@ impl Qga {
         }
     }
 
+    /// Writes `data` to `path` in the guest (guest-file-open/write/close, 48 KiB per request);
+    /// the file is written under `path.keel-part` and renamed, so a reader never sees half of it.
+    pub fn write_file(&self, path: &str, data: &[u8], timeout: Duration) -> Result<()> {
+        use base64::Engine;
+        let part = format!("{path}.keel-part");
+        let h = self.call(
+            "guest-file-open",
+            json!({"path": part, "mode": "w"}),
+            timeout,
+        )?;
+        let handle = h
+            .as_i64()
+            .ok_or_else(|| anyhow!("guest-file-open returned no handle: {h}"))?;
+        let written = (|| -> Result<()> {
+            for chunk in data.chunks(48 << 10) {
+                let b64 = base64::engine::general_purpose::STANDARD.encode(chunk);
+                self.call(
+                    "guest-file-write",
+                    json!({"handle": handle, "buf-b64": b64}),
+                    timeout,
+                )?;
+            }
+            Ok(())
+        })();
+        self.call("guest-file-close", json!({"handle": handle}), timeout)?;
+        written?;
+        let r = self.exec(&["/bin/mv", "-f", &part, path], timeout)?;
+        if !r.ok() {
+            bail!("moving {part} to {path} in the guest: {}", r.stderr.trim());
+        }
+        Ok(())
+    }
+
     /// Runs a shell command line in the guest.
     pub fn sh(&self, script: &str, timeout: Duration) -> Result<ExecResult> {
         self.exec(&["/bin/sh", "-c", script], timeout)

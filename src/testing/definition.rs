@@ -91,6 +91,8 @@ pub enum Action {
     /// Build the image again as `version` with the same keys, and install it as an A/B update:
     /// /usr into slot B, the new UKI into the ESP. Node off, `raw-disk` node.
     InstallUpdate,
+    /// Copy the host file `source` to `dest` in the guest (through the guest agent); node running.
+    Push,
 }
 
 /// How `tamper-uki` changes the UKI.
@@ -114,6 +116,14 @@ pub struct Step {
     pub node: NodeSel,
     /// A shell command run in the guest through the guest agent.
     pub run: Option<String>,
+    /// A shell command run on the host (templates expanded; `{keel}` is this keel binary,
+    /// `{work}` a scratch directory of the scenario, `{keys}` the image's key directory,
+    /// `{tools}` keel's tools tree). Judged like `run`.
+    pub host: Option<String>,
+    /// For `push`: the host file (templates expanded).
+    pub source: Option<String>,
+    /// For `push`: the path in the guest.
+    pub dest: Option<String>,
     pub action: Option<Action>,
     /// For `tamper-usr`: the file under /usr whose data is changed.
     pub path: Option<String>,
@@ -303,10 +313,12 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile> {
     }
     for (i, s) in spec.step.iter().enumerate() {
         let n = i + 1;
-        let kinds = usize::from(s.run.is_some()) + usize::from(s.action.is_some());
+        let kinds = usize::from(s.run.is_some())
+            + usize::from(s.action.is_some())
+            + usize::from(s.host.is_some());
         if kinds != 1 {
             bail!(
-                "{}: step {n} ({}) must have exactly one of `run` or `action`",
+                "{}: step {n} ({}) must have exactly one of `run`, `host` or `action`",
                 path.display(),
                 s.test
             );
@@ -344,6 +356,13 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile> {
                 ),
                 _ => {}
             }
+        }
+        if s.action == Some(Action::Push) && (s.source.is_none() || s.dest.is_none()) {
+            bail!(
+                "{}: step {n} ({}): push needs `source` (host) and `dest` (guest)",
+                path.display(),
+                s.test
+            );
         }
         if s.action == Some(Action::Type) && s.text.is_none() {
             bail!(

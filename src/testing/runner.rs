@@ -213,6 +213,25 @@ fn run_command(
     }
 }
 
+/// Runs a step's `host` command on the host (sh -c, templates expanded) and judges it.
+fn run_host(step: &Step, vars: &BTreeMap<String, String>) -> Result<(ExecResult, Option<String>)> {
+    let cmd = expand(step.host.as_deref().unwrap_or_default(), vars)?;
+    let timeout = step.timeout.map(|s| s.0).unwrap_or(DEFAULT_STEP_TIMEOUT);
+    let out = std::process::Command::new("timeout")
+        .arg(timeout.as_secs().to_string())
+        .args(["sh", "-c", &cmd])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .with_context(|| format!("running `{cmd}` on the host"))?;
+    let r = ExecResult {
+        code: i64::from(out.status.code().unwrap_or(-1)),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    let verdict = judge(step, &r, vars)?.map(|v| format!("`{cmd}` on the host: {v}"));
+    Ok((r, verdict))
+}
+
 /// Waits for the guest agent to answer with a boot ID other than `old_boot`. Gives up early
 /// when the current boot's console shows a panic or emergency mode (nothing will answer then).
 fn wait_boot(node: &Node, old_boot: Option<&str>, deadline: Instant) -> Result<String> {
@@ -423,6 +442,18 @@ fn action(
             );
             Ok(())
         }
+        Some(Action::Push) => {
+            if !node.running() {
+                bail!("push: node{} is not running", node.index);
+            }
+            let src = expand(step.source.as_deref().unwrap_or_default(), vars)?;
+            let dest = expand(step.dest.as_deref().unwrap_or_default(), vars)?;
+            let data = std::fs::read(&src).with_context(|| format!("push: reading {src}"))?;
+            node.qga()
+                .write_file(&dest, &data, Duration::from_secs(60))
+                .with_context(|| format!("push: writing {dest} in node{}", node.index))?;
+            Ok(())
+        }
         Some(Action::TamperUsr) => {
             if node.running() {
                 bail!("tamper-usr needs node{} powered off (add an action = \"power-off\" step first)", node.index);
@@ -613,6 +644,23 @@ pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>
     vars.insert("usr_root_hash".into(), ctx.manifest.usr_root_hash.clone());
     vars.insert("image_name".into(), ctx.manifest.name.clone());
     vars.insert("image_version".into(), ctx.manifest.version.clone());
+    let work = dir.join("work");
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    vars.insert("work".into(), work.display().to_string());
+    vars.insert(
+        "keel".into(),
+        std::env::current_exe()
+            .context("locating the keel binary")?
+            .display()
+            .to_string(),
+    );
+    if let Ok(def) = crate::image::Definition::load(Path::new(&ctx.manifest.definition)) {
+        if let Some(t) = def.trust {
+            vars.insert("keys".into(), t.keys.display().to_string());
+        }
+    }
+    let tools = crate::tools::ToolsTree::ensure(ctx.cache, crate::image::DEFAULT_MIRROR)?;
+    vars.insert("tools".into(), tools.root().display().to_string());
     // {pcr11_enter_initrd}, {pcr11_leave_initrd}, {pcr11_sysinit}, {pcr11_ready}: the build's
     // predictions for the phase a path ends in.
     for p in ctx.manifest.trust.iter().flat_map(|t| &t.pcr11) {
@@ -728,7 +776,16 @@ pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>
             let node = &mut nodes[t];
             vars.insert("node".into(), node.index.to_string());
             vars.insert("mac".into(), node_mac(node.index - 1));
-            let outcome: Result<Option<String>> = if step.run.is_some() {
+            let outcome: Result<Option<String>> = if step.host.is_some() {
+                run_host(step, &vars).map(|(r, verdict)| {
+                    if verdict.is_none() {
+                        if let Some(name) = &step.save {
+                            vars.insert(name.clone(), r.stdout.trim().to_string());
+                        }
+                    }
+                    verdict
+                })
+            } else if step.run.is_some() {
                 if !node.running() {
                     Ok(Some(format!("node{} is not running", node.index)))
                 } else {

@@ -31,6 +31,10 @@ pub const TOOLS_PACKAGES: &[&str] = &[
     "tpm2-tools",
     "util-linux",
     "mkosi",
+    // Signed containers: cosign to make and check signatures (tests, fixtures), busybox-static
+    // as the content of the test image.
+    "cosign",
+    "busybox-static",
 ];
 pub const TOOLS_SUITE: &str = "trixie";
 
