@@ -105,27 +105,34 @@ impl Units for Systemd {
         }
         let aux: Vec<(&str, Vec<(&str, Value)>)> = Vec::new();
         let unit = unit_name(&spec.name);
-        let _job: OwnedObjectPath = self
-            .manager()?
+        let manager = self.manager()?;
+        // Listen for the end of the start job before queueing it (Type=exec: the job is done
+        // once the process runs, failed when it could not be started).
+        let _: () = manager
+            .call("Subscribe", &())
+            .context("subscribing to systemd's job signals")?;
+        let signals = manager
+            .receive_signal("JobRemoved")
+            .context("listening for systemd's JobRemoved")?;
+        let job: OwnedObjectPath = manager
             .call("StartTransientUnit", &(unit.as_str(), "fail", props, aux))
             .with_context(|| format!("starting {unit} through systemd"))?;
-        // Type=exec: the job finishes once the process runs (or failed to).
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match self.state(&unit)? {
-                Some(s) if s.active == "active" => return Ok(()),
-                Some(s) if s.active == "failed" => {
-                    anyhow::bail!(
-                        "{unit} failed to start ({}); see `keel-agent logs {}`",
-                        s.sub,
-                        spec.name
-                    )
+        for msg in signals {
+            let (_, path, _, result): (u32, OwnedObjectPath, String, String) = msg
+                .body()
+                .deserialize()
+                .context("reading a JobRemoved signal")?;
+            if path == job {
+                if result == "done" {
+                    return Ok(());
                 }
-                None => anyhow::bail!("{unit} ended at once; see `keel-agent logs {}`", spec.name),
-                _ if Instant::now() > deadline => anyhow::bail!("{unit} did not start within 30 s"),
-                _ => std::thread::sleep(Duration::from_millis(10)),
+                anyhow::bail!(
+                    "{unit} did not start (job {result}); see `keel-agent logs {}`",
+                    spec.name
+                );
             }
         }
+        anyhow::bail!("the system bus closed while {unit} was starting")
     }
 
     fn stop(&self, unit: &str) -> Result<()> {

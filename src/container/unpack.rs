@@ -9,7 +9,7 @@
 //! directory and throws it away on any error.
 
 use super::oci::Compression;
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io::{self, Read};
@@ -92,18 +92,16 @@ pub struct LayerFile<'a> {
 pub fn unpack(root: &Path, layers: &[LayerFile], limits: Limits) -> Result<Stats, UnpackError> {
     let mut stats = Stats::default();
     for (i, l) in layers.iter().enumerate() {
-        let n = i + 1;
-        // Whiteouts remove what lower layers put there, never this layer's own content: apply
-        // them first, then the layer's other entries.
+        // One pass per layer. Whiteouts remove what lower layers put there, never this layer's
+        // own content, whatever the entry order: paths this layer created are remembered and
+        // an opaque directory keeps them.
         let mut u = Unpacker {
             root,
-            layer: n,
+            layer: i + 1,
             limits,
             stats: &mut stats,
-            whiteouts_only: true,
+            created: HashSet::new(),
         };
-        u.run(l)?;
-        u.whiteouts_only = false;
         u.run(l)?;
     }
     Ok(stats)
@@ -114,7 +112,8 @@ struct Unpacker<'a> {
     layer: usize,
     limits: Limits,
     stats: &'a mut Stats,
-    whiteouts_only: bool,
+    /// Paths this layer created or touched.
+    created: HashSet<PathBuf>,
 }
 
 const WHITEOUT: &str = ".wh.";
@@ -169,32 +168,25 @@ impl Unpacker<'_> {
             return Ok(()); // the root itself
         };
         let name_str = name.to_string_lossy();
-        let is_whiteout = name_str.starts_with(WHITEOUT);
-        if self.whiteouts_only != is_whiteout {
-            return Ok(());
+        self.stats.entries += 1;
+        if self.stats.entries > self.limits.max_entries {
+            return Err(UnpackError::TooManyEntries {
+                layer,
+                max: self.limits.max_entries,
+            });
         }
-        if !self.whiteouts_only {
-            self.stats.entries += 1;
-            if self.stats.entries > self.limits.max_entries {
-                return Err(UnpackError::TooManyEntries {
-                    layer,
-                    max: self.limits.max_entries,
-                });
-            }
-        }
-        if is_whiteout {
+        if let Some(hidden_name) = name_str.strip_prefix(WHITEOUT) {
             let Some(dir) = self.resolve(parent, false, &shown)? else {
                 return Ok(()); // nothing below to hide
             };
             if name_str == OPAQUE {
-                let list = fs::read_dir(&dir).map_err(self.io(format!("listing {shown}")))?;
-                for e in list {
-                    let e = e.map_err(self.io(format!("listing {shown}")))?;
-                    remove_any(&e.path()).map_err(self.io(format!("applying {shown}")))?;
-                }
+                self.clear_lower(&dir)
+                    .map_err(self.io(format!("applying {shown}")))?;
             } else {
-                let hidden = dir.join(&name_str[WHITEOUT.len()..]);
-                remove_any(&hidden).map_err(self.io(format!("applying {shown}")))?;
+                let hidden = dir.join(hidden_name);
+                if !self.created.contains(&hidden) {
+                    remove_any(&hidden).map_err(self.io(format!("applying {shown}")))?;
+                }
             }
             return Ok(());
         }
@@ -206,6 +198,11 @@ impl Unpacker<'_> {
                 reason: "parent directory could not be created".into(),
             })?;
         let target = dir.join(name);
+        self.created.insert(target.clone());
+        let mut p = dir.as_path();
+        while p.starts_with(self.root) && p != self.root && self.created.insert(p.to_path_buf()) {
+            p = p.parent().unwrap_or(self.root);
+        }
         let mode = entry.header().mode().unwrap_or(0o644) & 0o7777;
         match kind {
             tar::EntryType::Directory => {
@@ -314,6 +311,20 @@ impl Unpacker<'_> {
                 // chown clears set-id bits; put them back.
                 fs::set_permissions(&target, fs::Permissions::from_mode(mode))
                     .map_err(self.io(format!("setting the mode of {shown}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes everything under `dir` that lower layers put there, keeping what this layer
+    /// created (an opaque whiteout).
+    fn clear_lower(&self, dir: &Path) -> io::Result<()> {
+        for e in fs::read_dir(dir)? {
+            let p = e?.path();
+            if !self.created.contains(&p) {
+                remove_any(&p)?;
+            } else if fs::symlink_metadata(&p)?.is_dir() {
+                self.clear_lower(&p)?;
             }
         }
         Ok(())
@@ -503,13 +514,17 @@ mod tests {
             .file("etc/gone", b"gone")
             .dir("opaque/")
             .file("opaque/old", b"old")
+            .file("opaque2/sub/old", b"old")
             .file("bin/busybox", b"\x7fELF")
             .link(tar::EntryType::Symlink, "bin/sh", "busybox")
             .link(tar::EntryType::Link, "bin/hard", "bin/busybox");
         let upper = Tar::new()
             .file("etc/.wh.gone", b"")
             .file("opaque/.wh..wh..opq", b"")
-            .file("opaque/new", b"new");
+            .file("opaque/new", b"new")
+            // The marker after this layer's own content: it still hides only the lower layer's.
+            .file("opaque2/sub/new", b"new")
+            .file("opaque2/.wh..wh..opq", b"");
         let (t, r) = run(vec![lower, upper], Limits::default());
         let root = t.path().join("root");
         let s = r.expect("unpacks");
@@ -530,7 +545,7 @@ mod tests {
             !root.join("etc/.wh.gone").exists(),
             "whiteout files are not unpacked"
         );
-        assert_eq!(s.bytes, 4 + 4 + 3 + 4 + 3, "keep, gone, old, busybox, new");
+        assert_eq!(s.bytes, 4 + 4 + 3 + 3 + 4 + 3 + 3, "keep, gone, old, old, busybox, new, new");
     }
 
     #[test]
