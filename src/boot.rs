@@ -63,6 +63,7 @@ pub fn resolve_image(spec: &str, no_build: bool) -> Result<ResolvedImage> {
             rebootstrap: false,
             quiet: false,
             version: None,
+            ignition: None,
         })?;
     } else if !out.join(crate::manifest::MANIFEST_FILE).exists() {
         bail!(

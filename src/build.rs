@@ -28,6 +28,8 @@ pub struct BuildOptions {
     pub quiet: bool,
     /// Build as this version instead of the definition's.
     pub version: Option<String>,
+    /// An Ignition config to place on the ESP (`keel/config.ign`), checked first.
+    pub ignition: Option<PathBuf>,
 }
 
 /// The epoch from SOURCE_DATE_EPOCH, else [`DEFAULT_EPOCH`].
@@ -194,6 +196,17 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
         Ok(def)
     })?;
     let epoch = source_date_epoch()?;
+    // An embedded config is checked like `keel ignition validate` before anything is built.
+    let ignition = match &opts.ignition {
+        Some(p) => {
+            let bytes =
+                fs::read(p).with_context(|| format!("reading --ignition {}", p.display()))?;
+            crate::provision::config::parse(&bytes)
+                .with_context(|| format!("--ignition {}", p.display()))?;
+            Some(bytes)
+        }
+        None => None,
+    };
     let keys = match &def.trust {
         Some(t) => Some(stages.run("signing keys", || {
             crate::trust::ensure_keys(t, &def.name)
@@ -297,6 +310,12 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
         usr::make_verity(&tools, &erofs, &verity, &content_id)
     })?;
 
+    // The image's own keel-agent also runs first-boot provisioning in the initrd.
+    let agent_bin = def
+        .binaries
+        .iter()
+        .any(|b| b == "keel-agent")
+        .then(|| usr_tree.join("bin/keel-agent"));
     let initrd_path = stages.run("initrd", || {
         initrd::build(
             &cache,
@@ -310,6 +329,7 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
                 kernel_version: &kernel,
                 modules: &def.initrd_modules,
                 sealed: def.trust.as_ref().map(|t| t.without_tpm),
+                agent: agent_bin.as_deref(),
             },
         )
     })?;
@@ -348,6 +368,12 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
     let parts = stages.run("disk image", || {
         let esp = work.join("esp");
         disk::prepare_esp(&tools, &esp, &uki_out, &def.version, epoch, keys.as_ref())?;
+        if let Some(cfg) = &ignition {
+            let dir = esp.join("keel");
+            fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            fs::write(dir.join("config.ign"), cfg).context("writing keel/config.ign on the ESP")?;
+            disk::set_times(&esp, epoch)?;
+        }
         let esp_s = esp.display().to_string();
         let erofs_s = erofs.display().to_string();
         let verity_s = verity.display().to_string();

@@ -65,6 +65,16 @@ pub enum Commands {
     /// Edit the operator-signed list of enrolled machines (TPM endorsement key hashes).
     #[command(subcommand)]
     Machines(MachinesCommand),
+    /// Check Ignition configs with the code nodes use.
+    #[command(subcommand)]
+    Ignition(IgnitionCommand),
+    /// Put an Ignition config on a built image's ESP (keel/config.ign), like
+    /// `coreos-installer iso customize`; the built image is changed in place.
+    EmbedConfig {
+        /// A .raw image or a build output directory.
+        image: PathBuf,
+        config: PathBuf,
+    },
     /// Internal: print the tools tree's path (bootstrapping it when missing), for scripts.
     #[command(name = "__tools-path", hide = true)]
     ToolsPath,
@@ -142,6 +152,13 @@ pub enum ContainerCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum IgnitionCommand {
+    /// Parse and check a config (spec 3.0–3.6) with the node's code: every unsupported or bad
+    /// field is named. Exit status 1 on error.
+    Validate { file: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum MachinesCommand {
     /// Add a machine (its EK hash from `keel-agent ek-hash`) and sign the list again.
     Add {
@@ -206,6 +223,10 @@ pub struct BuildArgs {
     /// Print the manifest as JSON when done.
     #[arg(long)]
     pub json: bool,
+    /// Put this Ignition config on the image's ESP (keel/config.ign), for machines without
+    /// fw_cfg; checked like `keel ignition validate` first.
+    #[arg(long)]
+    pub ignition: Option<PathBuf>,
     /// Build as this version instead of the definition's (e.g. from a release pipeline).
     #[arg(long)]
     pub version: Option<String>,
@@ -301,6 +322,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 rebootstrap: a.rebootstrap,
                 quiet: a.json,
                 version: a.version,
+                ignition: a.ignition,
             })?;
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&m)?);
@@ -425,6 +447,18 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Commands::Container(c) => crate::container::commands::run(c),
+        Commands::Ignition(IgnitionCommand::Validate { file }) => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let p = crate::provision::config::parse(&bytes)
+                .with_context(|| file.display().to_string())?;
+            println!(
+                "{}: valid (spec {}, sha256 {}): {} file(s), {} director(y|ies), {} link(s), {} unit(s), {} user(s), {} group(s)",
+                file.display(), p.version, p.sha256, p.files.len(), p.directories.len(), p.links.len(), p.units.len(), p.users.len(), p.groups.len()
+            );
+            Ok(())
+        }
+        Commands::EmbedConfig { image, config } => crate::provision::embed::embed(&image, &config),
         Commands::ToolsPath => {
             let cache = crate::cache::Cache::from_env()?;
             let t = crate::tools::ToolsTree::ensure(&cache, crate::image::DEFAULT_MIRROR)?;

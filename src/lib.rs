@@ -12,6 +12,7 @@ pub mod image;
 pub mod inspect;
 pub mod manifest;
 pub mod progress;
+pub mod provision;
 pub mod qemu;
 pub mod render;
 pub mod store;

@@ -51,6 +51,10 @@ pub enum Command {
         #[arg(short, long)]
         follow: bool,
     },
+    /// First-boot provisioning, run in the initrd with the new root at --root (/sysroot): apply
+    /// the Ignition config from fw_cfg or the ESP once, then measure its hash into PCR 12 on
+    /// every boot.
+    Provision,
     /// Watch the spool directory (/var/lib/keel/spool) and run the archives dropped there; the
     /// keel-agent service runs this.
     Serve,
@@ -143,6 +147,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
+        Command::Provision => provision(&cli.root),
         Command::Serve => {
             let units = Systemd::connect()?;
             super::spool::serve(&cli.root, &machine(), &units)?;
@@ -197,4 +202,76 @@ fn to_journal(msg: &str) {
     if let Ok(s) = std::os::unix::net::UnixDatagram::unbound() {
         let _ = s.send_to(line.as_bytes(), "/dev/log");
     }
+}
+
+/// `keel-agent provision`: see [`crate::provision`].
+fn provision(root: &std::path::Path) -> Result<ExitCode> {
+    use crate::provision::{self, Outcome};
+    let say = |level: u8, msg: &str| {
+        // The console (kmsg) and the journal; the initrd's journal moves to the real root.
+        eprintln!("keel-provision: {msg}");
+        let _ = std::fs::write("/dev/kmsg", format!("<{level}>keel-provision: {msg}\n"));
+    };
+    let outcome = match provision::run(root, &provision::source::Sources::default()) {
+        Ok(o) => o,
+        Err(e) => {
+            say(2, &format!("ERROR: the Ignition config was not applied: {e:#}. Nothing of it was written; fix the config and boot again."));
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let sha = match &outcome {
+        Outcome::Applied(s) => {
+            say(
+                5,
+                &format!(
+                    "applied the Ignition config from {} (spec {}, sha256 {})",
+                    s.source, s.version, s.sha256
+                ),
+            );
+            Some(s.sha256.clone())
+        }
+        Outcome::AlreadyProvisioned(s) if !s.sha256.is_empty() => {
+            say(
+                6,
+                &format!(
+                    "already provisioned (config sha256 {}, from {}); not applied again",
+                    s.sha256, s.source
+                ),
+            );
+            Some(s.sha256.clone())
+        }
+        Outcome::AlreadyProvisioned(_) => {
+            say(
+                6,
+                "already provisioned (no config was given on the first boot)",
+            );
+            None
+        }
+        Outcome::NoConfig => {
+            say(5, "no Ignition config (fw_cfg opt/com.coreos/config, ESP keel/config.ign): booting unconfigured");
+            None
+        }
+    };
+    if let Some(sha) = sha {
+        let word = provision::measurement(&sha);
+        let status = std::process::Command::new("/usr/lib/systemd/systemd-pcrextend")
+            .arg(format!("--pcr={}", provision::PCR))
+            .arg("--graceful")
+            .arg(&word)
+            .status();
+        match status {
+            Ok(s) if s.success() => {
+                say(6, &format!("measured `{word}` into PCR {}", provision::PCR))
+            }
+            Ok(s) => say(
+                4,
+                &format!(
+                    "WARNING: measuring the config into PCR {} failed ({s})",
+                    provision::PCR
+                ),
+            ),
+            Err(e) => say(4, &format!("WARNING: systemd-pcrextend: {e}")),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

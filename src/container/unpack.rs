@@ -330,79 +330,84 @@ impl Unpacker<'_> {
         Ok(())
     }
 
-    /// The real directory under the root that `comps` names, with symbolic links followed as
-    /// if the root were `/`. Missing directories are created when `create`, else `None`.
     fn resolve(
         &self,
         comps: &[OsString],
         create: bool,
         shown: &str,
     ) -> Result<Option<PathBuf>, UnpackError> {
-        let err = |reason: &str| UnpackError::Resolve {
+        resolve_in_root(self.root, comps, create).map_err(|e| UnpackError::Resolve {
             layer: self.layer,
             path: shown.into(),
-            reason: reason.into(),
-        };
-        let mut done: Vec<OsString> = Vec::new();
-        let mut todo: VecDeque<OsString> = comps.iter().cloned().collect();
-        let mut hops = 0;
-        while let Some(c) = todo.pop_front() {
-            if c == ".." {
-                done.pop();
-                continue;
-            }
-            if c == "." || c.is_empty() {
-                continue;
-            }
-            let here: PathBuf = self.root.join(done.iter().collect::<PathBuf>()).join(&c);
-            match fs::symlink_metadata(&here) {
-                Ok(m) if m.file_type().is_symlink() => {
-                    hops += 1;
-                    if hops > 40 {
-                        return Err(err("too many levels of symbolic links"));
-                    }
-                    let to = fs::read_link(&here)
-                        .map_err(self.io(format!("reading a link in {shown}")))?;
-                    if to.is_absolute() {
-                        done.clear();
-                    }
-                    let mut next: VecDeque<OsString> = to
-                        .components()
-                        .filter_map(|c| match c {
-                            Component::Normal(s) => Some(s.to_os_string()),
-                            Component::ParentDir => Some(OsString::from("..")),
-                            _ => None,
-                        })
-                        .collect();
-                    next.extend(todo.drain(..));
-                    todo = next;
-                }
-                Ok(m) if m.is_dir() => done.push(c),
-                Ok(_) if create => {
-                    // A later layer turns a file into a directory.
-                    fs::remove_file(&here)
-                        .map_err(self.io(format!("replacing a file in {shown}")))?;
-                    fs::create_dir(&here)
-                        .map_err(self.io(format!("creating a directory in {shown}")))?;
-                    done.push(c);
-                }
-                Ok(_) => return Ok(None),
-                Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
-                    fs::create_dir(&here)
-                        .map_err(self.io(format!("creating a directory in {shown}")))?;
-                    done.push(c);
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-                Err(e) => return Err(self.io(format!("looking at {shown}"))(e)),
-            }
-        }
-        Ok(Some(self.root.join(done.iter().collect::<PathBuf>())))
+            reason: e.to_string(),
+        })
     }
+}
+
+/// The real directory under `root` that `comps` names, with symbolic links followed as if
+/// `root` were `/` (an absolute link restarts at `root`, `..` never goes above it). Missing
+/// directories are created when `create`, else the answer is `None`; so is a non-directory on
+/// the way when not `create` (with `create` it is replaced by a directory).
+pub fn resolve_in_root(
+    root: &Path,
+    comps: &[OsString],
+    create: bool,
+) -> io::Result<Option<PathBuf>> {
+    let mut done: Vec<OsString> = Vec::new();
+    let mut todo: VecDeque<OsString> = comps.iter().cloned().collect();
+    let mut hops = 0;
+    while let Some(c) = todo.pop_front() {
+        if c == ".." {
+            done.pop();
+            continue;
+        }
+        if c == "." || c.is_empty() {
+            continue;
+        }
+        let here: PathBuf = root.join(done.iter().collect::<PathBuf>()).join(&c);
+        match fs::symlink_metadata(&here) {
+            Ok(m) if m.file_type().is_symlink() => {
+                hops += 1;
+                if hops > 40 {
+                    return Err(io::Error::other("too many levels of symbolic links"));
+                }
+                let to = fs::read_link(&here)?;
+                if to.is_absolute() {
+                    done.clear();
+                }
+                let mut next: VecDeque<OsString> = to
+                    .components()
+                    .filter_map(|c| match c {
+                        Component::Normal(s) => Some(s.to_os_string()),
+                        Component::ParentDir => Some(OsString::from("..")),
+                        _ => None,
+                    })
+                    .collect();
+                next.extend(todo.drain(..));
+                todo = next;
+            }
+            Ok(m) if m.is_dir() => done.push(c),
+            Ok(_) if create => {
+                // A later layer turns a file into a directory.
+                fs::remove_file(&here)?;
+                fs::create_dir(&here)?;
+                done.push(c);
+            }
+            Ok(_) => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
+                fs::create_dir(&here)?;
+                done.push(c);
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Some(root.join(done.iter().collect::<PathBuf>())))
 }
 
 /// The normal components of an entry name (leading `/` and `./` dropped); `None` when it holds
 /// `..`.
-fn components(p: &Path) -> Option<Vec<OsString>> {
+pub fn components(p: &Path) -> Option<Vec<OsString>> {
     let mut out = Vec::new();
     for c in p.components() {
         match c {
@@ -545,7 +550,11 @@ mod tests {
             !root.join("etc/.wh.gone").exists(),
             "whiteout files are not unpacked"
         );
-        assert_eq!(s.bytes, 4 + 4 + 3 + 3 + 4 + 3 + 3, "keep, gone, old, old, busybox, new, new");
+        assert_eq!(
+            s.bytes,
+            4 + 4 + 3 + 3 + 4 + 3 + 3,
+            "keep, gone, old, old, busybox, new, new"
+        );
     }
 
     #[test]

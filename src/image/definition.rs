@@ -240,6 +240,10 @@ const BASE_INITRD_MODULES: &[&str] = &[
     "loop",
     "efivarfs",
     "qemu_fw_cfg",
+    // The ESP, read by first-boot provisioning for keel/config.ign.
+    "vfat",
+    "nls_cp437",
+    "nls_ascii",
     "tpm_tis",
     "tpm_crb",
     "autofs4",

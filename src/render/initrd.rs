@@ -29,9 +29,12 @@ pub const INITRD_PACKAGES: &[&str] = &[
     "libtss2-mu-4.0.1-0t64",
     "libtss2-rc0t64",
     "libtss2-tcti-device0t64",
+    // keel-agent (first-boot provisioning) links these too.
+    "libtss2-tctildr0t64",
+    "libtss2-sys1t64",
 ];
 /// Bump when the initrd's keel content or trimming changes.
-const INITRD_FORMAT: &str = "initrd-6";
+const INITRD_FORMAT: &str = "initrd-7";
 
 /// Copies the factory /etc onto the new root partition, once, atomically (staging + rename).
 const ETC_SETUP: &str = r#"#!/bin/sh
@@ -62,6 +65,29 @@ OnFailureJobMode=isolate
 Type=oneshot
 RemainAfterExit=yes
 ExecStart=/usr/lib/keel/etc-setup
+";
+
+/// First-boot provisioning: `keel-agent provision` applies the node's Ignition config to the new
+/// root (once; later boots only measure the applied config's hash into PCR 12). Any error stops
+/// the boot in emergency mode with the reason on the console.
+const PROVISION_UNIT: &str = "\
+[Unit]
+Description=Keel: first-boot provisioning (Ignition config)
+Documentation=file:/usr/share/doc/keel/provisioning.md
+DefaultDependencies=no
+Requires=sysroot.mount
+After=sysroot.mount keel-etc-setup.service systemd-udev-trigger.service
+Before=initrd-parse-etc.service initrd-root-fs.target
+ConditionPathExists=/etc/initrd-release
+OnFailure=emergency.target
+OnFailureJobMode=isolate
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/bin/keel-agent provision --root /sysroot
+StandardOutput=journal+console
+StandardError=journal+console
 ";
 
 /// First boot of a sealed image: turns the empty root partition systemd-repart created into a
@@ -285,6 +311,8 @@ const EARLY_MODULES: &[&str] = &[
     "sha256_ssse3",
     "dm_verity",
     "erofs",
+    // QEMU's fw_cfg, where first-boot provisioning looks for the Ignition config.
+    "qemu_fw_cfg",
 ];
 
 /// The [`EARLY_MODULES`] present among the initrd's module files (a name that is missing would
@@ -382,6 +410,8 @@ pub struct InitrdInput<'a> {
     pub modules: &'a [String],
     /// A sealed root (trusted images): what to do without a TPM.
     pub sealed: Option<WithoutTpm>,
+    /// keel-agent, for first-boot provisioning (images that ship it).
+    pub agent: Option<&'a Path>,
 }
 
 /// Builds (or takes from the cache) the compressed initrd for an image; returns its path.
@@ -421,6 +451,21 @@ pub fn build(
     let vmlinuz = fs::read(moddir.join("vmlinuz"))
         .with_context(|| format!("reading {}/vmlinuz", moddir.display()))?;
     let kernel_digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&vmlinuz));
+    let agent = input
+        .agent
+        .map(|p| {
+            fs::read(p).with_context(|| {
+                format!(
+                    "reading {} (cargo build --release --bin keel-agent)",
+                    p.display()
+                )
+            })
+        })
+        .transpose()?;
+    let agent_digest = agent
+        .as_ref()
+        .map(|a| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(a)))
+        .unwrap_or_default();
     let key = cache::key([
         base_key,
         input.kernel_version.to_string(),
@@ -440,6 +485,8 @@ pub fn build(
                 )
             })
             .unwrap_or_default(),
+        agent_digest.clone(),
+        PROVISION_UNIT.into(),
     ]);
     let entry = cache.entry("initrd", &key).join("initrd.cpio.zst");
     if entry.exists() {
@@ -509,6 +556,19 @@ pub fn build(
         wants.join("keel-etc-setup.service"),
     )
     .context("enabling keel-etc-setup")?;
+    if let Some(a) = &agent {
+        crate::compose::overlay::replace_file(&tree.join("usr/bin/keel-agent"), a, 0o755)?;
+        crate::compose::overlay::replace_file(
+            &units.join("keel-provision.service"),
+            PROVISION_UNIT.as_bytes(),
+            0o644,
+        )?;
+        symlink(
+            "../keel-provision.service",
+            wants.join("keel-provision.service"),
+        )
+        .context("enabling keel-provision")?;
+    }
     if let Some(without_tpm) = input.sealed {
         crate::compose::overlay::replace_file(
             &keel_lib.join("root-init"),

@@ -93,6 +93,9 @@ pub enum Action {
     InstallUpdate,
     /// Copy the host file `source` to `dest` in the guest (through the guest agent); node running.
     Push,
+    /// Give the node another Ignition config (`ignition`, relative to the test file) for its
+    /// next start; node off.
+    SetIgnition,
 }
 
 /// How `tamper-uki` changes the UKI.
@@ -120,6 +123,8 @@ pub struct Step {
     /// `{work}` a scratch directory of the scenario, `{keys}` the image's key directory,
     /// `{tools}` keel's tools tree). Judged like `run`.
     pub host: Option<String>,
+    /// For `set-ignition`: the config file, relative to the test file.
+    pub ignition: Option<PathBuf>,
     /// For `push`: the host file (templates expanded).
     pub source: Option<String>,
     /// For `push`: the path in the guest.
@@ -360,6 +365,13 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile> {
         if s.action == Some(Action::Push) && (s.source.is_none() || s.dest.is_none()) {
             bail!(
                 "{}: step {n} ({}): push needs `source` (host) and `dest` (guest)",
+                path.display(),
+                s.test
+            );
+        }
+        if s.action == Some(Action::SetIgnition) && s.ignition.is_none() {
+            bail!(
+                "{}: step {n} ({}): set-ignition needs `ignition` (a config file)",
                 path.display(),
                 s.test
             );

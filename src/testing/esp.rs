@@ -174,6 +174,33 @@ pub fn read_uki(raw: &Path, name: &str) -> Result<Vec<u8>> {
     Ok(data)
 }
 
+/// Writes (creates or replaces) the file `path` (`dir/name`, directories created) in the ESP of
+/// the raw image `raw`.
+pub fn write_file(raw: &Path, path: &str, data: &[u8]) -> Result<()> {
+    let fs = open_fs(raw)?;
+    let mut dir = fs.root_dir();
+    let (dirs, name) = path.rsplit_once('/').unwrap_or(("", path));
+    for d in dirs.split('/').filter(|d| !d.is_empty()) {
+        dir = match dir.open_dir(d) {
+            Ok(x) => x,
+            Err(_) => dir
+                .create_dir(d)
+                .with_context(|| format!("creating {d} on the ESP"))?,
+        };
+    }
+    let mut f = dir
+        .create_file(name)
+        .with_context(|| format!("creating {path} on the ESP"))?;
+    f.truncate().context("truncating")?;
+    f.write_all(data)
+        .with_context(|| format!("writing {path} on the ESP"))?;
+    f.flush().context("flushing the ESP")?;
+    drop(f);
+    drop(dir);
+    fs.unmount().context("unmounting the ESP")?;
+    Ok(())
+}
+
 /// Writes (creates or replaces) EFI/Linux/`name` in the ESP.
 pub fn write_uki(raw: &Path, name: &str, data: &[u8]) -> Result<()> {
     let fs = open_fs(raw)?;

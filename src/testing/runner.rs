@@ -48,6 +48,8 @@ struct Node {
     qga_socket: PathBuf,
     qmp_socket: PathBuf,
     ignition: Option<PathBuf>,
+    /// The directory of the test file (relative paths in steps).
+    test_dir: PathBuf,
     memory_mib: u32,
     nets: Vec<NetSpec>,
     vm: Option<Vm>,
@@ -421,6 +423,7 @@ fn action(
                 rebootstrap: false,
                 quiet: true,
                 version: Some(version.to_string()),
+                ignition: None,
             })
             .with_context(|| {
                 format!("building {} as version {version}", ctx.manifest.definition)
@@ -440,6 +443,17 @@ fn action(
                 version,
                 "installed the update into slot B"
             );
+            Ok(())
+        }
+        Some(Action::SetIgnition) => {
+            require_off(node, "set-ignition")?;
+            let p = node
+                .test_dir
+                .join(step.ignition.as_deref().unwrap_or(Path::new("")));
+            if !p.is_file() {
+                bail!("set-ignition: {} does not exist", p.display());
+            }
+            node.ignition = Some(p);
             Ok(())
         }
         Some(Action::Push) => {
@@ -712,6 +726,7 @@ pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>
             qga_socket: ndir.join("qga.sock"),
             qmp_socket: ndir.join("qmp.sock"),
             ignition,
+            test_dir: file.path.parent().unwrap_or(Path::new(".")).to_path_buf(),
             memory_mib: cfg.memory_mib.unwrap_or(2048),
             nets,
             vm: None,
