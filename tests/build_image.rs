@@ -384,6 +384,85 @@ fn build_minimal_image_end_to_end() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 
+    // 10. `keel embed-config` puts a checked Ignition config on the ESP of a built image and
+    //     updates the manifest's checksums; a bad config changes nothing.
+    let emb = tmp.path().join("embed");
+    ok(
+        Command::new("cp")
+            .arg("-a")
+            .arg(&out1)
+            .arg(&emb)
+            .output()
+            .expect("cp"),
+        "cp build dir",
+    );
+    let good = tmp.path().join("good.ign");
+    fs::write(&good, r#"{"ignition":{"version":"3.4.0"},"storage":{"files":[{"path":"/etc/x","contents":{"source":"data:,x"}}]}}"#).expect("write");
+    let bad = tmp.path().join("bad.ign");
+    fs::write(
+        &bad,
+        r#"{"ignition":{"version":"3.4.0"},"storage":{"files":[{"path":"/usr/x"}]}}"#,
+    )
+    .expect("write");
+    let raw = emb.join("minimal.raw");
+    let raw_before = fs::read(&raw).expect("raw");
+    let o = keel()
+        .arg("embed-config")
+        .arg(&emb)
+        .arg(&bad)
+        .output()
+        .expect("run");
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("storage.files.0.path"), "{err}");
+    assert!(
+        fs::read(&raw).expect("raw") == raw_before,
+        "a refused config changed the image"
+    );
+    ok(
+        keel()
+            .arg("embed-config")
+            .arg(&emb)
+            .arg(&good)
+            .output()
+            .expect("run"),
+        "keel embed-config",
+    );
+    let esp_start = parts[0]["start"].as_u64().expect("start") * 512;
+    let shown = ok(
+        in_tools(
+            tmp.path(),
+            [
+                "mtype".to_string(),
+                "-i".into(),
+                format!("{}@@{esp_start}", raw.display()),
+                "::keel/config.ign".into(),
+            ],
+        ),
+        "mtype keel/config.ign",
+    );
+    assert_eq!(shown.as_bytes(), fs::read(&good).expect("good").as_slice());
+    let m: Value = serde_json::from_slice(&fs::read(emb.join("manifest.json")).expect("manifest"))
+        .expect("json");
+    let art = m["artifacts"]
+        .as_array()
+        .expect("artifacts")
+        .iter()
+        .find(|a| a["file"] == "minimal.raw")
+        .expect("raw artifact")
+        .clone();
+    let digest = ok(
+        Command::new("sha256sum")
+            .arg(&raw)
+            .output()
+            .expect("sha256sum"),
+        "sha256sum",
+    );
+    assert_eq!(
+        art["sha256"].as_str().expect("sha"),
+        digest.split_whitespace().next().expect("digest")
+    );
+
     // 9. A trusted variant: keys are created, the UKI's PCR 11 predictions and .pcrsig agree
     //    with systemd-measure (calculate/sign) on the same sections, and sbverify accepts the UKI
     //    and systemd-boot with the db certificate.

@@ -180,6 +180,9 @@ fn default_node() -> NodeSel {
 pub struct NodeConfig {
     /// Ignition config passed through fw_cfg, relative to the test file.
     pub ignition: Option<PathBuf>,
+    /// Ignition config written to the node's ESP (keel/config.ign) before its first start, as
+    /// `keel embed-config` does; needs `raw-disk`.
+    pub esp_ignition: Option<PathBuf>,
     pub memory_mib: Option<u32>,
     /// Secure Boot on, with the image's keys enrolled.
     #[serde(default)]
@@ -205,6 +208,7 @@ impl Default for NodeConfig {
     fn default() -> Self {
         NodeConfig {
             ignition: None,
+            esp_ignition: None,
             memory_mib: None,
             secure_boot: false,
             raw_disk: false,
@@ -315,6 +319,15 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile> {
     }
     if spec.step.is_empty() {
         bail!("{}: a test needs at least one [[step]]", path.display());
+    }
+    for (k, c) in spec.node.iter().enumerate() {
+        if c.esp_ignition.is_some() && !c.raw_disk {
+            bail!(
+                "{}: node {}: esp-ignition writes the disk's ESP: give it raw-disk = true",
+                path.display(),
+                k + 1
+            );
+        }
     }
     for (i, s) in spec.step.iter().enumerate() {
         let n = i + 1;

@@ -699,6 +699,12 @@ pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>
         let overlay = if cfg.raw_disk {
             let raw = ndir.join("disk.raw");
             sparse_copy(&ctx.raw, &raw, size)?;
+            if let Some(c) = &cfg.esp_ignition {
+                let p = file.path.parent().unwrap_or(Path::new(".")).join(c);
+                let bytes =
+                    std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+                esp::write_file(&raw, crate::provision::source::ESP_PATH, &bytes)?;
+            }
             raw
         } else {
             let overlay = ndir.join("disk.qcow2");
