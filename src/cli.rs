@@ -453,7 +453,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let p = crate::provision::config::parse(&bytes)
                 .with_context(|| file.display().to_string())?;
             println!(
-                "{}: valid (spec {}, sha256 {}): {} file(s), {} director(y|ies), {} link(s), {} unit(s), {} user(s), {} group(s)",
+                "{}: valid (spec {}, sha256 {}): files {}, directories {}, links {}, units {}, users {}, groups {}",
                 file.display(), p.version, p.sha256, p.files.len(), p.directories.len(), p.links.len(), p.units.len(), p.users.len(), p.groups.len()
             );
             Ok(())
