@@ -188,11 +188,7 @@ pub fn verify_blob(bytes: &[u8], sig: &str, keys: &[TrustedKey]) -> bool {
     let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(sig.trim()) else {
         return false;
     };
-    keys.iter().any(|k| {
-        openssl::sign::Verifier::new(openssl::hash::MessageDigest::sha256(), &k.key)
-            .and_then(|mut v| v.verify_oneshot(&raw, bytes))
-            .unwrap_or(false)
-    })
+    signature::signed_by(bytes, &raw, keys).is_some()
 }
 
 /// Writes a list and its signature (each through a temporary file and a rename).

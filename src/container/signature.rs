@@ -122,19 +122,21 @@ pub fn verify(
     if sig.is_empty() || sig.len() > MAX_SIGNATURE {
         return Err(SignatureError::BadLength);
     }
-    let key = keys
-        .iter()
-        .find(|k| {
-            Verifier::new(MessageDigest::sha256(), &k.key)
-                .and_then(|mut v| v.verify_oneshot(&sig, payload))
-                .unwrap_or(false)
-        })
-        .ok_or(SignatureError::NoKeyMatches(keys.len()))?;
+    let key = signed_by(payload, &sig, keys).ok_or(SignatureError::NoKeyMatches(keys.len()))?;
     let (digest, reference) = parse_payload(payload)?;
     Ok(Verified {
         manifest_digest: digest,
         reference,
         key: key.name.clone(),
+    })
+}
+
+/// The first trusted key whose ECDSA/SHA-256 signature `sig` (DER) over `bytes` verifies.
+pub fn signed_by<'a>(bytes: &[u8], sig: &[u8], keys: &'a [TrustedKey]) -> Option<&'a TrustedKey> {
+    keys.iter().find(|k| {
+        Verifier::new(MessageDigest::sha256(), &k.key)
+            .and_then(|mut v| v.verify_oneshot(sig, bytes))
+            .unwrap_or(false)
     })
 }
 

@@ -10,7 +10,7 @@
 
 use super::oci::Compression;
 use std::collections::{HashSet, VecDeque};
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsString;
 use std::fs;
 use std::io::{self, Read};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -427,11 +427,6 @@ fn remove_any(p: &Path) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
     }
-}
-
-#[allow(dead_code)]
-fn os(s: &str) -> &OsStr {
-    OsStr::new(s)
 }
 
 #[cfg(test)]

@@ -487,7 +487,7 @@ fn prepare(p: &mut Prep, plan: &Plan) -> Result<(), ApplyError> {
         }
         let hc = components(Path::new(&home))
             .ok_or_else(|| field(&format!("{}.homeDir", u.field), "`..` in the path"))?;
-        let home_dir = p.dir(&u.field, &hc, 0o700, uid, gid)?;
+        p.dir(&u.field, &hc, 0o700, uid, gid)?;
         if !u.ssh_keys.is_empty() {
             let ssh = p.dir(
                 &u.field,
@@ -496,7 +496,6 @@ fn prepare(p: &mut Prep, plan: &Plan) -> Result<(), ApplyError> {
                 uid,
                 gid,
             )?;
-            let _ = home_dir;
             let keys: String = u
                 .ssh_keys
                 .iter()
@@ -516,15 +515,13 @@ fn prepare(p: &mut Prep, plan: &Plan) -> Result<(), ApplyError> {
             components(Path::new(&d.path)).ok_or_else(|| field(&d.field, "`..` in the path"))?;
         let uid = resolve_owner(&format!("{}.user", d.field), &d.user, &passwd, "user")?;
         let gid = resolve_owner(&format!("{}.group", d.field), &d.group, &group, "group")?;
-        if let Some(existing) =
-            resolve_in_root(root, &comps, false).map_err(|e| field(&d.field, e.to_string()))?
+        // An existing directory is fine, and kept as it is.
+        if resolve_in_root(root, &comps, false)
+            .map_err(|e| field(&d.field, e.to_string()))?
+            .is_none()
         {
-            if !d.overwrite {
-                continue; // an existing directory is fine
-            }
-            let _ = existing;
+            p.dir(&d.field, &comps, d.mode, uid, gid)?;
         }
-        p.dir(&d.field, &comps, d.mode, uid, gid)?;
     }
     for f in &plan.files {
         stage_file_op(p, f, &passwd, &group)?;
