@@ -636,6 +636,9 @@ fn collect_journals(nodes: &mut [Node]) {
 /// Runs one test file; returns a result per named test in it.
 pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>> {
     let dir = ctx.results.join(&file.scenario);
+    // A results directory used before still holds that run's consoles; QEMU appends to a
+    // console log, and the console checks would read the old boot's text. Start empty.
+    crate::cache::remove_path(&dir)?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let names = file.test_names();
     let mut state: BTreeMap<String, TestState> = names
