@@ -11,6 +11,7 @@ pub mod container;
 pub mod image;
 pub mod inspect;
 pub mod manifest;
+pub mod net;
 pub mod progress;
 pub mod provision;
 pub mod qemu;

@@ -1,0 +1,557 @@
+//! The keel-net daemon: take a subnet lease in etcd, keep it alive, and keep the kernel's
+//! routes (and the backend's per-peer state) in line with every other node's lease.
+//!
+//! Failure rules: when etcd cannot be reached, or the config in etcd is bad, the kernel state
+//! is left as it is (traffic between running containers keeps flowing) and the daemon retries
+//! with backoff, logging once per change of state. Stopping the daemon tears nothing down
+//! either, so a restart drops no traffic; a node that goes away for good loses its lease when
+//! the TTL runs out, and the other nodes then remove its routes.
+
+use super::config::{Backend, NetworkConfig};
+use super::files::{
+    self, SavedLease, Status, StatusDevice, StatusLease, StatusPeer, StatusSkipped, StatusUnderlay,
+};
+use super::kernel::{Kernel, OverlayDevice, SyncMode, Underlay};
+use super::lease::{self, LeaseAttrs};
+use super::plan::{self, format_mac, WgPeer};
+use super::store::{Acquired, EtcdOptions, Store, StoreError};
+use base64::Engine as _;
+use ipnet::Ipv4Net;
+use std::collections::{BTreeSet, HashSet};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub etcd: EtcdOptions,
+    pub iface: Option<String>,
+    pub public_ip: Option<Ipv4Addr>,
+    pub lease_ttl: Duration,
+    pub resync: Duration,
+    pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub subnet_env: PathBuf,
+    pub cni_conf: Option<PathBuf>,
+    pub hostname: Option<String>,
+}
+
+/// Why one pass with a connected store ended.
+enum Exit {
+    Stop,
+    /// Read the config again (it changed, or the lease must be taken again).
+    Again,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Local(String),
+}
+
+struct Held {
+    config: NetworkConfig,
+    subnet: Ipv4Net,
+    lease_id: i64,
+    attrs: LeaseAttrs,
+    device: Option<OverlayDevice>,
+}
+
+struct Daemon {
+    opts: Options,
+    kernel: Kernel,
+    underlay: Underlay,
+    held: Option<Held>,
+    status: Status,
+    wg_applied: Option<BTreeSet<WgPeer>>,
+    logged_skips: Vec<StatusSkipped>,
+    term: Signal,
+    int: Signal,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Run until SIGTERM or SIGINT.
+pub async fn run(opts: Options) -> anyhow::Result<()> {
+    let kernel = Kernel::connect()?;
+    let underlay = kernel
+        .underlay(opts.iface.as_deref(), opts.public_ip)
+        .await?;
+    tracing::info!(
+        "underlay {} {} mtu {}; etcd {}",
+        underlay.name,
+        underlay.addr,
+        underlay.mtu,
+        opts.etcd.endpoints.join(",")
+    );
+    let mut d = Daemon {
+        status: Status {
+            state: "starting".into(),
+            pid: std::process::id(),
+            underlay: Some(StatusUnderlay {
+                interface: underlay.name.clone(),
+                address: underlay.addr,
+                mtu: underlay.mtu,
+            }),
+            ..Status::default()
+        },
+        opts,
+        kernel,
+        underlay,
+        held: None,
+        wg_applied: None,
+        logged_skips: Vec::new(),
+        term: signal(SignalKind::terminate())?,
+        int: signal(SignalKind::interrupt())?,
+    };
+    d.publish();
+    d.main_loop().await;
+    tracing::info!("stopping; routes and devices stay in place");
+    Ok(())
+}
+
+impl Daemon {
+    fn publish(&mut self) {
+        self.status.updated_unix = now();
+        if let Err(e) = files::write_status(&self.opts.run_dir, &self.status) {
+            tracing::warn!("cannot write the status file: {e}");
+        }
+    }
+
+    /// Record the daemon's state; logged only when it changes.
+    fn set_state(&mut self, state: &str, message: Option<String>) {
+        if self.status.state != state || self.status.message != message {
+            match (&message, state) {
+                (Some(m), "running") => tracing::info!("{m}"),
+                (Some(m), _) => tracing::error!("{state}: {m}"),
+                (None, _) => tracing::info!("{state}"),
+            }
+        }
+        self.status.state = state.to_string();
+        self.status.message = message;
+        self.publish();
+    }
+
+    /// Sleep, or return true when asked to stop.
+    async fn sleep_or_stop(&mut self, d: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => false,
+            _ = self.term.recv() => true,
+            _ = self.int.recv() => true,
+        }
+    }
+
+    async fn main_loop(&mut self) {
+        let mut backoff = Duration::from_secs(1);
+        let max_backoff = Duration::from_secs(30);
+        let mut store: Option<Store> = None;
+        loop {
+            if store.is_none() {
+                let connect = Store::connect(&self.opts.etcd);
+                let result = tokio::select! {
+                    r = connect => Some(r),
+                    _ = self.term.recv() => None,
+                    _ = self.int.recv() => None,
+                };
+                match result {
+                    None => return,
+                    Some(Ok(s)) => store = Some(s),
+                    Some(Err(e)) => {
+                        let note = if self.held.is_some() {
+                            "; keeping the current routes"
+                        } else {
+                            ""
+                        };
+                        self.set_state("etcd-unreachable", Some(format!("{e}{note}; retrying")));
+                        if self.sleep_or_stop(backoff).await {
+                            return;
+                        }
+                        backoff = (backoff * 2).min(max_backoff);
+                        continue;
+                    }
+                }
+            }
+            let Some(s) = store.as_mut() else { continue };
+            match self.session(s).await {
+                Ok(Exit::Stop) => return,
+                Ok(Exit::Again) => backoff = Duration::from_secs(1),
+                Err(SessionError::Store(e)) => {
+                    store = None;
+                    let note = if self.held.is_some() {
+                        "; keeping the current routes"
+                    } else {
+                        ""
+                    };
+                    self.set_state("etcd-unreachable", Some(format!("{e}{note}; retrying")));
+                    if self.sleep_or_stop(backoff).await {
+                        return;
+                    }
+                    backoff = (backoff * 2).min(max_backoff);
+                }
+                Err(SessionError::Config(m)) => {
+                    // Wait for the config to change; nothing is torn down meanwhile.
+                    self.set_state("config-error", Some(m));
+                    if self.wait_for_config_change(s).await {
+                        return;
+                    }
+                }
+                Err(SessionError::Local(m)) => {
+                    self.set_state("kernel-error", Some(m));
+                    if self.sleep_or_stop(backoff).await {
+                        return;
+                    }
+                    backoff = (backoff * 2).min(max_backoff);
+                }
+            }
+        }
+    }
+
+    /// Block until the config key changes (or a stop signal: returns true). Keeps renewing the
+    /// lease held under the previous config so that peers keep their routes to this node.
+    async fn wait_for_config_change(&mut self, store: &mut Store) -> bool {
+        let config_key = store.config_key();
+        let mut watch = match store.watch(0).await {
+            Ok(w) => w,
+            Err(_) => return self.sleep_or_stop(Duration::from_secs(5)).await,
+        };
+        let mut renew = tokio::time::interval(self.renew_interval());
+        loop {
+            tokio::select! {
+                msg = watch.message() => match msg {
+                    Ok(Some(r)) => {
+                        if r.events().iter().any(|e| e.kv().map(|kv| kv.key() == config_key.as_bytes()).unwrap_or(false)) {
+                            return false;
+                        }
+                    }
+                    _ => return self.sleep_or_stop(Duration::from_secs(5)).await,
+                },
+                _ = renew.tick() => {
+                    if let Some(h) = &self.held {
+                        let _ = store.renew(h.lease_id).await;
+                    }
+                }
+                _ = self.term.recv() => return true,
+                _ = self.int.recv() => return true,
+            }
+        }
+    }
+
+    fn renew_interval(&self) -> Duration {
+        (self.opts.lease_ttl / 3).max(Duration::from_secs(1))
+    }
+
+    async fn session(&mut self, store: &mut Store) -> Result<Exit, SessionError> {
+        let text = store.config().await?.ok_or_else(|| {
+            SessionError::Config(format!(
+                "no network config at {} (put one there, e.g. etcdctl put {} '{{\"Network\":\"10.5.0.0/16\",\"Backend\":{{\"Type\":\"vxlan\"}}}}')",
+                store.config_key(),
+                store.config_key()
+            ))
+        })?;
+        let config = NetworkConfig::parse(&text).map_err(|e| {
+            SessionError::Config(format!("{} in {}; fix it in etcd", e, store.config_key()))
+        })?;
+        if self
+            .held
+            .as_ref()
+            .map(|h| h.config != config)
+            .unwrap_or(false)
+        {
+            tracing::info!("network config changed: taking a new lease");
+            self.held = None;
+            self.wg_applied = None;
+        }
+        self.status.network = Some(config.network.to_string());
+        self.status.backend = Some(config.backend.type_name().to_string());
+
+        let (device, backend_data) = self.setup_backend(&config).await?;
+        let attrs = LeaseAttrs {
+            public_ip: self.underlay.addr,
+            backend_type: config.backend.type_name().to_string(),
+            backend_data,
+            hostname: self.opts.hostname.clone(),
+        };
+
+        // Keep the lease this process holds when it is still alive and describes this node.
+        let mut keep = None;
+        if let Some(h) = self.held.take() {
+            if h.attrs == attrs && store.renew(h.lease_id).await? > 0 {
+                keep = Some((h.subnet, h.lease_id));
+            }
+        }
+        let list = store.leases().await?;
+        let (subnet, lease_id) = match keep {
+            Some(k) => k,
+            None => self.acquire(store, &config, &attrs, &list.leases).await?,
+        };
+        if let Some(dev) = &device {
+            self.kernel
+                .ensure_address(dev.index, plan::overlay_address(&subnet))
+                .await
+                .map_err(|e| SessionError::Local(e.to_string()))?;
+        }
+        let mtu = device.as_ref().map(|d| d.mtu).unwrap_or(self.underlay.mtu);
+        files::write_atomic(
+            &self.opts.subnet_env,
+            files::subnet_env(&config, &subnet, mtu).as_bytes(),
+            0o644,
+        )
+        .map_err(|e| SessionError::Local(e.to_string()))?;
+        if let Some(cni) = &self.opts.cni_conf {
+            files::write_atomic(
+                cni,
+                files::cni_conflist(&config, &subnet, mtu).as_bytes(),
+                0o644,
+            )
+            .map_err(|e| SessionError::Local(e.to_string()))?;
+        }
+        self.status.device = device.as_ref().map(|d| StatusDevice {
+            name: d.name.clone(),
+            address: plan::overlay_address(&subnet),
+            mac: d.mac.as_ref().map(format_mac),
+            mtu: d.mtu,
+            wireguard_public_key: attrs.backend_data["PublicKey"].as_str().map(str::to_string),
+        });
+        self.status.lease = Some(StatusLease {
+            subnet,
+            etcd_lease_id: lease_id,
+            ttl_s: self.opts.lease_ttl.as_secs(),
+            renewed_unix: now(),
+        });
+        self.held = Some(Held {
+            config,
+            subnet,
+            lease_id,
+            attrs,
+            device,
+        });
+
+        let mut watch = store.watch(list.revision + 1).await?;
+        self.resync(store).await?;
+        let mut renew = tokio::time::interval(self.renew_interval());
+        renew.tick().await;
+        let mut resync = tokio::time::interval(self.opts.resync);
+        resync.tick().await;
+        let config_key = store.config_key();
+        loop {
+            tokio::select! {
+                _ = renew.tick() => {
+                    let id = self.held.as_ref().map(|h| h.lease_id).unwrap_or(0);
+                    let ttl = store.renew(id).await?;
+                    if ttl <= 0 {
+                        tracing::warn!("the lease on {subnet} expired in etcd; taking it again");
+                        self.held = None;
+                        return Ok(Exit::Again);
+                    }
+                    if let Some(l) = self.status.lease.as_mut() {
+                        l.renewed_unix = now();
+                    }
+                    self.publish();
+                }
+                msg = watch.message() => {
+                    let msg = msg.map_err(|e| StoreError::Other(format!("watch: {e}")))?;
+                    let Some(r) = msg else {
+                        return Err(StoreError::Other("etcd ended the watch".into()).into());
+                    };
+                    if r.canceled() {
+                        return Ok(Exit::Again);
+                    }
+                    let config_changed = r.events().iter().any(|e| {
+                        e.kv().map(|kv| kv.key() == config_key.as_bytes()).unwrap_or(false)
+                    });
+                    if config_changed {
+                        tracing::info!("{config_key} changed");
+                        return Ok(Exit::Again);
+                    }
+                    let own_key = lease::key(store.prefix(), &subnet);
+                    let own_deleted = r.events().iter().any(|e| {
+                        e.event_type() == etcd_client::EventType::Delete
+                            && e.kv().map(|kv| kv.key() == own_key.as_bytes()).unwrap_or(false)
+                    });
+                    if own_deleted {
+                        tracing::warn!("{own_key} was deleted in etcd; taking the subnet again");
+                        self.held = None;
+                        return Ok(Exit::Again);
+                    }
+                    self.resync(store).await?;
+                }
+                _ = resync.tick() => self.resync(store).await?,
+                _ = self.term.recv() => return Ok(Exit::Stop),
+                _ = self.int.recv() => return Ok(Exit::Stop),
+            }
+        }
+    }
+
+    async fn setup_backend(
+        &mut self,
+        config: &NetworkConfig,
+    ) -> Result<(Option<OverlayDevice>, serde_json::Value), SessionError> {
+        let local = |e: super::kernel::KernelError| SessionError::Local(e.to_string());
+        let (device, data) = match &config.backend {
+            Backend::Vxlan { vni, port } => {
+                let dev = self
+                    .kernel
+                    .ensure_vxlan(*vni, *port, &self.underlay)
+                    .await
+                    .map_err(local)?;
+                let mac = dev.mac.map(|m| format_mac(&m)).unwrap_or_default();
+                (Some(dev), serde_json::json!({"VNI": vni, "VtepMAC": mac}))
+            }
+            Backend::HostGw => (None, serde_json::Value::Null),
+            Backend::Wireguard { listen_port } => {
+                let private =
+                    files::wireguard_key(&self.opts.state_dir).map_err(SessionError::Local)?;
+                let public = super::kernel::wg_public_key(&private).map_err(SessionError::Local)?;
+                let dev = self
+                    .kernel
+                    .ensure_wireguard(&private, *listen_port, &self.underlay)
+                    .await
+                    .map_err(local)?;
+                let b64 = base64::engine::general_purpose::STANDARD.encode(public);
+                (
+                    Some(dev),
+                    serde_json::json!({"PublicKey": b64, "ListenPort": listen_port}),
+                )
+            }
+        };
+        let removed = self
+            .kernel
+            .remove_other_devices(device.as_ref().map(|d| d.name.as_str()))
+            .await
+            .map_err(local)?;
+        for name in removed {
+            tracing::info!("removed {name}, which belonged to another backend");
+        }
+        Ok((device, data))
+    }
+
+    async fn acquire(
+        &mut self,
+        store: &mut Store,
+        config: &NetworkConfig,
+        attrs: &LeaseAttrs,
+        leases: &[lease::Lease],
+    ) -> Result<(Ipv4Net, i64), SessionError> {
+        let saved = files::load_saved_lease(&self.opts.state_dir)
+            .filter(|s| s.public_ip == attrs.public_ip)
+            .map(|s| s.subnet);
+        // A lease with this node's address is this node's from before (a restart or reboot).
+        let mine = leases
+            .iter()
+            .find(|l| l.attrs.public_ip == attrs.public_ip && config.contains_subnet(&l.subnet))
+            .map(|l| l.subnet);
+        let mut taken: HashSet<Ipv4Net> = leases
+            .iter()
+            .filter(|l| l.attrs.public_ip != attrs.public_ip)
+            .map(|l| l.subnet)
+            .collect();
+        let mut previous = mine.or(saved);
+        let seed = u32::from(attrs.public_ip).wrapping_mul(2_654_435_761);
+        for _ in 0..16 {
+            let Some(subnet) = lease::choose_subnet(config, &taken, previous, seed) else {
+                return Err(SessionError::Config(format!(
+                    "network {} has no free /{} subnet left (SubnetMin {} .. SubnetMax {})",
+                    config.network, config.subnet_len, config.subnet_min, config.subnet_max
+                )));
+            };
+            match store.acquire(&subnet, attrs, self.opts.lease_ttl).await? {
+                Acquired::Yes { lease_id } => {
+                    tracing::info!(
+                        "leased {subnet} (etcd lease {lease_id:x}, ttl {} s)",
+                        self.opts.lease_ttl.as_secs()
+                    );
+                    files::save_lease(
+                        &self.opts.state_dir,
+                        &SavedLease {
+                            subnet,
+                            public_ip: attrs.public_ip,
+                        },
+                    )
+                    .map_err(|e| SessionError::Local(e.to_string()))?;
+                    return Ok((subnet, lease_id));
+                }
+                Acquired::Taken => {
+                    taken.insert(subnet);
+                    previous = None;
+                }
+            }
+        }
+        Err(SessionError::Config(
+            "could not take a subnet after 16 tries (many nodes racing?)".into(),
+        ))
+    }
+
+    async fn resync(&mut self, store: &mut Store) -> Result<(), SessionError> {
+        let list = store.leases().await?;
+        let Some(held) = &self.held else {
+            return Ok(());
+        };
+        let own = lease::Lease {
+            subnet: held.subnet,
+            attrs: held.attrs.clone(),
+        };
+        let (desired, skipped) = plan::plan(&held.config, &own, &list.leases);
+        let mode = match held.config.backend {
+            Backend::Vxlan { .. } => SyncMode::Vxlan,
+            Backend::Wireguard { .. } if self.wg_applied.as_ref() != Some(&desired.wg_peers) => {
+                SyncMode::WireguardPeers
+            }
+            _ => SyncMode::RoutesOnly,
+        };
+        let changes = self
+            .kernel
+            .sync(&desired, held.device.as_ref(), &self.underlay, mode)
+            .await
+            .map_err(|e| SessionError::Local(e.to_string()))?;
+        if mode == SyncMode::WireguardPeers {
+            self.wg_applied = Some(desired.wg_peers.clone());
+        }
+        let skipped: Vec<StatusSkipped> = skipped
+            .into_iter()
+            .map(|s| StatusSkipped {
+                subnet: s.subnet,
+                reason: s.reason,
+            })
+            .collect();
+        if skipped != self.logged_skips {
+            for s in &skipped {
+                tracing::warn!("ignoring the lease of {}: {}", s.subnet, s.reason);
+            }
+            self.logged_skips = skipped.clone();
+        }
+        let skipped_set: HashSet<Ipv4Net> = skipped.iter().map(|s| s.subnet).collect();
+        self.status.peers = list
+            .leases
+            .iter()
+            .filter(|l| l.subnet != held.subnet && !skipped_set.contains(&l.subnet))
+            .map(|l| StatusPeer {
+                subnet: l.subnet,
+                public_ip: l.attrs.public_ip,
+                hostname: l.attrs.hostname.clone(),
+            })
+            .collect();
+        self.status.skipped = skipped;
+        self.status.invalid_entries = list.invalid;
+        let peers = self.status.peers.len();
+        let subnet = held.subnet;
+        if !changes.is_empty() {
+            tracing::info!(
+                "{peers} peer(s); kernel entries added {}, removed {}",
+                changes.added,
+                changes.removed
+            );
+        }
+        self.set_state("running", Some(format!("{subnet}, {peers} peer(s)")));
+        Ok(())
+    }
+}

@@ -1,0 +1,11 @@
+//! `keel-net`: the overlay network between nodes, compatible with flannel's data model in etcd.
+//! See `docs/networking.md`.
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod files;
+pub mod kernel;
+pub mod lease;
+pub mod plan;
+pub mod store;
