@@ -6,6 +6,7 @@ pub mod boot;
 pub mod build;
 pub mod cache;
 pub mod cli;
+pub mod cluster;
 pub mod compose;
 pub mod container;
 pub mod image;

@@ -33,7 +33,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Take a subnet lease and keep the routes to every other node's subnet (the service runs this).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the lease, the peers and the backend state of the running daemon.
     Status {
         #[arg(long)]
@@ -100,6 +100,7 @@ pub struct RunArgs {
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Run(args) => {
+            let args = *args;
             if args.lease_ttl < 3 {
                 anyhow::bail!("--lease-ttl {}: must be at least 3 seconds", args.lease_ttl);
             }

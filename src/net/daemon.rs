@@ -94,6 +94,15 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         underlay.mtu,
         opts.etcd.endpoints.join(",")
     );
+    // Containers' packets to other nodes are forwarded from the CNI bridge to the overlay.
+    match std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward") {
+        Ok(v) if v.trim() == "1" => {}
+        _ => {
+            std::fs::write("/proc/sys/net/ipv4/ip_forward", "1\n")
+                .map_err(|e| anyhow::anyhow!("enabling net.ipv4.ip_forward: {e}"))?;
+            tracing::info!("enabled net.ipv4.ip_forward");
+        }
+    }
     let mut d = Daemon {
         status: Status {
             state: "starting".into(),

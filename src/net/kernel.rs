@@ -556,6 +556,7 @@ impl Kernel {
                 continue;
             }
             let Some(oif) = key.2 else { continue };
+            tracing::debug!("route {} via {:?} dev #{oif}", spec.dst, spec.gateway);
             let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
                 .destination_prefix(spec.dst.network(), spec.dst.prefix_len())
                 .output_interface(oif)
@@ -639,6 +640,7 @@ impl Kernel {
             if present.contains(addr) {
                 continue;
             }
+            tracing::debug!("ARP {addr} -> {}", format_mac(mac));
             self.handle
                 .neighbours()
                 .add(index, IpAddr::V4(*addr))
@@ -664,8 +666,12 @@ impl Kernel {
                 NeighbourAttribute::LinkLayerAddress(l) => <[u8; 6]>::try_from(l.as_slice()).ok(),
                 _ => None,
             });
+            // For AF_BRIDGE entries the parser leaves the VTEP address as raw bytes.
             let dst = n.attributes.iter().find_map(|a| match a {
                 NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => Some(*a),
+                NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+                    <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from)
+                }
                 _ => None,
             });
             // Entries without a destination are the kernel's own (e.g. the all-zero default).
@@ -688,6 +694,7 @@ impl Kernel {
             if present.contains(mac) {
                 continue;
             }
+            tracing::debug!("FDB {} -> {dst}", format_mac(mac));
             self.handle
                 .neighbours()
                 .add_bridge(index, mac)

@@ -1,0 +1,3 @@
+//! Cluster-wide material made on the operator's machine: TLS for etcd and keel-net.
+
+pub mod pki;
