@@ -68,6 +68,9 @@ pub enum Commands {
     /// Check Ignition configs with the code nodes use.
     #[command(subcommand)]
     Ignition(IgnitionCommand),
+    /// Make the Ignition configs that form a cluster: etcd with TLS, keel-net (docs/etcd.md).
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Put an Ignition config on a built image's ESP (keel/config.ign), like
     /// `coreos-installer iso customize`; the built image is changed in place.
     EmbedConfig {
@@ -156,6 +159,34 @@ pub enum IgnitionCommand {
     /// Parse and check a config (spec 3.0–3.6) with the node's code: every unsupported or bad
     /// field is named. Exit status 1 on error.
     Validate { file: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Make a CA, an admin client certificate and one Ignition config per node (DIR/NAME.ign).
+    Init {
+        /// Output directory (must not hold a cluster yet); keep it: it holds the CA key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// NAME=IP[/PREFIX][@MAC]; with @MAC the node gets IP/PREFIX statically on that NIC.
+        #[arg(long = "node", required = true)]
+        nodes: Vec<crate::cluster::init::NodeSpec>,
+        /// The overlay's network config (flannel's format), stored in etcd by the first node.
+        #[arg(
+            long,
+            default_value = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#
+        )]
+        network_config: String,
+    },
+    /// Issue DIR/NAME.ign for a new member joining the cluster in DIR; run
+    /// `etcdctl member add NAME --peer-urls=https://IP:2380` on the cluster first.
+    AddNode {
+        #[arg(long)]
+        dir: PathBuf,
+        /// NAME=IP[/PREFIX][@MAC]
+        #[arg(long = "node")]
+        node: crate::cluster::init::NodeSpec,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -466,6 +497,28 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Commands::Machines(c) => crate::container::commands::machines(c),
+        Commands::Cluster(ClusterCommand::Init {
+            dir,
+            nodes,
+            network_config,
+        }) => {
+            crate::cluster::init::init(&dir, &nodes, &network_config)?;
+            println!(
+                "{}: CA, admin certificate and {} node config(s) written",
+                dir.display(),
+                nodes.len()
+            );
+            Ok(())
+        }
+        Commands::Cluster(ClusterCommand::AddNode { dir, node }) => {
+            crate::cluster::init::add_node(&dir, &node)?;
+            println!(
+                "{}/{}.ign written (state existing)",
+                dir.display(),
+                node.name
+            );
+            Ok(())
+        }
         Commands::Boot(a) => {
             let forwards = a
                 .forwards

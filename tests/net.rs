@@ -56,6 +56,8 @@ struct Lab {
     daemons: Vec<Option<Child>>,
     containers: Vec<String>,
     nodes: usize,
+    /// Passed as --bootstrap-config when set.
+    bootstrap: Option<PathBuf>,
 }
 
 impl Lab {
@@ -83,6 +85,7 @@ impl Lab {
             daemons: (0..=nodes).map(|_| None).collect(),
             containers: Vec::new(),
             nodes,
+            bootstrap: None,
             id,
         };
         let hub = lab.ns("hub");
@@ -246,6 +249,11 @@ impl Lab {
                 "--resync",
                 "2",
             ])
+            .args(
+                self.bootstrap
+                    .iter()
+                    .flat_map(|b| [PathBuf::from("--bootstrap-config"), b.clone()]),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -387,10 +395,17 @@ impl Drop for Lab {
     }
 }
 
-fn three_nodes(tag: &str, config: &str) -> (Lab, Vec<Ipv4Addr>) {
+/// Three nodes; the config is put into etcd by hand, or (`bootstrap`) by keel-net itself.
+fn three_nodes(tag: &str, config: &str, bootstrap: bool) -> (Lab, Vec<Ipv4Addr>) {
     let mut lab = Lab::new(tag, 3);
     lab.start_etcd();
-    lab.put_config(config);
+    if bootstrap {
+        let p = lab.path("net-config.json");
+        fs::write(&p, config).unwrap();
+        lab.bootstrap = Some(p);
+    } else {
+        lab.put_config(config);
+    }
     for i in 1..=3 {
         lab.start_node(i);
     }
@@ -421,6 +436,7 @@ fn vxlan_overlay_between_three_nodes() {
     let (mut lab, addrs) = three_nodes(
         "v",
         r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#,
+        false,
     );
     for (from, to) in [(1, 3), (3, 1), (2, 3), (1, 2)] {
         assert!(
@@ -502,13 +518,14 @@ fn vxlan_overlay_between_three_nodes() {
     );
 }
 
-/// host-gw: plain routes through the peers' underlay addresses.
+/// host-gw: plain routes through the peers' underlay addresses; the nodes store the network
+/// config themselves (--bootstrap-config), as etcd starts empty.
 #[test]
 fn host_gw_overlay_between_three_nodes() {
-    let (lab, addrs) = three_nodes(
-        "h",
-        r#"{"Network":"10.6.0.0/16","Backend":{"Type":"host-gw"}}"#,
-    );
+    let config = r#"{"Network":"10.6.0.0/16","Backend":{"Type":"host-gw"}}"#;
+    let (lab, addrs) = three_nodes("h", config, true);
+    let stored = lab.etcdctl(&["get", "--print-value-only", "/coreos.com/network/config"]);
+    assert_eq!(String::from_utf8_lossy(&stored.stdout).trim(), config);
     for (from, to) in [(1, 3), (3, 2), (2, 1)] {
         assert!(
             lab.reaches(from, addrs[to - 1]),

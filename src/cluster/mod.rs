@@ -1,3 +1,4 @@
 //! Cluster-wide material made on the operator's machine: TLS for etcd and keel-net.
 
+pub mod init;
 pub mod pki;

@@ -92,6 +92,10 @@ pub struct RunArgs {
         default_value = "/etc/cni/net.d/10-keel-net.conflist"
     )]
     pub cni_conf: PathBuf,
+    /// A network config to store in etcd when none is there yet (create-if-absent, so the
+    /// first node to start wins and later nodes never overwrite an operator's change).
+    #[arg(long, env = "KEEL_NET_BOOTSTRAP_CONFIG")]
+    pub bootstrap_config: Option<PathBuf>,
     /// Name published in the lease (default: the host name).
     #[arg(long, env = "KEEL_NET_HOSTNAME")]
     pub hostname: Option<String>,
@@ -119,6 +123,16 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 state_dir: args.state_dir,
                 run_dir: cli.run_dir,
                 subnet_env: args.subnet_file,
+                bootstrap_config: match &args.bootstrap_config {
+                    Some(p) => {
+                        let text = std::fs::read_to_string(p)
+                            .with_context(|| format!("--bootstrap-config {}", p.display()))?;
+                        NetworkConfig::parse(&text)
+                            .with_context(|| format!("--bootstrap-config {}", p.display()))?;
+                        Some(text)
+                    }
+                    None => None,
+                },
                 cni_conf: (!args.cni_conf.as_os_str().is_empty()).then_some(args.cni_conf),
                 hostname: args.hostname.or_else(|| {
                     nix::unistd::gethostname()

@@ -34,6 +34,8 @@ pub struct Options {
     pub run_dir: PathBuf,
     pub subnet_env: PathBuf,
     pub cni_conf: Option<PathBuf>,
+    /// A checked network config to store when etcd has none.
+    pub bootstrap_config: Option<String>,
     pub hostname: Option<String>,
 }
 
@@ -260,6 +262,16 @@ impl Daemon {
     }
 
     async fn session(&mut self, store: &mut Store) -> Result<Exit, SessionError> {
+        if let Some(boot) = &self.opts.bootstrap_config {
+            if store.config().await?.is_none()
+                && store.put_if_absent(&store.config_key(), boot).await?
+            {
+                tracing::info!(
+                    "stored the bootstrap network config at {}",
+                    store.config_key()
+                );
+            }
+        }
         let text = store.config().await?.ok_or_else(|| {
             SessionError::Config(format!(
                 "no network config at {} (put one there, e.g. etcdctl put {} '{{\"Network\":\"10.5.0.0/16\",\"Backend\":{{\"Type\":\"vxlan\"}}}}')",

@@ -229,6 +229,19 @@ impl Store {
         Ok(Acquired::Taken)
     }
 
+    /// Store `value` at `key` unless the key exists; true when this call stored it.
+    pub async fn put_if_absent(&mut self, key: &str, value: &str) -> Result<bool> {
+        let txn = Txn::new()
+            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, value, None)]);
+        let r = self
+            .client
+            .txn(txn)
+            .await
+            .map_err(self.err(format!("creating {key}")))?;
+        Ok(r.succeeded())
+    }
+
     /// Renew an etcd lease once; returns the remaining TTL in seconds, 0 or less when it expired.
     pub async fn renew(&mut self, lease_id: i64) -> Result<i64> {
         let (mut keeper, mut stream) = self

@@ -178,7 +178,8 @@ fn default_node() -> NodeSel {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct NodeConfig {
-    /// Ignition config passed through fw_cfg, relative to the test file.
+    /// Ignition config passed through fw_cfg, relative to the test file; may use templates
+    /// such as {work} (for configs the file's `setup` command made).
     pub ignition: Option<PathBuf>,
     /// Ignition config written to the node's ESP (keel/config.ign) before its first start, as
     /// `keel embed-config` does; needs `raw-disk`.
@@ -233,6 +234,9 @@ pub struct RawTestFile {
     /// Nodes share a private switch (in addition to user networking on node 1... none).
     #[serde(default)]
     pub network: bool,
+    /// A host command run once before any node starts (templates as in host steps), e.g. to
+    /// make the nodes' Ignition configs under {work}; its failure fails every test of the file.
+    pub setup: Option<String>,
     #[serde(default)]
     pub node: Vec<NodeConfig>,
     pub step: Vec<Step>,

@@ -693,6 +693,23 @@ pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>
     } else {
         None
     };
+    if let Some(setup) = &file.spec.setup {
+        let cmd = expand(setup, &vars)?;
+        tracing::info!("setup: {cmd}");
+        let out = std::process::Command::new("sh")
+            .args(["-c", &cmd])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .with_context(|| format!("running the setup command `{cmd}`"))?;
+        if !out.status.success() {
+            bail!(
+                "setup command `{cmd}` failed ({}): {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
     let size = virtual_size(&ctx.raw)? + ROOT_SPACE;
     let mut nodes: Vec<Node> = Vec::new();
     for i in 1..=file.spec.nodes {
@@ -716,9 +733,13 @@ pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>
         };
         let (firmware, vars_fd) =
             crate::boot::firmware_for(Some(ctx.manifest), cfg.secure_boot, &ndir)?;
-        let ignition = cfg
-            .ignition
-            .map(|p| file.path.parent().unwrap_or(Path::new(".")).join(p));
+        let ignition = match cfg.ignition {
+            Some(p) => {
+                let p = expand(&p.display().to_string(), &vars)?;
+                Some(file.path.parent().unwrap_or(Path::new(".")).join(p))
+            }
+            None => None,
+        };
         let mut nets = vec![NetSpec::User { forwards: vec![] }];
         if let Some(sw) = &switch {
             nets.push(NetSpec::Vde {
