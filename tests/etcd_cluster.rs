@@ -12,7 +12,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 fn run(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e} (run scripts/host-setup)"))
+    cmd.output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e} (run scripts/host-setup)"))
 }
 
 fn ok(cmd: &mut Command) -> String {
@@ -30,7 +31,10 @@ fn ok(cmd: &mut Command) -> String {
 fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(300));
     }
 }
@@ -44,7 +48,10 @@ struct Cluster {
 
 impl Cluster {
     fn new() -> Cluster {
-        assert!(nix::unistd::geteuid().is_root(), "tests/etcd_cluster.rs needs root");
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "tests/etcd_cluster.rs needs root"
+        );
         let c = Cluster {
             id: format!("ke{}", std::process::id()),
             dir: tempfile::tempdir().unwrap(),
@@ -76,10 +83,38 @@ impl Cluster {
         let hub = format!("{}-hub", self.id);
         ok(Command::new("ip").args(["netns", "add", &ns]));
         ok(Command::new("ip").args([
-            "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &format!("p{n}"), "netns", &hub,
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            &ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &format!("p{n}"),
+            "netns",
+            &hub,
         ]));
-        ok(Command::new("ip").args(["-n", &hub, "link", "set", &format!("p{n}"), "master", "br0", "up"]));
-        ok(Command::new("ip").args(["-n", &ns, "addr", "add", &format!("10.77.0.{n}/24"), "dev", "eth0"]));
+        ok(Command::new("ip").args([
+            "-n",
+            &hub,
+            "link",
+            "set",
+            &format!("p{n}"),
+            "master",
+            "br0",
+            "up",
+        ]));
+        ok(Command::new("ip").args([
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("10.77.0.{n}/24"),
+            "dev",
+            "eth0",
+        ]));
         ok(Command::new("ip").args(["-n", &ns, "link", "set", "eth0", "up"]));
         ok(Command::new("ip").args(["-n", &ns, "link", "set", "lo", "up"]));
         self.namespaces.push(ns);
@@ -102,7 +137,10 @@ impl Cluster {
                 let (k, v) = l.split_once('=').unwrap();
                 let v = v
                     .replace("/etc/keel/", &format!("{}/etc/keel/", root.display()))
-                    .replace("/var/lib/etcd/", &format!("{}/var/lib/etcd/", root.display()));
+                    .replace(
+                        "/var/lib/etcd/",
+                        &format!("{}/var/lib/etcd/", root.display()),
+                    );
                 (k.to_string(), v)
             })
             .collect()
@@ -134,13 +172,25 @@ impl Cluster {
             .args(["netns", "exec", &format!("{}-{n}", self.id), "etcdctl"])
             .env("ETCDCTL_API", "3")
             .args(["--endpoints", endpoints, "--command-timeout", "5s"])
-            .args(["--cacert", &format!("{d}/ca.pem"), "--cert", &format!("{d}/admin.pem"), "--key", &format!("{d}/admin-key.pem")])
+            .args([
+                "--cacert",
+                &format!("{d}/ca.pem"),
+                "--cert",
+                &format!("{d}/admin.pem"),
+                "--key",
+                &format!("{d}/admin-key.pem"),
+            ])
             .args(args))
     }
 
     fn ctl_ok(&self, n: u8, endpoints: &str, args: &[&str]) -> String {
         let out = self.etcdctl(n, endpoints, args);
-        assert!(out.status.success(), "etcdctl {args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
@@ -152,11 +202,19 @@ impl Drop for Cluster {
             self.stop(&n);
         }
         if std::thread::panicking() {
-            for e in fs::read_dir(self.dir.path()).into_iter().flatten().flatten() {
+            for e in fs::read_dir(self.dir.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
                 if e.path().extension().map(|x| x == "log").unwrap_or(false) {
                     let t = fs::read_to_string(e.path()).unwrap_or_default();
                     let tail: Vec<&str> = t.lines().rev().take(15).collect();
-                    eprintln!("--- {}\n{}", e.path().display(), tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+                    eprintln!(
+                        "--- {}\n{}",
+                        e.path().display(),
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    );
                 }
             }
         }
@@ -175,7 +233,18 @@ const ALL3: &str = "https://10.77.0.1:2379,https://10.77.0.2:2379,https://10.77.
 fn bootstrap_add_remove_backup_restore() {
     let mut c = Cluster::new();
     let dir = c.cfg_dir();
-    c.keel(&["cluster", "init", "--dir", &dir, "--node", "node1=10.77.0.1", "--node", "node2=10.77.0.2", "--node", "node3=10.77.0.3"]);
+    c.keel(&[
+        "cluster",
+        "init",
+        "--dir",
+        &dir,
+        "--node",
+        "node1=10.77.0.1",
+        "--node",
+        "node2=10.77.0.2",
+        "--node",
+        "node3=10.77.0.3",
+    ]);
     for n in 1..=3u8 {
         c.add_host(n);
         let env = c.provision(&format!("node{n}"));
@@ -184,45 +253,106 @@ fn bootstrap_add_remove_backup_restore() {
     wait_until("three healthy members", Duration::from_secs(60), || {
         c.etcdctl(1, ALL3, &["endpoint", "health"]).status.success()
     });
-    assert!(c.ctl_ok(1, ALL3, &["put", "/k/before-backup", "v1"]).contains("OK"));
+    assert!(c
+        .ctl_ok(1, ALL3, &["put", "/k/before-backup", "v1"])
+        .contains("OK"));
     // TLS is required: plain HTTP and a client without a certificate get nothing.
     let plain = run(Command::new("ip")
-        .args(["netns", "exec", &format!("{}-1", c.id), "etcdctl", "--endpoints", "http://10.77.0.1:2379", "--command-timeout", "3s", "put", "/k/plain", "x"])
+        .args([
+            "netns",
+            "exec",
+            &format!("{}-1", c.id),
+            "etcdctl",
+            "--endpoints",
+            "http://10.77.0.1:2379",
+            "--command-timeout",
+            "3s",
+            "put",
+            "/k/plain",
+            "x",
+        ])
         .env("ETCDCTL_API", "3"));
     assert!(!plain.status.success(), "plain HTTP must be refused");
 
     // Backup.
     let snap = c.dir.path().join("backup.db");
-    c.ctl_ok(1, "https://10.77.0.1:2379", &["snapshot", "save", &snap.display().to_string()]);
-    assert!(c.ctl_ok(1, ALL3, &["put", "/k/after-backup", "v2"]).contains("OK"));
+    c.ctl_ok(
+        1,
+        "https://10.77.0.1:2379",
+        &["snapshot", "save", &snap.display().to_string()],
+    );
+    assert!(c
+        .ctl_ok(1, ALL3, &["put", "/k/after-backup", "v2"])
+        .contains("OK"));
 
     // Add a member: announce it, issue its config, start it; it catches up.
     // etcd refuses reconfiguration until all members have been connected for a few seconds.
     wait_until("member add to be accepted", Duration::from_secs(30), || {
-        c.etcdctl(1, ALL3, &["member", "add", "node4", "--peer-urls=https://10.77.0.4:2380"])
-            .status
-            .success()
+        c.etcdctl(
+            1,
+            ALL3,
+            &[
+                "member",
+                "add",
+                "node4",
+                "--peer-urls=https://10.77.0.4:2380",
+            ],
+        )
+        .status
+        .success()
     });
-    c.keel(&["cluster", "add-node", "--dir", &dir, "--node", "node4=10.77.0.4"]);
+    c.keel(&[
+        "cluster",
+        "add-node",
+        "--dir",
+        &dir,
+        "--node",
+        "node4=10.77.0.4",
+    ]);
     c.add_host(4);
     let env4 = c.provision("node4");
-    assert!(env4.iter().any(|(k, v)| k == "ETCD_INITIAL_CLUSTER_STATE" && v == "existing"));
+    assert!(env4
+        .iter()
+        .any(|(k, v)| k == "ETCD_INITIAL_CLUSTER_STATE" && v == "existing"));
     c.start("node4", 4, &env4);
     wait_until("node4 to serve the data", Duration::from_secs(60), || {
-        let o = c.etcdctl(4, "https://10.77.0.4:2379", &["get", "--consistency=s", "--print-value-only", "/k/after-backup"]);
+        let o = c.etcdctl(
+            4,
+            "https://10.77.0.4:2379",
+            &[
+                "get",
+                "--consistency=s",
+                "--print-value-only",
+                "/k/after-backup",
+            ],
+        );
         String::from_utf8_lossy(&o.stdout).trim() == "v2"
     });
     let members = c.ctl_ok(4, "https://10.77.0.4:2379", &["member", "list"]);
     assert_eq!(members.lines().count(), 4, "{members}");
 
     // Remove a member.
-    let id3 = members.lines().find(|l| l.contains("node3")).unwrap().split(',').next().unwrap().trim().to_string();
+    let id3 = members
+        .lines()
+        .find(|l| l.contains("node3"))
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .trim()
+        .to_string();
     c.ctl_ok(1, "https://10.77.0.1:2379", &["member", "remove", &id3]);
     c.stop("node3");
     let members = c.ctl_ok(1, "https://10.77.0.1:2379", &["member", "list"]);
     assert_eq!(members.lines().count(), 3, "{members}");
     assert!(!members.contains("node3"));
-    assert!(c.ctl_ok(1, "https://10.77.0.1:2379", &["put", "/k/after-remove", "v3"]).contains("OK"));
+    assert!(c
+        .ctl_ok(
+            1,
+            "https://10.77.0.1:2379",
+            &["put", "/k/after-remove", "v3"]
+        )
+        .contains("OK"));
 
     // Disaster: every member gone. Restore the snapshot into a new one-member cluster on node1.
     for n in ["node1", "node2", "node4"] {
@@ -232,10 +362,30 @@ fn bootstrap_add_remove_backup_restore() {
     let data = c.root("node1").join("var/lib/etcd/restored");
     let out = run(Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
-        .args(["snapshot", "restore", &snap.display().to_string(), "--name", "node1"])
-        .args(["--initial-cluster", "node1=https://10.77.0.1:2380", "--initial-advertise-peer-urls", "https://10.77.0.1:2380"])
-        .args(["--initial-cluster-token", "keel-restored", "--data-dir", &data.display().to_string()]));
-    assert!(out.status.success(), "snapshot restore: {}", String::from_utf8_lossy(&out.stderr));
+        .args([
+            "snapshot",
+            "restore",
+            &snap.display().to_string(),
+            "--name",
+            "node1",
+        ])
+        .args([
+            "--initial-cluster",
+            "node1=https://10.77.0.1:2380",
+            "--initial-advertise-peer-urls",
+            "https://10.77.0.1:2380",
+        ])
+        .args([
+            "--initial-cluster-token",
+            "keel-restored",
+            "--data-dir",
+            &data.display().to_string(),
+        ]));
+    assert!(
+        out.status.success(),
+        "snapshot restore: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for (k, v) in env.iter_mut() {
         match k.as_str() {
             "ETCD_DATA_DIR" => *v = data.display().to_string(),
@@ -245,11 +395,16 @@ fn bootstrap_add_remove_backup_restore() {
     }
     c.start("node1", 1, &env);
     wait_until("the restored member", Duration::from_secs(60), || {
-        c.etcdctl(1, "https://10.77.0.1:2379", &["endpoint", "health"]).status.success()
+        c.etcdctl(1, "https://10.77.0.1:2379", &["endpoint", "health"])
+            .status
+            .success()
     });
     let got = c.ctl_ok(1, "https://10.77.0.1:2379", &["get", "--prefix", "/k/"]);
     assert!(got.contains("/k/before-backup\nv1"), "{got}");
-    assert!(!got.contains("after-backup"), "the restore holds the snapshot's state: {got}");
+    assert!(
+        !got.contains("after-backup"),
+        "the restore holds the snapshot's state: {got}"
+    );
     let members = c.ctl_ok(1, "https://10.77.0.1:2379", &["member", "list"]);
     assert_eq!(members.lines().count(), 1, "{members}");
 }
