@@ -192,6 +192,20 @@ KEEL_NET_BOOTSTRAP_CONFIG=/etc/keel/net-config.json\n",
         file("/etc/keel/net-config.json", &net, 0o644, None),
         file("/etc/keel/etcdctl.env", etcdctl.as_bytes(), 0o644, None),
     ];
+    // etcd binds its peer and client ports to the node's address: start it only once that
+    // address is configured (networkd may still be bringing the cluster link up).
+    let wait_addr = format!(
+        "# Written by `keel cluster`: etcd binds to {ip}; wait until an interface has it.\n\
+[Unit]\nWants=network-online.target\nAfter=network-online.target\n\n[Service]\n\
+ExecStartPre=/bin/sh -c 'for i in $$(seq 120); do ip -4 -o addr show | grep -q \" {ip}/\" && exit 0; sleep 1; done; echo \"{ip} is not configured on any interface\" >&2; exit 1'\n",
+        ip = node.ip
+    );
+    files.push(file(
+        "/etc/systemd/system/etcd.service.d/20-keel-cluster.conf",
+        wait_addr.as_bytes(),
+        0o644,
+        None,
+    ));
     if let (Some(mac), Some(prefix)) = (&node.mac, node.prefix) {
         let network = format!(
             "# Static cluster address, written by `keel cluster`.\n[Match]\nMACAddress={mac}\n\n[Network]\nAddress={}/{prefix}\nLinkLocalAddressing=no\n",

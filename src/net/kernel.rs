@@ -34,6 +34,20 @@ pub const ROUTE_PROTO: u8 = 107;
 /// The WireGuard device's name.
 pub const WG_DEVICE: &str = "flannel-wg";
 
+/// The vxlan device's MAC: derived from the node's underlay address and the VNI, locally
+/// administered. Set explicitly because a MAC the kernel picks at random is replaced by udev
+/// (MACAddressPolicy=persistent) right after creation, behind the back of the lease that already
+/// published it; stable across reboots too, so peers' FDB entries stay right.
+pub fn vtep_mac(addr: Ipv4Addr, vni: u32) -> [u8; 6] {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    h.update(b"keel-net vtep ");
+    h.update(addr.octets());
+    h.update(vni.to_be_bytes());
+    let d = h.finalize();
+    [(d[0] & 0xfe) | 0x02, d[1], d[2], d[3], d[4], d[5]]
+}
+
 /// The name of the vxlan device for a VNI, as flannel names it.
 pub fn vxlan_device(vni: u32) -> String {
     format!("flannel.{vni}")
@@ -290,7 +304,8 @@ impl Kernel {
                             && v.contains(&InfoVxlan::Link(underlay.index))
                     }
                     _ => false,
-                };
+                }
+                && link_mac(&link) == Some(vtep_mac(underlay.addr, vni));
             if matches {
                 self.set_up(link.header.index, mtu).await?;
                 return self.overlay_device(link.header.index).await;
@@ -299,6 +314,7 @@ impl Kernel {
             self.delete_link(link.header.index, &name).await?;
         }
         let msg = LinkVxlan::new(&name, vni)
+            .address(vtep_mac(underlay.addr, vni).to_vec())
             .dev(underlay.index)
             .local(underlay.addr)
             .port(port)
@@ -808,6 +824,15 @@ pub fn wg_public_key(private: &[u8; 32]) -> std::result::Result<[u8; 32], String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vtep_macs_are_stable_unicast_and_local() {
+        let a = vtep_mac(Ipv4Addr::new(10, 77, 0, 1), 1);
+        assert_eq!(a, vtep_mac(Ipv4Addr::new(10, 77, 0, 1), 1));
+        assert_ne!(a, vtep_mac(Ipv4Addr::new(10, 77, 0, 2), 1));
+        assert_ne!(a, vtep_mac(Ipv4Addr::new(10, 77, 0, 1), 2));
+        assert_eq!(a[0] & 0x03, 0x02, "locally administered unicast");
+    }
 
     #[test]
     fn wireguard_keys() {
