@@ -661,7 +661,9 @@ pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>
     vars.insert("usr_root_hash".into(), ctx.manifest.usr_root_hash.clone());
     vars.insert("image_name".into(), ctx.manifest.name.clone());
     vars.insert("image_version".into(), ctx.manifest.version.clone());
-    let work = dir.join("work");
+    // Absolute: {work} is used on the host and joined to test-file paths (node ignition).
+    let work = std::path::absolute(dir.join("work"))
+        .with_context(|| format!("resolving {}", dir.join("work").display()))?;
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     vars.insert("work".into(), work.display().to_string());
     vars.insert(
