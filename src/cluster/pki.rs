@@ -11,7 +11,7 @@ use openssl::pkey::{PKey, Private};
 use openssl::x509::extension::{
     BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAlternativeName, SubjectKeyIdentifier,
 };
-use openssl::x509::{X509NameBuilder, X509};
+use openssl::x509::{X509Builder, X509NameBuilder, X509};
 use std::net::IpAddr;
 
 #[derive(Debug, thiserror::Error)]
@@ -40,24 +40,39 @@ fn serial() -> Result<openssl::asn1::Asn1Integer, openssl::error::ErrorStack> {
     bn.to_asn1_integer()
 }
 
+/// A certificate builder with the fields every certificate here shares: v3, a random serial,
+/// subject CN, the issuer (`None`: self-signed), the public key and `days` of validity.
+fn builder(
+    common_name: &str,
+    issuer: Option<&X509>,
+    key: &PKey<Private>,
+    days: u32,
+) -> Result<X509Builder, openssl::error::ErrorStack> {
+    let mut name = X509NameBuilder::new()?;
+    name.append_entry_by_nid(Nid::COMMONNAME, common_name)?;
+    let name = name.build();
+    let mut b = X509::builder()?;
+    b.set_version(2)?;
+    let serial = serial()?;
+    b.set_serial_number(&serial)?;
+    b.set_subject_name(&name)?;
+    match issuer {
+        Some(ca) => b.set_issuer_name(ca.subject_name())?,
+        None => b.set_issuer_name(&name)?,
+    }
+    b.set_pubkey(key)?;
+    let not_before = Asn1Time::days_from_now(0)?;
+    let not_after = Asn1Time::days_from_now(days)?;
+    b.set_not_before(&not_before)?;
+    b.set_not_after(&not_after)?;
+    Ok(b)
+}
+
 /// A self-signed CA valid for `days`.
 pub fn new_ca(common_name: &str, days: u32) -> Result<CertPair, PkiError> {
     let build = || -> Result<CertPair, openssl::error::ErrorStack> {
         let key = new_key()?;
-        let mut name = X509NameBuilder::new()?;
-        name.append_entry_by_nid(Nid::COMMONNAME, common_name)?;
-        let name = name.build();
-        let mut b = X509::builder()?;
-        b.set_version(2)?;
-        let serial = serial()?;
-        b.set_serial_number(&serial)?;
-        b.set_subject_name(&name)?;
-        b.set_issuer_name(&name)?;
-        b.set_pubkey(&key)?;
-        let not_before = Asn1Time::days_from_now(0)?;
-        let not_after = Asn1Time::days_from_now(days)?;
-        b.set_not_before(&not_before)?;
-        b.set_not_after(&not_after)?;
+        let mut b = builder(common_name, None, &key, days)?;
         b.append_extension(BasicConstraints::new().critical().ca().build()?)?;
         b.append_extension(
             KeyUsage::new()
@@ -92,20 +107,7 @@ pub fn issue(
         let ca_cert = X509::from_pem(&ca.cert_pem)?;
         let ca_key = PKey::private_key_from_pem(&ca.key_pem)?;
         let key = new_key()?;
-        let mut name = X509NameBuilder::new()?;
-        name.append_entry_by_nid(Nid::COMMONNAME, common_name)?;
-        let name = name.build();
-        let mut b = X509::builder()?;
-        b.set_version(2)?;
-        let serial = serial()?;
-        b.set_serial_number(&serial)?;
-        b.set_subject_name(&name)?;
-        b.set_issuer_name(ca_cert.subject_name())?;
-        b.set_pubkey(&key)?;
-        let not_before = Asn1Time::days_from_now(0)?;
-        let not_after = Asn1Time::days_from_now(days)?;
-        b.set_not_before(&not_before)?;
-        b.set_not_after(&not_after)?;
+        let mut b = builder(common_name, Some(&ca_cert), &key, days)?;
         b.append_extension(BasicConstraints::new().build()?)?;
         b.append_extension(
             KeyUsage::new()

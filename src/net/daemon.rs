@@ -23,6 +23,9 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
+/// The longest wait between retries after an etcd or kernel failure.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
 #[derive(Debug, Clone)]
 pub struct Options {
     pub etcd: EtcdOptions,
@@ -164,7 +167,6 @@ impl Daemon {
 
     async fn main_loop(&mut self) {
         let mut backoff = Duration::from_secs(1);
-        let max_backoff = Duration::from_secs(30);
         let mut store: Option<Store> = None;
         loop {
             if store.is_none() {
@@ -178,16 +180,9 @@ impl Daemon {
                     None => return,
                     Some(Ok(s)) => store = Some(s),
                     Some(Err(e)) => {
-                        let note = if self.held.is_some() {
-                            "; keeping the current routes"
-                        } else {
-                            ""
-                        };
-                        self.set_state("etcd-unreachable", Some(format!("{e}{note}; retrying")));
-                        if self.sleep_or_stop(backoff).await {
+                        if self.etcd_unreachable(&e, &mut backoff).await {
                             return;
                         }
-                        backoff = (backoff * 2).min(max_backoff);
                         continue;
                     }
                 }
@@ -198,16 +193,9 @@ impl Daemon {
                 Ok(Exit::Again) => backoff = Duration::from_secs(1),
                 Err(SessionError::Store(e)) => {
                     store = None;
-                    let note = if self.held.is_some() {
-                        "; keeping the current routes"
-                    } else {
-                        ""
-                    };
-                    self.set_state("etcd-unreachable", Some(format!("{e}{note}; retrying")));
-                    if self.sleep_or_stop(backoff).await {
+                    if self.etcd_unreachable(&e, &mut backoff).await {
                         return;
                     }
-                    backoff = (backoff * 2).min(max_backoff);
                 }
                 Err(SessionError::Config(m)) => {
                     // Wait for the config to change; nothing is torn down meanwhile.
@@ -221,10 +209,24 @@ impl Daemon {
                     if self.sleep_or_stop(backoff).await {
                         return;
                     }
-                    backoff = (backoff * 2).min(max_backoff);
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
         }
+    }
+
+    /// Report that etcd cannot be reached (the kernel state stays), wait `backoff` and double
+    /// it up to 30 s. True when asked to stop meanwhile.
+    async fn etcd_unreachable(&mut self, e: &StoreError, backoff: &mut Duration) -> bool {
+        let note = if self.held.is_some() {
+            "; keeping the current routes"
+        } else {
+            ""
+        };
+        self.set_state("etcd-unreachable", Some(format!("{e}{note}; retrying")));
+        let stop = self.sleep_or_stop(*backoff).await;
+        *backoff = (*backoff * 2).min(MAX_BACKOFF);
+        stop
     }
 
     /// Block until the config key changes (or a stop signal: returns true). Keeps renewing the
