@@ -5,6 +5,7 @@
 //! Needs root, iproute2, etcd/etcdctl and containernetworking-plugins (`scripts/host-setup`);
 //! a missing tool fails the test, it does not skip it.
 
+use keel::agent::network;
 use keel::cluster::pki;
 use serde_json::Value;
 use std::fs;
@@ -55,6 +56,8 @@ struct Lab {
     etcd: Option<Child>,
     daemons: Vec<Option<Child>>,
     containers: Vec<String>,
+    /// The attachment of container c{i}, by node.
+    attached: std::collections::HashMap<usize, network::Attachment>,
     nodes: usize,
     /// Passed as --bootstrap-config when set.
     bootstrap: Option<PathBuf>,
@@ -84,6 +87,7 @@ impl Lab {
             etcd: None,
             daemons: (0..=nodes).map(|_| None).collect(),
             containers: Vec::new(),
+            attached: Default::default(),
             nodes,
             bootstrap: None,
             id,
@@ -304,48 +308,71 @@ impl Lab {
             .to_string()
     }
 
-    /// A container namespace on node i, attached by the CNI bridge plugin with keel-net's config.
+    /// A container namespace on node i, attached the way keel-agent attaches a container: its
+    /// network code ([`keel::agent::network`]) with the real plugins, run inside node i's
+    /// namespace, reading keel-net's config from a node root of its own (the host-local
+    /// reservations kept per node, as they would be on separate machines).
     fn add_container(&mut self, i: usize) -> Ipv4Addr {
-        let ctr = self.ns(&format!("c{i}"));
-        ok(Command::new("ip").args(["netns", "add", &ctr]));
-        self.containers.push(ctr.clone());
-        let list: Value =
+        let att = self.attach(i).expect("attach");
+        self.containers.push(
+            att.netns
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned(),
+        );
+        let addr = att.addresses[0].split('/').next().unwrap().parse().unwrap();
+        self.attached.insert(i, att);
+        addr
+    }
+
+    fn attach_record(&self, i: usize) -> network::Attachment {
+        self.attached[&i].clone()
+    }
+
+    /// The namespace keel-agent makes for container c{i} (`keel-` + its name).
+    fn ctr_ns(&self, i: usize) -> String {
+        format!("keel-{}", self.ns(&format!("c{i}")))
+    }
+
+    fn node_root(&self, i: usize) -> PathBuf {
+        self.path(&format!("root{i}"))
+    }
+
+    /// The agent's attach of container `c{i}` inside node i's namespace.
+    fn attach(&self, i: usize) -> anyhow::Result<network::Attachment> {
+        let root = self.node_root(i);
+        let conf_dir = root.join(network::CNI_CONF_DIR);
+        fs::create_dir_all(&conf_dir).unwrap();
+        let mut list: Value =
             serde_json::from_slice(&fs::read(self.path(&format!("cni{i}.conflist"))).unwrap())
                 .unwrap();
-        let mut conf = list["plugins"][0].clone();
-        conf["cniVersion"] = list["cniVersion"].clone();
-        conf["name"] = list["name"].clone();
-        conf["ipam"]["dataDir"] =
-            Value::String(self.path(&format!("ipam{i}")).display().to_string());
-        let mut child = self
-            .exec(&self.ns(&i.to_string()), &format!("{CNI_PATH}/bridge"))
-            .env("CNI_COMMAND", "ADD")
-            .env("CNI_CONTAINERID", &ctr)
-            .env("CNI_NETNS", format!("/run/netns/{ctr}"))
-            .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", CNI_PATH)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("CNI bridge plugin");
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(conf.to_string().as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "CNI ADD: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let result: Value = serde_json::from_slice(&out.stdout).unwrap();
-        let addr = result["ips"][0]["address"].as_str().unwrap();
-        addr.split('/').next().unwrap().parse().unwrap()
+        list["plugins"][0]["ipam"]["dataDir"] = Value::String(self.ipam_dir(i));
+        fs::write(conf_dir.join("10-keel-net.conflist"), list.to_string()).unwrap();
+        let name = self.ns(&format!("c{i}"));
+        self.in_node(i, move || {
+            network::attach(&root, &name, &network::RealHost)
+                .map(|a| a.expect("a CNI config is there"))
+        })
+    }
+
+    fn detach(&self, i: usize, att: network::Attachment) -> anyhow::Result<()> {
+        self.in_node(i, move || network::detach(&att, &network::RealHost))
+    }
+
+    fn ipam_dir(&self, i: usize) -> String {
+        self.path(&format!("ipam{i}")).display().to_string()
+    }
+
+    /// Runs `f` on a thread inside node i's network namespace (plugins it starts run there too).
+    fn in_node<T: Send + 'static>(&self, i: usize, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let node = fs::File::open(format!("/run/netns/{}", self.ns(&i.to_string()))).unwrap();
+        std::thread::spawn(move || {
+            nix::sched::setns(&node, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
     }
 
     fn ping(&self, ns: &str, target: Ipv4Addr, count: u32, interval: &str) -> Output {
@@ -361,7 +388,7 @@ impl Lab {
     }
 
     fn reaches(&self, from_ctr: usize, to: Ipv4Addr) -> bool {
-        self.ping(&self.ns(&format!("c{from_ctr}")), to, 1, "0.2")
+        self.ping(&self.ctr_ns(from_ctr), to, 1, "0.2")
             .status
             .success()
     }
@@ -456,7 +483,7 @@ fn vxlan_overlay_between_three_nodes() {
 
     // Restart node 2's keel-net while node 1's container pings node 2's: no loss.
     let subnet2 = lab.subnet(2);
-    let ctr1 = lab.ns("c1");
+    let ctr1 = lab.ctr_ns(1);
     let target = addrs[1];
     let pinger = std::thread::spawn({
         let lab_ns = ctr1.clone();
@@ -540,6 +567,27 @@ fn host_gw_overlay_between_three_nodes() {
         "{routes}"
     );
     assert!(lab.status(1)["device"].is_null());
+
+    // What a container's unit does when it stops (`keel-agent net-detach`): the plugins' DEL
+    // releases the address and the namespace goes; attaching again works.
+    let first = lab.attach_record(3);
+    lab.detach(3, first.clone()).expect("detach");
+    assert!(
+        !first.netns.exists(),
+        "{} left behind",
+        first.netns.display()
+    );
+    let reserved = Path::new(&lab.ipam_dir(3))
+        .join("keel-net")
+        .join(addrs[2].to_string());
+    assert!(!reserved.exists(), "{} still reserved", reserved.display());
+    assert!(
+        !lab.reaches(1, addrs[2]),
+        "the detached container still answers"
+    );
+    let again = lab.attach(3).expect("attach again");
+    assert!(again.netns.exists());
+    assert!(!again.addresses.is_empty());
 }
 
 /// etcd down or a bad config in etcd: the routes stay and traffic keeps flowing; the status and

@@ -55,6 +55,9 @@ pub enum Command {
     /// the Ignition config from fw_cfg or the ESP once, then measure its hash into PCR 12 on
     /// every boot.
     Provision,
+    /// Release a stopped container's network: the CNI plugins' DEL and its network namespace
+    /// (the container's unit runs this when it stops).
+    NetDetach { name: String },
     /// Watch the spool directory (/var/lib/keel/spool) and run the archives dropped there; the
     /// keel-agent service runs this.
     Serve,
@@ -62,6 +65,7 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
     use super::containers::{self, ThisMachine};
+    use super::network;
     use super::systemd::{Systemd, Units};
     let machine = || ThisMachine {
         root: cli.root.clone(),
@@ -80,6 +84,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 &name,
                 &machine(),
                 &units,
+                &network::RealHost,
                 &containers::RunOptions::default(),
             ) {
                 Ok(s) => {
@@ -91,6 +96,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                             "started {} ({}), signed by {}; {}",
                             s.unit, s.manifest_digest, s.signed_by, s.gate
                         );
+                        if !s.addresses.is_empty() {
+                            println!("address {}", s.addresses.join(" "));
+                        }
                     }
                     Ok(ExitCode::SUCCESS)
                 }
@@ -112,8 +120,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                         .name
                         .trim_start_matches(super::systemd::UNIT_PREFIX)
                         .trim_end_matches(".service");
+                    let bundle = cli.root.join(containers::CONTAINERS_DIR).join(name);
+                    let address = network::read_record(&bundle)
+                        .ok()
+                        .flatten()
+                        .map(|a| a.addresses.join(","))
+                        .unwrap_or_else(|| "-".into());
                     println!(
-                        "{name:<24} {:<10} {:<10} {}",
+                        "{name:<24} {:<10} {:<10} {address:<18} {}",
                         u.active, u.sub, u.description
                     );
                 }
@@ -147,10 +161,16 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
+        Command::NetDetach { name } => {
+            containers::check_name(&name)?;
+            let bundle = cli.root.join(containers::CONTAINERS_DIR).join(&name);
+            containers::detach_network(&bundle, &network::RealHost)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Provision => provision(&cli.root),
         Command::Serve => {
             let units = Systemd::connect()?;
-            super::spool::serve(&cli.root, &machine(), &units)?;
+            super::spool::serve(&cli.root, &machine(), &units, &network::RealHost)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::BootState { json } => {

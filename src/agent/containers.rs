@@ -3,9 +3,12 @@
 //!
 //! Order of a `run`, each step only after the previous held: policy → hardware gate → image
 //! signature, manifest, config and layer digests → unpack into `containers/.staging-*` →
-//! runtime config → rename to `containers/NAME` → start `keel-ctr-NAME.service`. A refusal at any
-//! step removes what the run created; nothing of a refused image is left where it could run.
+//! runtime config → rename to `containers/NAME` → attach to the node's CNI network (see
+//! [`super::network`]) → start `keel-ctr-NAME.service`. A refusal at any step removes what the
+//! run created; nothing of a refused image is left where it could run, and a refused image never
+//! gets a network namespace or an address.
 
+use super::network::{self, Attachment};
 use super::systemd::{unit_name, UnitSpec, Units};
 use crate::container::oci::{self, Layout, VerifiedImage};
 use crate::container::policy::{self, LoadedPolicy};
@@ -21,6 +24,7 @@ pub const CONTAINERS_DIR: &str = "var/lib/keel/containers";
 /// The spool directory the agent service watches (relative to the node's root).
 pub const SPOOL_DIR: &str = "var/lib/keel/spool";
 const CRUN: &str = "/usr/bin/crun";
+const KEEL_AGENT: &str = "/usr/bin/keel-agent";
 
 /// What the gate needs to know about the machine.
 pub trait Machine {
@@ -146,6 +150,8 @@ pub struct Started {
     pub signed_by: String,
     pub gate: String,
     pub bytes: u64,
+    /// The container's addresses on the node's CNI network (none without one).
+    pub addresses: Vec<String>,
     pub timings: Timings,
 }
 
@@ -180,13 +186,24 @@ fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1000.0
 }
 
-/// Verifies and starts the image at `image` (a layout directory or an oci-archive) as `name`.
+/// Undoes the network attachment recorded in a bundle (if any) and removes its record.
+pub fn detach_network(bundle: &Path, net: &dyn network::Host) -> Result<()> {
+    if let Some(att) = network::read_record(bundle)? {
+        network::detach(&att, net)?;
+        let _ = fs::remove_file(bundle.join(network::RECORD));
+    }
+    Ok(())
+}
+
+/// Verifies and starts the image at `image` (a layout directory or an oci-archive) as `name`;
+/// attaches it to the node's CNI network when there is one.
 pub fn run(
     root: &Path,
     image: &Path,
     name: &str,
     machine: &dyn Machine,
     units: &dyn Units,
+    net: &dyn network::Host,
     opts: &RunOptions,
 ) -> Result<Started> {
     check_name(name)?;
@@ -242,22 +259,18 @@ pub fn run(
         })
         .collect();
     let stats = unpack::unpack(&rootfs, &files, opts.limits).map_err(|e| Refusal(e.to_string()))?;
-    let spec = runtime_spec(&verified, name, &rootfs)?;
-    fs::write(stage.join("config.json"), serde_json::to_vec_pretty(&spec)?)
-        .context("writing config.json")?;
-    let record = serde_json::json!({
-        "manifest-digest": verified.manifest_digest,
-        "signed-by": verified.signed_by,
-        "reference": verified.reference,
-        "gate": gate,
-    });
-    fs::write(
-        stage.join("image.json"),
-        serde_json::to_vec_pretty(&record)?,
-    )
-    .context("writing image.json")?;
+    // Checked before anything outside the staging directory changes.
+    let mut spec = runtime_spec(&verified, name, &rootfs)?;
     let bundle = dir.join(name);
     if bundle.exists() {
+        // A stopped container of the same name: its network was released when its unit
+        // stopped, unless that never ran.
+        if let Err(e) = detach_network(&bundle, net) {
+            tracing::warn!(
+                container = name,
+                "releasing the old container's network: {e:#}"
+            );
+        }
         fs::remove_dir_all(&bundle)
             .with_context(|| format!("removing the old {}", bundle.display()))?;
     }
@@ -265,6 +278,27 @@ pub fn run(
         .with_context(|| format!("moving the bundle to {}", bundle.display()))?;
     let mut staging = staging;
     staging.0 = None;
+    // From here on a failure removes the bundle (and releases the network).
+    let undo = |bundle: &Path| {
+        let _ = detach_network(bundle, net);
+        let _ = fs::remove_dir_all(bundle);
+    };
+    let attached: Option<Attachment> = match network::attach(root, name, net) {
+        Ok(a) => a,
+        Err(e) => {
+            undo(&bundle);
+            return Err(e);
+        }
+    };
+    let written = write_bundle_files(&bundle, &mut spec, attached.as_ref(), &verified, &gate);
+    if let Err(e) = written {
+        if let Some(att) = &attached {
+            let _ = network::detach(att, net);
+        }
+        let _ = fs::remove_dir_all(&bundle);
+        return Err(e);
+    }
+    let addresses = attached.map(|a| a.addresses).unwrap_or_default();
     timings.unpack_ms = ms(t);
 
     let t = Instant::now();
@@ -283,20 +317,32 @@ pub fn run(
                 format!("keel-{name}"),
             ],
         ),
-        exec_stop_post: Some((
-            CRUN.into(),
-            vec![
-                "crun".into(),
-                "delete".into(),
-                "--force".into(),
-                format!("keel-{name}"),
-            ],
-        )),
+        exec_stop_post: vec![
+            (
+                CRUN.into(),
+                vec![
+                    "crun".into(),
+                    "delete".into(),
+                    "--force".into(),
+                    format!("keel-{name}"),
+                ],
+            ),
+            (
+                KEEL_AGENT.into(),
+                vec![
+                    "keel-agent".into(),
+                    "--root".into(),
+                    root.display().to_string(),
+                    "net-detach".into(),
+                    name.to_string(),
+                ],
+            ),
+        ],
         memory_max: opts.memory_max,
         tasks_max: opts.tasks_max,
     });
     if let Err(e) = started {
-        let _ = fs::remove_dir_all(&bundle);
+        undo(&bundle);
         return Err(e);
     }
     timings.start_ms = ms(t);
@@ -307,8 +353,63 @@ pub fn run(
         signed_by: verified.signed_by,
         gate,
         bytes: stats.bytes,
+        addresses,
         timings,
     })
+}
+
+/// config.json (joining the attached namespace, if any), network.json and image.json.
+fn write_bundle_files(
+    bundle: &Path,
+    spec: &mut oci_spec::runtime::Spec,
+    attached: Option<&Attachment>,
+    verified: &VerifiedImage,
+    gate: &str,
+) -> Result<()> {
+    if let Some(att) = attached {
+        join_netns(spec, &att.netns)?;
+        fs::write(
+            bundle.join(network::RECORD),
+            serde_json::to_vec_pretty(att)?,
+        )
+        .context("writing network.json")?;
+    }
+    fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(spec)?)
+        .context("writing config.json")?;
+    let record = serde_json::json!({
+        "manifest-digest": verified.manifest_digest,
+        "signed-by": verified.signed_by,
+        "reference": verified.reference,
+        "gate": gate,
+        "network": attached.map(|a| serde_json::json!({"name": a.network, "addresses": a.addresses})),
+    });
+    fs::write(
+        bundle.join("image.json"),
+        serde_json::to_vec_pretty(&record)?,
+    )
+    .context("writing image.json")
+}
+
+/// Makes the runtime config join the network namespace at `netns` instead of making a new one.
+fn join_netns(spec: &mut oci_spec::runtime::Spec, netns: &Path) -> Result<()> {
+    use oci_spec::runtime::{LinuxNamespaceBuilder, LinuxNamespaceType};
+    let mut linux = spec.linux().clone().unwrap_or_default();
+    let mut namespaces: Vec<_> = linux
+        .namespaces()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n| n.typ() != LinuxNamespaceType::Network)
+        .collect();
+    namespaces.push(
+        LinuxNamespaceBuilder::default()
+            .typ(LinuxNamespaceType::Network)
+            .path(netns)
+            .build()?,
+    );
+    linux.set_namespaces(Some(namespaces));
+    spec.set_linux(Some(linux));
+    Ok(())
 }
 
 /// Looks a user up in the container's /etc/passwd (`name` or `uid`, optionally `:group`).
@@ -462,6 +563,145 @@ mod tests {
         }
     }
 
+    /// A node without a CNI config never reaches the network seam.
+    struct NoNet;
+    impl network::Host for NoNet {
+        fn invoke(&self, call: &network::Call) -> Result<serde_json::Value> {
+            panic!("no CNI config, yet {} was invoked", call.plugin)
+        }
+        fn create_netns(&self, name: &str) -> Result<PathBuf> {
+            panic!("no CNI config, yet netns {name} was made")
+        }
+        fn remove_netns(&self, _: &Path) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A CNI network that hands out one address; remembers the namespaces that exist.
+    #[derive(Default)]
+    struct FakeNet {
+        namespaces: RefCell<Vec<PathBuf>>,
+        deleted: RefCell<usize>,
+    }
+    impl network::Host for FakeNet {
+        fn invoke(&self, call: &network::Call) -> Result<serde_json::Value> {
+            if call.command == "DEL" && call.plugin == "bridge" {
+                *self.deleted.borrow_mut() += 1;
+            }
+            Ok(serde_json::json!({"ips": [{"address": "10.5.7.2/24"}]}))
+        }
+        fn create_netns(&self, name: &str) -> Result<PathBuf> {
+            let p = PathBuf::from(format!("/run/netns/{name}"));
+            self.namespaces.borrow_mut().push(p.clone());
+            Ok(p)
+        }
+        fn remove_netns(&self, path: &Path) -> Result<()> {
+            self.namespaces.borrow_mut().retain(|p| p != path);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn with_a_cni_network_the_container_joins_its_namespace() {
+        let (t, _, img) = node(false);
+        let conf = t.path().join(network::CNI_CONF_DIR);
+        fs::create_dir_all(&conf).expect("dir");
+        fs::write(
+            conf.join("10-keel-net.conflist"),
+            r#"{"cniVersion":"0.4.0","name":"keel-net","plugins":[{"type":"bridge"}]}"#,
+        )
+        .expect("conflist");
+        let units = FakeUnits::default();
+        let net = FakeNet::default();
+        let m = FakeMachine {
+            ek: None,
+            trusted: true,
+        };
+        let s = run(
+            t.path(),
+            &img,
+            "web",
+            &m,
+            &units,
+            &net,
+            &RunOptions::default(),
+        )
+        .expect("runs");
+        assert_eq!(s.addresses, vec!["10.5.7.2/24".to_string()]);
+        let bundle = t.path().join(CONTAINERS_DIR).join("web");
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&fs::read(bundle.join("config.json")).expect("config"))
+                .expect("json");
+        let netns: Vec<&serde_json::Value> = cfg["linux"]["namespaces"]
+            .as_array()
+            .expect("namespaces")
+            .iter()
+            .filter(|n| n["type"] == "network")
+            .collect();
+        assert_eq!(netns.len(), 1, "{cfg}");
+        assert_eq!(netns[0]["path"], "/run/netns/keel-web");
+        let started = units.started.borrow();
+        let post: Vec<String> = started[0]
+            .exec_stop_post
+            .iter()
+            .map(|(_, argv)| argv.join(" "))
+            .collect();
+        assert!(
+            post.iter().any(|c| c.ends_with("net-detach web")),
+            "{post:?}"
+        );
+        // What the unit's ExecStopPost does: DEL, namespace gone, record gone.
+        detach_network(&bundle, &net).expect("detach");
+        assert_eq!(*net.deleted.borrow(), 1);
+        assert!(net.namespaces.borrow().is_empty());
+        assert!(!bundle.join(network::RECORD).exists());
+    }
+
+    #[test]
+    fn a_container_that_fails_to_start_releases_its_network() {
+        struct FailingUnits;
+        impl Units for FailingUnits {
+            fn start(&self, _: &UnitSpec) -> Result<()> {
+                bail!("job failed")
+            }
+            fn stop(&self, _: &str) -> Result<()> {
+                Ok(())
+            }
+            fn list(&self) -> Result<Vec<UnitState>> {
+                Ok(vec![])
+            }
+            fn state(&self, _: &str) -> Result<Option<UnitState>> {
+                Ok(None)
+            }
+        }
+        let (t, _, img) = node(false);
+        let conf = t.path().join(network::CNI_CONF_DIR);
+        fs::create_dir_all(&conf).expect("dir");
+        fs::write(
+            conf.join("10-keel-net.conflist"),
+            r#"{"cniVersion":"0.4.0","name":"keel-net","plugins":[{"type":"bridge"}]}"#,
+        )
+        .expect("conflist");
+        let net = FakeNet::default();
+        let m = FakeMachine {
+            ek: None,
+            trusted: true,
+        };
+        run(
+            t.path(),
+            &img,
+            "web",
+            &m,
+            &FailingUnits,
+            &net,
+            &RunOptions::default(),
+        )
+        .expect_err("fails");
+        assert_eq!(*net.deleted.borrow(), 1, "DEL ran");
+        assert!(net.namespaces.borrow().is_empty(), "namespace removed");
+        assert!(!t.path().join(CONTAINERS_DIR).join("web").exists());
+    }
+
     const EK: &str = "sha256:abababababababababababababababababababababababababababababababab";
 
     /// A node root with a policy trusting `key`, and a signed one-layer image.
@@ -509,7 +749,16 @@ mod tests {
             ek: Some(EK.into()),
             trusted: true,
         };
-        let s = run(t.path(), &img, "hello", &m, &units, &RunOptions::default()).expect("runs");
+        let s = run(
+            t.path(),
+            &img,
+            "hello",
+            &m,
+            &units,
+            &NoNet,
+            &RunOptions::default(),
+        )
+        .expect("runs");
         assert_eq!(s.unit, "keel-ctr-hello.service");
         let bundle = t.path().join(CONTAINERS_DIR).join("hello");
         assert!(bundle.join("rootfs/bin/hello").is_file());
@@ -553,7 +802,15 @@ mod tests {
             ek: Some(EK.into()),
             trusted: false,
         };
-        let r = run(t.path(), &img, "hello", &m, &units, &RunOptions::default());
+        let r = run(
+            t.path(),
+            &img,
+            "hello",
+            &m,
+            &units,
+            &NoNet,
+            &RunOptions::default(),
+        );
         assert_refused(t.path(), &units, r, "does not match a PCR 11 policy");
 
         // Unsigned: a fresh build without a signature.
@@ -571,6 +828,7 @@ mod tests {
             "hello",
             &m,
             &units,
+            &NoNet,
             &RunOptions::default(),
         );
         assert_refused(t.path(), &units, r, "not signed");
@@ -585,7 +843,15 @@ mod tests {
         let n = bytes.len() / 2;
         bytes[n] ^= 0x40;
         fs::write(&blob, bytes).expect("tamper");
-        let r = run(t.path(), &img, "hello", &m, &units, &RunOptions::default());
+        let r = run(
+            t.path(),
+            &img,
+            "hello",
+            &m,
+            &units,
+            &NoNet,
+            &RunOptions::default(),
+        );
         assert_refused(t.path(), &units, r, "changed after signing");
     }
 
@@ -606,7 +872,15 @@ mod tests {
             ek: Some(EK.into()),
             trusted: true,
         };
-        let r = run(t.path(), &img, "hello", &m, &units, &RunOptions::default());
+        let r = run(
+            t.path(),
+            &img,
+            "hello",
+            &m,
+            &units,
+            &NoNet,
+            &RunOptions::default(),
+        );
         assert_refused(t.path(), &units, r, "is not in the enrolled machines list");
         let nomachine = FakeMachine {
             ek: None,
@@ -618,12 +892,22 @@ mod tests {
             "hello",
             &nomachine,
             &units,
+            &NoNet,
             &RunOptions::default(),
         );
         assert_refused(t.path(), &units, r, "cannot be read");
         list.add("this", EK).expect("add");
         policy::write_signed(&node_list, &list, &k).expect("list");
-        run(t.path(), &img, "hello", &m, &units, &RunOptions::default()).expect("enrolled: runs");
+        run(
+            t.path(),
+            &img,
+            "hello",
+            &m,
+            &units,
+            &NoNet,
+            &RunOptions::default(),
+        )
+        .expect("enrolled: runs");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod boot_state;
 pub mod cli;
 pub mod containers;
+pub mod network;
 pub mod spool;
 pub mod systemd;
 pub mod tpm;

@@ -5,6 +5,7 @@
 //! `NAME.reason` file saying why (the journal says it too).
 
 use super::containers::{self, Machine, RunOptions};
+use super::network;
 use super::systemd::Units;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -31,9 +32,18 @@ pub fn process(
     archive: &Path,
     machine: &dyn Machine,
     units: &dyn Units,
+    net: &dyn network::Host,
 ) -> PathBuf {
     let name = containers::default_name(archive);
-    let result = containers::run(root, archive, &name, machine, units, &RunOptions::default());
+    let result = containers::run(
+        root,
+        archive,
+        &name,
+        machine,
+        units,
+        net,
+        &RunOptions::default(),
+    );
     let (sub, reason) = match &result {
         Ok(s) => {
             tracing::info!(
@@ -42,6 +52,7 @@ pub fn process(
                 digest = %s.manifest_digest,
                 signed_by = %s.signed_by,
                 gate = %s.gate,
+                addresses = %s.addresses.join(" "),
                 "started container from the spool"
             );
             ("done", None)
@@ -69,14 +80,19 @@ pub fn process(
 }
 
 /// Watches the spool until the process is stopped.
-pub fn serve(root: &Path, machine: &dyn Machine, units: &dyn Units) -> anyhow::Result<()> {
+pub fn serve(
+    root: &Path,
+    machine: &dyn Machine,
+    units: &dyn Units,
+    net: &dyn network::Host,
+) -> anyhow::Result<()> {
     let spool = root.join(containers::SPOOL_DIR);
     fs::create_dir_all(&spool)
         .map_err(|e| anyhow::anyhow!("creating the spool {}: {e}", spool.display()))?;
     tracing::info!(spool = %spool.display(), "watching the spool for signed oci-archives (NAME.tar)");
     loop {
         for a in pending(&spool) {
-            process(root, &spool, &a, machine, units);
+            process(root, &spool, &a, machine, units, net);
         }
         std::thread::sleep(Duration::from_millis(500));
     }

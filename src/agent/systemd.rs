@@ -24,8 +24,8 @@ pub struct UnitSpec {
     pub description: String,
     /// The program and its argv (argv\[0\] included).
     pub exec: (String, Vec<String>),
-    /// Run after the main process exits, failures ignored.
-    pub exec_stop_post: Option<(String, Vec<String>)>,
+    /// Run after the main process exits, in order, failures ignored.
+    pub exec_stop_post: Vec<(String, Vec<String>)>,
     pub memory_max: u64,
     pub tasks_max: u64,
 }
@@ -86,12 +86,16 @@ impl Systemd {
 
 impl Units for Systemd {
     fn start(&self, spec: &UnitSpec) -> Result<()> {
-        let exec = |(path, argv): &(String, Vec<String>), ignore: bool| {
-            Value::from(vec![(path.clone(), argv.clone(), ignore)])
+        let exec = |cmds: &[(String, Vec<String>)], ignore: bool| {
+            Value::from(
+                cmds.iter()
+                    .map(|(path, argv)| (path.clone(), argv.clone(), ignore))
+                    .collect::<Vec<_>>(),
+            )
         };
         let mut props: Vec<(&str, Value)> = vec![
             ("Description", Value::from(spec.description.clone())),
-            ("ExecStart", exec(&spec.exec, false)),
+            ("ExecStart", exec(std::slice::from_ref(&spec.exec), false)),
             ("Type", Value::from("exec")),
             ("KillMode", Value::from("mixed")),
             ("MemoryMax", Value::from(spec.memory_max)),
@@ -100,8 +104,8 @@ impl Units for Systemd {
             ("TimeoutStopUSec", Value::from(STOP_TIMEOUT_USEC)),
             ("SyslogIdentifier", Value::from(spec.name.clone())),
         ];
-        if let Some(post) = &spec.exec_stop_post {
-            props.push(("ExecStopPost", exec(post, true)));
+        if !spec.exec_stop_post.is_empty() {
+            props.push(("ExecStopPost", exec(&spec.exec_stop_post, true)));
         }
         let aux: Vec<(&str, Vec<(&str, Value)>)> = Vec::new();
         let unit = unit_name(&spec.name);

@@ -51,6 +51,8 @@ pub fn subnet_env(config: &NetworkConfig, subnet: &Ipv4Net, mtu: u32) -> String 
 pub const CNI_NETWORK: &str = "keel-net";
 /// The bridge containers are attached to.
 pub const CNI_BRIDGE: &str = "cni0";
+/// Where host-local keeps its address reservations.
+pub const IPAM_DIR: &str = "/run/keel-net/ipam";
 
 /// A CNI network config: a bridge (gateway = first address of the subnet) with host-local
 /// addresses from this node's subnet, and a route to the whole overlay network through it.
@@ -68,6 +70,9 @@ pub fn cni_conflist(config: &NetworkConfig, subnet: &Ipv4Net, mtu: u32) -> Strin
             "ipam": {
                 "type": "host-local",
                 "ranges": [[{"subnet": subnet.to_string()}]],
+                // Reservations live as long as the containers' namespaces (/run/netns): a
+                // reboot leaves none behind.
+                "dataDir": IPAM_DIR,
                 "routes": [{"dst": config.network.to_string()}]
             }
         }]
