@@ -164,7 +164,15 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::NetDetach { name } => {
             containers::check_name(&name)?;
             let bundle = cli.root.join(containers::CONTAINERS_DIR).join(&name);
-            containers::detach_network(&bundle, &network::RealHost)?;
+            match containers::detach_network(&bundle, &network::RealHost)? {
+                Some(att) => tracing::info!(
+                    container = %name,
+                    netns = %att.netns.display(),
+                    addresses = %att.addresses.join(" "),
+                    "released the container's network"
+                ),
+                None => tracing::info!(container = %name, "no network attachment to release"),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Provision => provision(&cli.root),

@@ -186,13 +186,15 @@ fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1000.0
 }
 
-/// Undoes the network attachment recorded in a bundle (if any) and removes its record.
-pub fn detach_network(bundle: &Path, net: &dyn network::Host) -> Result<()> {
-    if let Some(att) = network::read_record(bundle)? {
-        network::detach(&att, net)?;
+/// Undoes the network attachment recorded in a bundle (if any) and removes its record; returns
+/// what was released.
+pub fn detach_network(bundle: &Path, net: &dyn network::Host) -> Result<Option<Attachment>> {
+    let att = network::read_record(bundle)?;
+    if let Some(att) = &att {
+        network::detach(att, net)?;
         let _ = fs::remove_file(bundle.join(network::RECORD));
     }
-    Ok(())
+    Ok(att)
 }
 
 /// Verifies and starts the image at `image` (a layout directory or an oci-archive) as `name`;
