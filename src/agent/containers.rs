@@ -548,9 +548,14 @@ mod tests {
     #[derive(Default)]
     struct FakeUnits {
         started: RefCell<Vec<UnitSpec>>,
+        /// Every start fails (the job failed).
+        fail: bool,
     }
     impl Units for FakeUnits {
         fn start(&self, spec: &UnitSpec) -> Result<()> {
+            if self.fail {
+                bail!("job failed");
+            }
             self.started.borrow_mut().push(spec.clone());
             Ok(())
         }
@@ -603,8 +608,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn with_a_cni_network_the_container_joins_its_namespace() {
+    /// Runs the signed image as `web` on a node with a CNI network config.
+    fn run_on_cni_node(units: &FakeUnits, net: &FakeNet) -> (tempfile::TempDir, Result<Started>) {
         let (t, _, img) = node(false);
         let conf = t.path().join(network::CNI_CONF_DIR);
         fs::create_dir_all(&conf).expect("dir");
@@ -613,22 +618,28 @@ mod tests {
             r#"{"cniVersion":"0.4.0","name":"keel-net","plugins":[{"type":"bridge"}]}"#,
         )
         .expect("conflist");
-        let units = FakeUnits::default();
-        let net = FakeNet::default();
         let m = FakeMachine {
             ek: None,
             trusted: true,
         };
-        let s = run(
+        let r = run(
             t.path(),
             &img,
             "web",
             &m,
-            &units,
-            &net,
+            units,
+            net,
             &RunOptions::default(),
-        )
-        .expect("runs");
+        );
+        (t, r)
+    }
+
+    #[test]
+    fn with_a_cni_network_the_container_joins_its_namespace() {
+        let units = FakeUnits::default();
+        let net = FakeNet::default();
+        let (t, r) = run_on_cni_node(&units, &net);
+        let s = r.expect("runs");
         assert_eq!(s.addresses, vec!["10.5.7.2/24".to_string()]);
         let bundle = t.path().join(CONTAINERS_DIR).join("web");
         let cfg: serde_json::Value =
@@ -661,44 +672,13 @@ mod tests {
 
     #[test]
     fn a_container_that_fails_to_start_releases_its_network() {
-        struct FailingUnits;
-        impl Units for FailingUnits {
-            fn start(&self, _: &UnitSpec) -> Result<()> {
-                bail!("job failed")
-            }
-            fn stop(&self, _: &str) -> Result<()> {
-                Ok(())
-            }
-            fn list(&self) -> Result<Vec<UnitState>> {
-                Ok(vec![])
-            }
-            fn state(&self, _: &str) -> Result<Option<UnitState>> {
-                Ok(None)
-            }
-        }
-        let (t, _, img) = node(false);
-        let conf = t.path().join(network::CNI_CONF_DIR);
-        fs::create_dir_all(&conf).expect("dir");
-        fs::write(
-            conf.join("10-keel-net.conflist"),
-            r#"{"cniVersion":"0.4.0","name":"keel-net","plugins":[{"type":"bridge"}]}"#,
-        )
-        .expect("conflist");
-        let net = FakeNet::default();
-        let m = FakeMachine {
-            ek: None,
-            trusted: true,
+        let units = FakeUnits {
+            fail: true,
+            ..Default::default()
         };
-        run(
-            t.path(),
-            &img,
-            "web",
-            &m,
-            &FailingUnits,
-            &net,
-            &RunOptions::default(),
-        )
-        .expect_err("fails");
+        let net = FakeNet::default();
+        let (t, r) = run_on_cni_node(&units, &net);
+        r.expect_err("fails");
         assert_eq!(*net.deleted.borrow(), 1, "DEL ran");
         assert!(net.namespaces.borrow().is_empty(), "namespace removed");
         assert!(!t.path().join(CONTAINERS_DIR).join("web").exists());
