@@ -184,7 +184,13 @@ fn loopback_input(version: &str) -> Value {
 /// Attaches container `name` to the node's CNI network, when the node has one. On failure,
 /// whatever was set up is undone before the error is returned.
 pub fn attach(root: &Path, name: &str, host: &dyn Host) -> Result<Option<Attachment>> {
-    let Some(file) = find_conflist(&root.join(CNI_CONF_DIR)) else {
+    let dir = root.join(CNI_CONF_DIR);
+    let Some(file) = find_conflist(&dir) else {
+        tracing::info!(
+            container = name,
+            "no CNI network config (*.conflist) in {}: the container gets loopback only",
+            dir.display()
+        );
         return Ok(None);
     };
     let text = fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
