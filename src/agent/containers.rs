@@ -684,6 +684,11 @@ mod tests {
         assert!(!t.path().join(CONTAINERS_DIR).join("web").exists());
     }
 
+    /// Runs `img` as `hello` on a node without a CNI config.
+    fn run_hello(root: &Path, img: &Path, m: &FakeMachine, units: &FakeUnits) -> Result<Started> {
+        run(root, img, "hello", m, units, &NoNet, &RunOptions::default())
+    }
+
     const EK: &str = "sha256:abababababababababababababababababababababababababababababababab";
 
     /// A node root with a policy trusting `key`, and a signed one-layer image.
@@ -731,16 +736,7 @@ mod tests {
             ek: Some(EK.into()),
             trusted: true,
         };
-        let s = run(
-            t.path(),
-            &img,
-            "hello",
-            &m,
-            &units,
-            &NoNet,
-            &RunOptions::default(),
-        )
-        .expect("runs");
+        let s = run_hello(t.path(), &img, &m, &units).expect("runs");
         assert_eq!(s.unit, "keel-ctr-hello.service");
         let bundle = t.path().join(CONTAINERS_DIR).join("hello");
         assert!(bundle.join("rootfs/bin/hello").is_file());
@@ -784,15 +780,7 @@ mod tests {
             ek: Some(EK.into()),
             trusted: false,
         };
-        let r = run(
-            t.path(),
-            &img,
-            "hello",
-            &m,
-            &units,
-            &NoNet,
-            &RunOptions::default(),
-        );
+        let r = run_hello(t.path(), &img, &m, &units);
         assert_refused(t.path(), &units, r, "does not match a PCR 11 policy");
 
         // Unsigned: a fresh build without a signature.
@@ -804,15 +792,7 @@ mod tests {
             ek: Some(EK.into()),
             trusted: true,
         };
-        let r = run(
-            t.path(),
-            &unsigned,
-            "hello",
-            &m,
-            &units,
-            &NoNet,
-            &RunOptions::default(),
-        );
+        let r = run_hello(t.path(), &unsigned, &m, &units);
         assert_refused(t.path(), &units, r, "not signed");
 
         // A layer byte changed after signing.
@@ -825,15 +805,7 @@ mod tests {
         let n = bytes.len() / 2;
         bytes[n] ^= 0x40;
         fs::write(&blob, bytes).expect("tamper");
-        let r = run(
-            t.path(),
-            &img,
-            "hello",
-            &m,
-            &units,
-            &NoNet,
-            &RunOptions::default(),
-        );
+        let r = run_hello(t.path(), &img, &m, &units);
         assert_refused(t.path(), &units, r, "changed after signing");
     }
 
@@ -854,42 +826,17 @@ mod tests {
             ek: Some(EK.into()),
             trusted: true,
         };
-        let r = run(
-            t.path(),
-            &img,
-            "hello",
-            &m,
-            &units,
-            &NoNet,
-            &RunOptions::default(),
-        );
+        let r = run_hello(t.path(), &img, &m, &units);
         assert_refused(t.path(), &units, r, "is not in the enrolled machines list");
         let nomachine = FakeMachine {
             ek: None,
             trusted: true,
         };
-        let r = run(
-            t.path(),
-            &img,
-            "hello",
-            &nomachine,
-            &units,
-            &NoNet,
-            &RunOptions::default(),
-        );
+        let r = run_hello(t.path(), &img, &nomachine, &units);
         assert_refused(t.path(), &units, r, "cannot be read");
         list.add("this", EK).expect("add");
         policy::write_signed(&node_list, &list, &k).expect("list");
-        run(
-            t.path(),
-            &img,
-            "hello",
-            &m,
-            &units,
-            &NoNet,
-            &RunOptions::default(),
-        )
-        .expect("enrolled: runs");
+        run_hello(t.path(), &img, &m, &units).expect("enrolled: runs");
     }
 
     #[test]
