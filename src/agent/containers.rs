@@ -280,30 +280,28 @@ pub fn run(
         .with_context(|| format!("moving the bundle to {}", bundle.display()))?;
     let mut staging = staging;
     staging.0 = None;
-    // From here on a failure removes the bundle (and releases the network).
-    let undo = |bundle: &Path| {
-        let _ = detach_network(bundle, net);
-        let _ = fs::remove_dir_all(bundle);
-    };
+    timings.unpack_ms = ms(t);
+
+    // Attaching the network is part of starting. From here on a failure removes the bundle and
+    // releases the network (a failed attach has undone itself).
+    let t = Instant::now();
     let attached: Option<Attachment> = match network::attach(root, name, net) {
         Ok(a) => a,
         Err(e) => {
-            undo(&bundle);
+            let _ = fs::remove_dir_all(&bundle);
             return Err(e);
         }
     };
-    let written = write_bundle_files(&bundle, &mut spec, attached.as_ref(), &verified, &gate);
-    if let Err(e) = written {
+    let abandon = |e: anyhow::Error| -> anyhow::Error {
         if let Some(att) = &attached {
             let _ = network::detach(att, net);
         }
         let _ = fs::remove_dir_all(&bundle);
-        return Err(e);
+        e
+    };
+    if let Err(e) = write_bundle_files(&bundle, &mut spec, attached.as_ref(), &verified, &gate) {
+        return Err(abandon(e));
     }
-    let addresses = attached.map(|a| a.addresses).unwrap_or_default();
-    timings.unpack_ms = ms(t);
-
-    let t = Instant::now();
     let bundle_s = bundle.display().to_string();
     let started = units.start(&UnitSpec {
         name: name.to_string(),
@@ -344,8 +342,7 @@ pub fn run(
         tasks_max: opts.tasks_max,
     });
     if let Err(e) = started {
-        undo(&bundle);
-        return Err(e);
+        return Err(abandon(e));
     }
     timings.start_ms = ms(t);
     Ok(Started {
@@ -355,7 +352,7 @@ pub fn run(
         signed_by: verified.signed_by,
         gate,
         bytes: stats.bytes,
-        addresses,
+        addresses: attached.map(|a| a.addresses).unwrap_or_default(),
         timings,
     })
 }
