@@ -96,6 +96,8 @@ pub enum Action {
     /// Give the node another Ignition config (`ignition`, relative to the test file) for its
     /// next start; node off.
     SetIgnition,
+    /// Pass no Ignition config through fw_cfg from the node's next start; node off.
+    ClearIgnition,
 }
 
 /// How `tamper-uki` changes the UKI.
@@ -610,6 +612,16 @@ retry-for = "30s"
             "trust.update-same-key-unlocks",
             "trust.no-tpm-refused",
             "trust.recovery-key",
+            "agent.signed-runs",
+            "agent.unsigned-refused",
+            "agent.tampered-refused",
+            "agent.unenrolled-tpm-refused",
+            "ignition.apply",
+            "ignition.bad-config",
+            "ignition.esp-source",
+            "cluster.etcd-three-nodes",
+            "cluster.overlay",
+            "cluster.overlay-encrypted",
         ] {
             assert!(
                 names.iter().any(|n| n == want),

@@ -456,6 +456,11 @@ fn action(
             node.ignition = Some(p);
             Ok(())
         }
+        Some(Action::ClearIgnition) => {
+            require_off(node, "clear-ignition")?;
+            node.ignition = None;
+            Ok(())
+        }
         Some(Action::Push) => {
             if !node.running() {
                 bail!("push: node{} is not running", node.index);
@@ -715,7 +720,9 @@ pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>
     let size = virtual_size(&ctx.raw)? + ROOT_SPACE;
     let mut nodes: Vec<Node> = Vec::new();
     for i in 1..=file.spec.nodes {
-        let ndir = dir.join(format!("node{i}"));
+        // Absolute: host steps get the node's disk as `{disk}`.
+        let ndir = std::path::absolute(dir.join(format!("node{i}")))
+            .with_context(|| format!("resolving {}", dir.display()))?;
         std::fs::create_dir_all(&ndir).with_context(|| format!("creating {}", ndir.display()))?;
         let cfg = file.node_config(i - 1);
         let overlay = if cfg.raw_disk {
@@ -823,6 +830,7 @@ pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>
             let node = &mut nodes[t];
             vars.insert("node".into(), node.index.to_string());
             vars.insert("mac".into(), node_mac(node.index - 1));
+            vars.insert("disk".into(), node.overlay.display().to_string());
             let outcome: Result<Option<String>> = if step.host.is_some() {
                 run_host(step, &vars).map(|(r, verdict)| {
                     if verdict.is_none() {
