@@ -209,6 +209,14 @@ pub fn run(
     opts: &RunOptions,
 ) -> Result<Started> {
     check_name(name)?;
+    if let Some(marker) = network::network_pending(root) {
+        bail!(
+            "not started: this node joins a keel-net overlay ({}) but {} has no network config \
+             yet (keel-net has no subnet lease; see `keel-net status`); try again once it has one",
+            marker.display(),
+            root.join(network::CNI_CONF_DIR).display()
+        );
+    }
     let mut timings = Timings::default();
     let t = Instant::now();
     let loaded = policy::load(root).map_err(|e| Refusal(e.to_string()))?;
@@ -629,6 +637,72 @@ mod tests {
             &RunOptions::default(),
         );
         (t, r)
+    }
+
+    #[test]
+    fn an_overlay_node_without_its_network_yet_starts_nothing_and_the_spool_waits() {
+        let (t, _, img) = node(false);
+        let marker = t.path().join(network::OVERLAY_MARKER);
+        fs::create_dir_all(marker.parent().expect("parent")).expect("dir");
+        fs::write(&marker, "KEEL_NET_ETCD=https://10.77.0.1:2379\n").expect("marker");
+        let m = FakeMachine {
+            ek: None,
+            trusted: true,
+        };
+        let units = FakeUnits::default();
+        let net = FakeNet::default();
+        let e = run(
+            t.path(),
+            &img,
+            "web",
+            &m,
+            &units,
+            &net,
+            &RunOptions::default(),
+        )
+        .expect_err("no network yet");
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains("keel-net.env") && msg.contains("keel-net status"),
+            "{msg}"
+        );
+        assert!(!t.path().join(CONTAINERS_DIR).join("web").exists());
+        assert!(units.started.borrow().is_empty());
+
+        // The spool keeps the archive while the network is missing, and runs it once keel-net
+        // has written its config.
+        let spool = t.path().join(SPOOL_DIR);
+        fs::create_dir_all(&spool).expect("spool");
+        let layout = Layout::open(&img).expect("layout");
+        oci::write_archive(&layout, &spool.join("web.tar")).expect("archive");
+        assert!(crate::agent::spool::pass(
+            t.path(),
+            &spool,
+            &m,
+            &units,
+            &net,
+            false
+        ));
+        assert!(spool.join("web.tar").is_file(), "left in the spool");
+        assert!(!spool.join("refused").exists(), "not refused");
+        let conf = t.path().join(network::CNI_CONF_DIR);
+        fs::create_dir_all(&conf).expect("dir");
+        fs::write(
+            conf.join("10-keel-net.conflist"),
+            r#"{"cniVersion":"0.4.0","name":"keel-net","plugins":[{"type":"bridge"}]}"#,
+        )
+        .expect("conflist");
+        assert!(!crate::agent::spool::pass(
+            t.path(),
+            &spool,
+            &m,
+            &units,
+            &net,
+            true
+        ));
+        assert!(spool.join("done/web.tar").is_file());
+        assert_eq!(units.started.borrow().len(), 1);
+        assert_eq!(net.namespaces.borrow().len(), 1);
     }
 
     #[test]

@@ -29,6 +29,17 @@ pub const NETNS_DIR: &str = "/run/netns";
 pub const IFNAME: &str = "eth0";
 /// The record of an attachment, in the container's bundle.
 pub const RECORD: &str = "network.json";
+/// Provisioning writes this when the node joins a keel-net overlay (relative to the node's root;
+/// `keel cluster init` puts it in each node's Ignition config).
+pub const OVERLAY_MARKER: &str = "etc/keel/keel-net.env";
+
+/// The node joins a keel-net overlay but keel-net has not written its CNI config yet (it has
+/// no subnet lease so far, e.g. while etcd is still forming): containers must wait for their
+/// network instead of starting with loopback only. Returns the marker file that says so.
+pub fn network_pending(root: &Path) -> Option<PathBuf> {
+    let marker = root.join(OVERLAY_MARKER);
+    (marker.is_file() && find_conflist(&root.join(CNI_CONF_DIR)).is_none()).then_some(marker)
+}
 
 /// A CNI network config list, as read from its file.
 #[derive(Debug, Clone, PartialEq)]

@@ -90,10 +90,43 @@ pub fn serve(
     fs::create_dir_all(&spool)
         .map_err(|e| anyhow::anyhow!("creating the spool {}: {e}", spool.display()))?;
     tracing::info!(spool = %spool.display(), "watching the spool for signed oci-archives (NAME.tar)");
+    let mut waiting = false;
     loop {
-        for a in pending(&spool) {
-            process(root, &spool, &a, machine, units, net);
-        }
+        waiting = pass(root, &spool, machine, units, net, waiting);
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// One look at the spool: runs what waits there, unless the node's container network is not
+/// ready yet (then the archives stay, and are run once it is). `waiting` is what the previous
+/// pass returned, so that the journal says it once per change, not twice a second.
+pub fn pass(
+    root: &Path,
+    spool: &Path,
+    machine: &dyn Machine,
+    units: &dyn Units,
+    net: &dyn network::Host,
+    waiting: bool,
+) -> bool {
+    let archives = pending(spool);
+    if archives.is_empty() {
+        return waiting;
+    }
+    if let Some(marker) = network::network_pending(root) {
+        if !waiting {
+            tracing::warn!(
+                marker = %marker.display(),
+                archives = archives.len(),
+                "the node joins a keel-net overlay but has no CNI network config yet (no subnet lease): the spool waits"
+            );
+        }
+        return true;
+    }
+    if waiting {
+        tracing::info!("the node's CNI network config is there: running the spool");
+    }
+    for a in archives {
+        process(root, spool, &a, machine, units, net);
+    }
+    false
 }
