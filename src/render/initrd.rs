@@ -174,7 +174,10 @@ const ROOT_INIT_UNIT: &str = "\
 [Unit]
 Description=Keel: create the TPM-sealed root volume (first boot)
 DefaultDependencies=no
-Wants=tpm2.target
+# Ordered after tpm2.target but not pulling it in: the target wants /dev/tpmrm0 and would make a
+# machine without a TPM wait out the 90 s device timeout before the error below. systemd's
+# tpm2-generator pulls the target in when the firmware announces a TPM whose driver is not up yet,
+# which is the one case worth waiting for.
 After=systemd-repart.service systemd-udev-trigger.service systemd-pcrphase-initrd.service tpm2.target
 Before=systemd-cryptsetup@root.service
 ConditionPathExists=/etc/initrd-release
