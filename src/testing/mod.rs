@@ -45,8 +45,7 @@ pub fn run(opts: &TestOptions) -> Result<Vec<TestResult>> {
             opts.filters
         );
     }
-    std::fs::create_dir_all(&opts.results)
-        .with_context(|| format!("creating {}", opts.results.display()))?;
+    prepare_results(&opts.results)?;
     let choice = crate::qemu::accel::choose(opts.accel.as_deref())?;
     tracing::info!(accel = %choice.accel, "{}", choice.reason);
     let cache = Cache::from_env()?;
@@ -94,10 +93,61 @@ pub fn run(opts: &TestOptions) -> Result<Vec<TestResult>> {
     Ok(all)
 }
 
+const REPORT_FILE: &str = "report.json";
+
+/// A results directory that holds an earlier run's `report.json` is emptied first, so that
+/// afterwards it holds this run's results alone: no consoles or journals of scenarios this run
+/// did not boot (renamed ones, or ones a filter left out). A directory without a report is not
+/// keel's to empty; it is only created when missing.
+fn prepare_results(dir: &Path) -> Result<()> {
+    if dir.join(REPORT_FILE).is_file() {
+        tracing::info!(results = %dir.display(), "removing the previous run's results");
+        for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+            let p = entry
+                .with_context(|| format!("reading {}", dir.display()))?
+                .path();
+            crate::cache::remove_path(&p)?;
+        }
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))
+}
+
 pub fn write_report(dir: &Path, results: &[TestResult]) -> Result<()> {
-    let path = dir.join("report.json");
-    let tmp = dir.join(".report.json.tmp");
+    let path = dir.join(REPORT_FILE);
+    let tmp = dir.join(format!(".{REPORT_FILE}.tmp"));
     std::fs::write(&tmp, serde_json::to_string_pretty(results)? + "\n")
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_earlier_runs_results_are_removed_and_other_directories_kept() {
+        let t = tempfile::tempdir().expect("tmp");
+        let earlier = t.path().join("earlier");
+        std::fs::create_dir_all(earlier.join("two-nodes/node1")).expect("dir");
+        std::fs::write(
+            earlier.join("two-nodes/node1/node1.boot1.console.log"),
+            "old",
+        )
+        .expect("log");
+        write_report(&earlier, &[]).expect("report");
+        prepare_results(&earlier).expect("prepare");
+        assert!(earlier.is_dir());
+        assert_eq!(std::fs::read_dir(&earlier).expect("read").count(), 0);
+
+        // Not a results directory: left as it is.
+        let other = t.path().join("mine");
+        std::fs::create_dir_all(&other).expect("dir");
+        std::fs::write(other.join("notes.txt"), "keep").expect("file");
+        prepare_results(&other).expect("prepare");
+        assert!(other.join("notes.txt").is_file());
+
+        let fresh = t.path().join("new/results");
+        prepare_results(&fresh).expect("prepare");
+        assert!(fresh.is_dir());
+    }
 }
