@@ -613,16 +613,21 @@ mod tests {
         }
     }
 
-    /// Runs the signed image as `web` on a node with a CNI network config.
-    fn run_on_cni_node(units: &FakeUnits, net: &FakeNet) -> (tempfile::TempDir, Result<Started>) {
-        let (t, _, img) = node(false);
-        let conf = t.path().join(network::CNI_CONF_DIR);
+    /// Gives the node root the CNI network config keel-net would write (one bridge plugin).
+    fn write_conflist(root: &Path) {
+        let conf = root.join(network::CNI_CONF_DIR);
         fs::create_dir_all(&conf).expect("dir");
         fs::write(
             conf.join("10-keel-net.conflist"),
             r#"{"cniVersion":"0.4.0","name":"keel-net","plugins":[{"type":"bridge"}]}"#,
         )
         .expect("conflist");
+    }
+
+    /// Runs the signed image as `web` on a node with a CNI network config.
+    fn run_on_cni_node(units: &FakeUnits, net: &FakeNet) -> (tempfile::TempDir, Result<Started>) {
+        let (t, _, img) = node(false);
+        write_conflist(t.path());
         let m = FakeMachine {
             ek: None,
             trusted: true,
@@ -685,13 +690,7 @@ mod tests {
         ));
         assert!(spool.join("web.tar").is_file(), "left in the spool");
         assert!(!spool.join("refused").exists(), "not refused");
-        let conf = t.path().join(network::CNI_CONF_DIR);
-        fs::create_dir_all(&conf).expect("dir");
-        fs::write(
-            conf.join("10-keel-net.conflist"),
-            r#"{"cniVersion":"0.4.0","name":"keel-net","plugins":[{"type":"bridge"}]}"#,
-        )
-        .expect("conflist");
+        write_conflist(t.path());
         assert!(!crate::agent::spool::pass(
             t.path(),
             &spool,
