@@ -4,25 +4,12 @@
 //! signature made by `cosign sign-blob` over `keel container payload` is accepted by
 //! `keel container verify` after `keel container attach` — and refused with another key.
 
+mod common;
+use common::{keel, succeeded as ok};
 use keel::container::oci::Layout;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-
-fn keel() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_keel"))
-}
-
-fn ok(out: Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn tools() -> PathBuf {
     PathBuf::from(

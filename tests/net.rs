@@ -5,6 +5,8 @@
 //! Needs root, iproute2, etcd/etcdctl and containernetworking-plugins (`scripts/host-setup`);
 //! a missing tool fails the test, it does not skip it.
 
+mod common;
+use common::{ok, run, wait_until};
 use keel::agent::network;
 use keel::cluster::pki;
 use serde_json::Value;
@@ -12,41 +14,13 @@ use std::fs;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const HUB_IP: &str = "192.168.77.1";
 const CNI_PATH: &str = "/usr/lib/cni";
 
 fn node_ip(i: usize) -> String {
     format!("192.168.77.{}", 10 + i)
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output()
-        .unwrap_or_else(|e| panic!("{cmd:?}: {e} (run scripts/host-setup)"))
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// A little lab: a hub namespace with the bridge and etcd, and node namespaces.
