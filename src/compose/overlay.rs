@@ -157,6 +157,89 @@ pub fn factory_tmpfiles(usr: &Path) -> Result<String> {
     Ok(s)
 }
 
+/// systemd generators a Keel node has no use for, with the reason. systemd starts every
+/// generator and waits for all of them at each boot (twice: initrd and real root) and at every
+/// daemon-reload; under emulation each is a noticeable share of the boot.
+pub const UNUSED_GENERATORS: &[(&str, &str)] = &[
+    (
+        "systemd-hibernate-resume-generator",
+        "nodes have no swap and never hibernate",
+    ),
+    (
+        "systemd-integritysetup-generator",
+        "Keel protects /usr with dm-verity and the root with LUKS2; it sets up no dm-integrity volume",
+    ),
+    (
+        "systemd-rc-local-generator",
+        "services on a node are units; /etc/rc.local is not a supported hook",
+    ),
+    (
+        "systemd-system-update-generator",
+        "Keel updates by A/B partitions, not by offline updates (system-update.target)",
+    ),
+];
+
+const SYSV_GENERATOR: &str = "lib/systemd/system-generators/systemd-sysv-generator";
+
+/// SysV init scripts of the tree with no native unit of the same name (those the SysV generator
+/// would turn into units). Debian packages ship both, or mask the script's name.
+pub fn sysv_only_scripts(usr: &Path) -> Result<Vec<String>> {
+    let init_d = usr.join(FACTORY_ETC).join("init.d");
+    let mut only = Vec::new();
+    let entries = match fs::read_dir(&init_d) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(only),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", init_d.display())),
+    };
+    for e in entries {
+        let e = e.with_context(|| format!("reading {}", init_d.display()))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') || name == "README" || name == "skeleton" {
+            continue;
+        }
+        let unit = format!("{}.service", name.trim_end_matches(".sh"));
+        let native = [
+            usr.join("lib/systemd/system").join(&unit),
+            usr.join(FACTORY_ETC).join("systemd/system").join(&unit),
+        ]
+        .iter()
+        .any(|p| p.symlink_metadata().is_ok());
+        if !native {
+            only.push(name);
+        }
+    }
+    only.sort();
+    Ok(only)
+}
+
+/// Removes the generators a node never uses, and the SysV generator when no script needs it.
+/// Returns what was removed.
+pub fn drop_unused_generators(usr: &Path) -> Result<Vec<String>> {
+    let dir = usr.join("lib/systemd/system-generators");
+    let mut removed = Vec::new();
+    for (name, _why) in UNUSED_GENERATORS {
+        let p = dir.join(name);
+        if p.symlink_metadata().is_ok() {
+            crate::cache::remove_path(&p)?;
+            removed.push(name.to_string());
+        }
+    }
+    let sysv = usr.join(SYSV_GENERATOR);
+    if sysv.symlink_metadata().is_ok() {
+        let scripts = sysv_only_scripts(usr)?;
+        if scripts.is_empty() {
+            crate::cache::remove_path(&sysv)?;
+            removed.push("systemd-sysv-generator".into());
+        } else {
+            tracing::info!(
+                "keeping systemd-sysv-generator: init scripts without a native unit: {}",
+                scripts.join(", ")
+            );
+        }
+    }
+    Ok(removed)
+}
+
 /// Applies everything keel adds to the base tree. `binaries_dir` holds built node programs.
 pub fn apply(
     usr: &Path,
@@ -235,6 +318,10 @@ pub fn apply(
         format!("{}\n", def.name).as_bytes(),
         0o644,
     )?;
+    let dropped = drop_unused_generators(usr)?;
+    if !dropped.is_empty() {
+        tracing::debug!("removed unused generators: {}", dropped.join(", "));
+    }
     let tmpfiles = factory_tmpfiles(usr)?;
     replace_file(
         &usr.join("lib/tmpfiles.d/keel-factory-etc.conf"),
@@ -368,6 +455,52 @@ mod tests {
             tmpf.contains("L /etc/os-release - - - - ../usr/lib/os-release"),
             "symlinks are links, not copies: {tmpf}"
         );
+    }
+
+    #[test]
+    fn unused_generators_go_and_sysv_stays_only_for_scripts_without_units() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let usr = t.path();
+        let gens = usr.join("lib/systemd/system-generators");
+        fs::create_dir_all(&gens).expect("mkdir");
+        for g in [
+            "systemd-fstab-generator",
+            "systemd-rc-local-generator",
+            "systemd-hibernate-resume-generator",
+            "systemd-sysv-generator",
+        ] {
+            fs::write(gens.join(g), "").expect("write");
+        }
+        let init_d = usr.join(FACTORY_ETC).join("init.d");
+        fs::create_dir_all(&init_d).expect("mkdir");
+        fs::create_dir_all(usr.join("lib/systemd/system")).expect("mkdir");
+        fs::write(init_d.join("etcd"), "").expect("write");
+        fs::write(init_d.join("hwclock.sh"), "").expect("write");
+        fs::write(usr.join("lib/systemd/system/etcd.service"), "").expect("write");
+        // Debian masks scripts it replaces: a symlink to /dev/null counts as a unit.
+        std::os::unix::fs::symlink("/dev/null", usr.join("lib/systemd/system/hwclock.service"))
+            .expect("symlink");
+        fs::write(init_d.join("legacyd"), "").expect("write");
+
+        assert_eq!(sysv_only_scripts(usr).expect("scan"), vec!["legacyd"]);
+        let removed = drop_unused_generators(usr).expect("drop");
+        assert_eq!(
+            removed,
+            vec![
+                "systemd-hibernate-resume-generator",
+                "systemd-rc-local-generator"
+            ]
+        );
+        assert!(gens.join("systemd-fstab-generator").exists());
+        assert!(
+            gens.join("systemd-sysv-generator").exists(),
+            "legacyd needs the SysV generator"
+        );
+
+        fs::remove_file(init_d.join("legacyd")).expect("rm");
+        let removed = drop_unused_generators(usr).expect("drop");
+        assert_eq!(removed, vec!["systemd-sysv-generator"]);
+        assert!(!gens.join("systemd-sysv-generator").exists());
     }
 
     #[test]

@@ -34,7 +34,7 @@ pub const INITRD_PACKAGES: &[&str] = &[
     "libtss2-sys1t64",
 ];
 /// Bump when the initrd's keel content or trimming changes.
-const INITRD_FORMAT: &str = "initrd-7";
+const INITRD_FORMAT: &str = "initrd-8";
 
 /// Copies the factory /etc onto the new root partition, once, atomically (staging + rename).
 const ETC_SETUP: &str = r#"#!/bin/sh
@@ -362,7 +362,56 @@ const TRIM: &[&str] = &[
     "usr/lib/systemd/system-generators/systemd-system-update-generator",
     "usr/lib/systemd/system-generators/systemd-hibernate-resume-generator",
     "usr/lib/systemd/system-generators/systemd-integritysetup-generator",
+    // The hardware database (22 MB: half the uncompressed initrd) only names vendors and models
+    // and classifies input devices; nothing the initrd does depends on it (dracut leaves it out
+    // too). Every byte of the initrd is read by the firmware, hashed into PCR 11 in every bank,
+    // decompressed and unpacked on each boot.
+    "usr/lib/udev/hwdb.bin",
+    "usr/lib/udev/hwdb.d",
+    "etc/udev/hwdb.d",
+    // perl-base's interpreter under its versioned name (the `perl` link is gone above).
+    "usr/bin/perl5.40.1",
 ];
+
+/// The udev rules the initrd keeps: device permissions and names, block devices and their
+/// persistent names (the verity and root partitions are found by partition UUID), device-mapper,
+/// the TPM, module loading for storage controllers, firmware, and systemd's device units. The
+/// rest (input, sound, video, seats, network naming, ...) classify devices for a running
+/// system; in the initrd they only make each coldplug event slower, and the real root's udev
+/// runs them all again after switch-root.
+pub const INITRD_UDEV_RULES: &[&str] = &[
+    "50-firmware.rules",
+    "50-udev-default.rules",
+    "55-dm.rules",
+    "60-block.rules",
+    "60-dmi-id.rules",
+    "60-persistent-storage-dm.rules",
+    "60-persistent-storage.rules",
+    "60-tpm-udev.rules",
+    "80-drivers.rules",
+    "95-dm-notify.rules",
+    "99-systemd.rules",
+];
+
+/// Removes every udev rules file of `dir` that is not in `keep`; returns the names removed.
+pub fn keep_udev_rules(dir: &Path, keep: &[&str]) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    for e in entries {
+        let e = e.with_context(|| format!("reading {}", dir.display()))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".rules") && !keep.contains(&name.as_str()) {
+            cache::remove_path(&e.path())?;
+            removed.push(name);
+        }
+    }
+    removed.sort();
+    Ok(removed)
+}
 
 /// The cached initrd base tree (packages only), bootstrapped when missing.
 fn ensure_base(cache: &Cache, suite: &str, mirror: &str, epoch: u64) -> Result<(PathBuf, String)> {
@@ -396,6 +445,15 @@ fn ensure_base(cache: &Cache, suite: &str, mirror: &str, epoch: u64) -> Result<(
         .context("bootstrapping the initrd tree")?;
         for t in TRIM {
             cache::remove_path(&staging.join(t))?;
+        }
+        let rules = staging.join("usr/lib/udev/rules.d");
+        keep_udev_rules(&rules, INITRD_UDEV_RULES)?;
+        for want in INITRD_UDEV_RULES {
+            if !rules.join(want).exists() {
+                anyhow::bail!(
+                    "the initrd's udev has no {want} (package layout changed? INITRD_UDEV_RULES in src/render/initrd.rs lists the rules the initrd needs)"
+                );
+            }
         }
         cache::publish(&staging, &entry)?;
     }
@@ -725,5 +783,31 @@ kernel/lib/crc16.ko.xz:\n";
         let (files, missing) = resolve_modules(&index(), &["dm-mod".into()]);
         assert_eq!(files, vec!["kernel/drivers/md/dm-mod.ko.xz"]);
         assert!(missing.is_empty());
+    }
+
+    #[test]
+    fn only_the_listed_udev_rules_stay() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let d = t.path();
+        for f in [
+            "60-block.rules",
+            "70-mouse.rules",
+            "78-sound-card.rules",
+            "99-systemd.rules",
+            "README",
+        ] {
+            fs::write(d.join(f), "").expect("write");
+        }
+        let removed = keep_udev_rules(d, &["60-block.rules", "99-systemd.rules"]).expect("keep");
+        assert_eq!(removed, vec!["70-mouse.rules", "78-sound-card.rules"]);
+        let mut left: Vec<String> = fs::read_dir(d)
+            .expect("read")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, vec!["60-block.rules", "99-systemd.rules", "README"]);
+        assert!(keep_udev_rules(&d.join("absent"), &[])
+            .expect("missing dir is fine")
+            .is_empty());
     }
 }
