@@ -309,16 +309,25 @@ pub fn apply(root: &Path, plan: &Plan, source: &str) -> Result<Stamp, ApplyError
         version: plan.version.clone(),
         source: source.to_string(),
     };
+    write_stamp(root, &s)?;
+    fs::remove_dir_all(&staging).map_err(io_err(format!("removing {}", staging.display())))?;
+    Ok(s)
+}
+
+/// Writes the stamp atomically (temporary file, then rename), creating /var/lib/keel when the
+/// root does not have it yet (a root created on this boot has only what the initrd put there).
+pub fn write_stamp(root: &Path, s: &Stamp) -> Result<(), ApplyError> {
     let stamp_path = root.join(STAMP);
+    if let Some(dir) = stamp_path.parent() {
+        fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    }
     let tmp = stamp_path.with_extension("json.new");
     fs::write(
         &tmp,
-        serde_json::to_vec_pretty(&s).map_err(|e| field("$", e.to_string()))?,
+        serde_json::to_vec_pretty(s).map_err(|e| field("$", e.to_string()))?,
     )
     .and_then(|_| fs::rename(&tmp, &stamp_path))
-    .map_err(io_err(format!("writing {}", stamp_path.display())))?;
-    fs::remove_dir_all(&staging).map_err(io_err(format!("removing {}", staging.display())))?;
-    Ok(s)
+    .map_err(io_err(format!("writing {}", stamp_path.display())))
 }
 
 fn prepare(p: &mut Prep, plan: &Plan) -> Result<(), ApplyError> {

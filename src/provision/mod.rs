@@ -45,13 +45,41 @@ pub fn run(root: &Path, sources: &source::Sources) -> Result<Outcome> {
             version: String::new(),
             source: "none".into(),
         };
-        let p = root.join(apply::STAMP);
-        std::fs::write(&p, serde_json::to_vec_pretty(&s)?)
-            .with_context(|| format!("writing {}", p.display()))?;
+        apply::write_stamp(root, &s).context("recording that there was no config")?;
         return Ok(Outcome::NoConfig);
     };
     let plan = config::parse(&bytes).with_context(|| format!("Ignition config from {from}"))?;
     let stamp =
         apply::apply(root, &plan, &from).with_context(|| format!("Ignition config from {from}"))?;
     Ok(Outcome::Applied(stamp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A root created on this boot without a TPM (or by systemd-repart for an image without
+    /// [trust]) has no /var/lib/keel yet: the first boot without a config must still record it.
+    #[test]
+    fn no_config_on_a_fresh_root_is_recorded_once() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let root = t.path().join("sysroot");
+        let esp = t.path().join("esp");
+        std::fs::create_dir_all(&root).expect("mkdir");
+        std::fs::create_dir_all(&esp).expect("mkdir");
+        let sources = source::Sources {
+            fw_cfg: t.path().join("no-fw-cfg"),
+            esp: Some(esp),
+        };
+        assert_eq!(run(&root, &sources).expect("first boot"), Outcome::NoConfig);
+        assert!(root.join(apply::STAMP).is_file());
+        assert!(
+            !root.join(apply::STAMP).with_extension("json.new").exists(),
+            "no temporary file left"
+        );
+        match run(&root, &sources).expect("second boot") {
+            Outcome::AlreadyProvisioned(s) => assert_eq!(s.source, "none"),
+            other => panic!("expected AlreadyProvisioned, got {other:?}"),
+        }
+    }
 }

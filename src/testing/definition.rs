@@ -141,6 +141,9 @@ pub struct Step {
     pub replace: Vec<String>,
     /// For `install-update`: the version the image is built as.
     pub version: Option<String>,
+    /// For `install-update`: build this image definition (relative to the test file) instead of
+    /// the one under test, e.g. a variant that changes one setting.
+    pub definition: Option<PathBuf>,
     /// For `type`: the text, templates expanded; `\n` is sent as Enter.
     pub text: Option<String>,
     /// For `start`: wait until the console shows all of these instead of waiting for the guest
@@ -409,6 +412,24 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile> {
                 s.test
             );
         }
+        if let Some(d) = &s.definition {
+            if s.action != Some(Action::InstallUpdate) {
+                bail!(
+                    "{}: step {n} ({}): `definition` belongs to action = \"install-update\"",
+                    path.display(),
+                    s.test
+                );
+            }
+            let full = path.parent().unwrap_or(Path::new(".")).join(d);
+            if !full.is_file() {
+                bail!(
+                    "{}: step {n} ({}): definition {} does not exist (paths are relative to the test file)",
+                    path.display(),
+                    s.test,
+                    full.display()
+                );
+            }
+        }
         if matches!(
             s.action,
             Some(Action::TamperUki | Action::RestoreUki | Action::InstallUpdate)
@@ -596,6 +617,39 @@ retry-for = "30s"
     }
 
     #[test]
+    fn install_update_may_name_another_definition() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let d = t.path();
+        std::fs::create_dir_all(d.join("images")).expect("mkdir");
+        std::fs::create_dir_all(d.join("tests")).expect("mkdir");
+        std::fs::write(d.join("images/variant.toml"), "extends = \"x.toml\"\n").expect("write");
+        let test = |definition: &str, action: &str| {
+            format!(
+                "description = \"d\"\ntimeout = \"5m\"\n[[node]]\nraw-disk = true\n\
+                 [[step]]\ntest = \"u.x\"\naction = \"{action}\"\nversion = \"2\"\n\
+                 definition = \"{definition}\"\n"
+            )
+        };
+        let file = d.join("tests/u.toml");
+        let f = parse(&file, &test("../images/variant.toml", "install-update")).expect("parses");
+        assert_eq!(
+            f.spec.step[0].definition.as_deref(),
+            Some(Path::new("../images/variant.toml"))
+        );
+        let err = parse(&file, &test("../images/absent.toml", "install-update"))
+            .expect_err("a missing definition is refused")
+            .to_string();
+        assert!(err.contains("images/absent.toml does not exist"), "{err}");
+        let err = parse(&file, &test("../images/variant.toml", "power-off"))
+            .expect_err("definition only with install-update")
+            .to_string();
+        assert!(
+            err.contains("belongs to action = \"install-update\""),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn shipped_tests_parse_and_cover_the_required_names() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("qemu-tests");
         let files = discover(&root).expect("discover");
@@ -611,6 +665,7 @@ retry-for = "30s"
             "trust.tampered-uki-no-unlock",
             "trust.update-same-key-unlocks",
             "trust.no-tpm-refused",
+            "trust.no-tpm-unencrypted",
             "trust.recovery-key",
             "agent.signed-runs",
             "agent.unsigned-refused",

@@ -416,8 +416,12 @@ fn action(
             require_off(node, "install-update")?;
             let version = &expand(step.version.as_deref().unwrap_or_default(), vars)?;
             let out = node.dir.join(format!("update-{version}"));
+            let definition = match &step.definition {
+                Some(d) => node.test_dir.join(d),
+                None => PathBuf::from(&ctx.manifest.definition),
+            };
             let m = crate::build::build(&crate::build::BuildOptions {
-                definition: PathBuf::from(&ctx.manifest.definition),
+                definition: definition.clone(),
                 out: Some(out.clone()),
                 repo: None,
                 rebootstrap: false,
@@ -425,9 +429,7 @@ fn action(
                 version: Some(version.to_string()),
                 ignition: None,
             })
-            .with_context(|| {
-                format!("building {} as version {version}", ctx.manifest.definition)
-            })?;
+            .with_context(|| format!("building {} as version {version}", definition.display()))?;
             let uki = std::fs::read(out.join(format!("{}.efi", m.name)))
                 .context("reading the update's UKI")?;
             esp::install_update(
