@@ -101,6 +101,17 @@ pub fn remove_path(p: &Path) -> Result<()> {
     }
 }
 
+/// The entries of `dir`, or none when it does not exist.
+pub fn dir_entries(dir: &Path) -> Result<Vec<std::fs::DirEntry>> {
+    match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .map(|e| e.with_context(|| format!("reading {}", dir.display())))
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", dir.display())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -186,13 +186,7 @@ const SYSV_GENERATOR: &str = "lib/systemd/system-generators/systemd-sysv-generat
 pub fn sysv_only_scripts(usr: &Path) -> Result<Vec<String>> {
     let init_d = usr.join(FACTORY_ETC).join("init.d");
     let mut only = Vec::new();
-    let entries = match fs::read_dir(&init_d) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(only),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", init_d.display())),
-    };
-    for e in entries {
-        let e = e.with_context(|| format!("reading {}", init_d.display()))?;
+    for e in crate::cache::dir_entries(&init_d)? {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.starts_with('.') || name == "README" || name == "skeleton" {
             continue;

@@ -396,13 +396,7 @@ pub const INITRD_UDEV_RULES: &[&str] = &[
 /// Removes every udev rules file of `dir` that is not in `keep`; returns the names removed.
 pub fn keep_udev_rules(dir: &Path, keep: &[&str]) -> Result<Vec<String>> {
     let mut removed = Vec::new();
-    let entries = match fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
-    };
-    for e in entries {
-        let e = e.with_context(|| format!("reading {}", dir.display()))?;
+    for e in cache::dir_entries(dir)? {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.ends_with(".rules") && !keep.contains(&name.as_str()) {
             cache::remove_path(&e.path())?;
