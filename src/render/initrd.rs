@@ -102,6 +102,24 @@ WITHOUT_TPM=@WITHOUT_TPM@
 say() { echo "keel-root-init: $*"; echo "<5>keel-root-init: $*" > /dev/kmsg; }
 fail() { echo "keel-root-init: ERROR: $*" >&2; echo "<2>keel-root-init: ERROR: $*" > /dev/kmsg; exit 1; }
 
+# Every boot after the first: the volume exists and is finished, and there is nothing to do. This
+# unit is not ordered after systemd-repart, so on those boots the root is unlocked while /usr is
+# still being set up: leave as soon as udev has named the volume, or once udev has nothing left
+# to do and there is none (then this is the first boot, handled below).
+n=0
+while [ "$n" -lt 150 ]; do
+    n=$((n + 1))
+    if [ -e /dev/gpt-auto-root-luks ]; then
+        label=$(blkid -p -o value -s LABEL "$(readlink -f /dev/gpt-auto-root-luks)" || true)
+        [ "$label" != keel-root ] || exit 0
+        break
+    fi
+    udevadm settle -t 0 2>/dev/null && break
+    sleep 0.2
+done
+# First boot: systemd-repart creates the partition once /usr is mounted. Wait for it to finish
+# (this joins the boot's own start job for it).
+systemctl start systemd-repart.service || fail "systemd-repart failed; see journalctl -u systemd-repart"
 udevadm settle -t 30 || true
 i=0
 while [ ! -e /dev/gpt-auto-root ] && [ ! -e /dev/gpt-auto-root-luks ]; do
@@ -177,8 +195,9 @@ DefaultDependencies=no
 # Ordered after tpm2.target but not pulling it in: the target wants /dev/tpmrm0 and would make a
 # machine without a TPM wait out the 90 s device timeout before the error below. systemd's
 # tpm2-generator pulls the target in when the firmware announces a TPM whose driver is not up yet,
-# which is the one case worth waiting for.
-After=systemd-repart.service systemd-udev-trigger.service systemd-pcrphase-initrd.service tpm2.target
+# which is the one case worth waiting for. Not ordered after systemd-repart.service: on the first
+# boot the script waits for it itself, on every other boot nothing needs it.
+After=systemd-udev-trigger.service systemd-pcrphase-initrd.service tpm2.target
 Before=systemd-cryptsetup@root.service
 ConditionPathExists=/etc/initrd-release
 OnFailure=emergency.target
