@@ -104,19 +104,25 @@ fail() { echo "keel-root-init: ERROR: $*" >&2; echo "<2>keel-root-init: ERROR: $
 
 # Every boot after the first: the volume exists and is finished, and there is nothing to do. This
 # unit is not ordered after systemd-repart, so on those boots the root is unlocked while /usr is
-# still being set up: leave as soon as udev has named the volume, or once udev has nothing left
-# to do and there is none (then this is the first boot, handled below).
-n=0
-while [ "$n" -lt 150 ]; do
-    n=$((n + 1))
-    if [ -e /dev/gpt-auto-root-luks ]; then
-        label=$(blkid -p -o value -s LABEL "$(readlink -f /dev/gpt-auto-root-luks)" || true)
-        [ "$label" != keel-root ] || exit 0
-        break
-    fi
-    udevadm settle -t 0 2>/dev/null && break
-    sleep 0.2
+# still being set up. Wait until udev has handled every partition the kernel knows of (so the
+# volume, if there is one, has its /dev/gpt-auto-root-luks name), then leave if it is there. A
+# disk that shows up later, or none at all, leads to the first-boot path below, which waits for
+# systemd-repart and checks again.
+parts=""
+for p in /sys/class/block/*/partition; do
+    [ -e "$p" ] || continue
+    d=${p%/partition}
+    parts="$parts /dev/${d##*/}"
 done
+if [ -n "$parts" ]; then
+    # shellcheck disable=SC2086
+    udevadm wait --timeout=60 $parts > /dev/null 2>&1 || true
+fi
+if [ -e /dev/gpt-auto-root-luks ]; then
+    # The label udev's blkid builtin read when it named the device: no second probe of the disk.
+    label=$(udevadm info -q property --property=ID_FS_LABEL --value /dev/gpt-auto-root-luks || true)
+    [ "$label" != keel-root ] || exit 0
+fi
 # First boot: systemd-repart creates the partition once /usr is mounted. Wait for it to finish
 # (this joins the boot's own start job for it).
 systemctl start systemd-repart.service || fail "systemd-repart failed; see journalctl -u systemd-repart"
@@ -197,7 +203,7 @@ DefaultDependencies=no
 # tpm2-generator pulls the target in when the firmware announces a TPM whose driver is not up yet,
 # which is the one case worth waiting for. Not ordered after systemd-repart.service: on the first
 # boot the script waits for it itself, on every other boot nothing needs it.
-After=systemd-udev-trigger.service systemd-pcrphase-initrd.service tpm2.target
+After=systemd-udevd.service systemd-udev-trigger.service systemd-pcrphase-initrd.service tpm2.target
 Before=systemd-cryptsetup@root.service
 ConditionPathExists=/etc/initrd-release
 OnFailure=emergency.target
@@ -351,6 +357,26 @@ pub fn early_modules(files: &[String]) -> Vec<String> {
         .map(|m| m.to_string())
         .collect()
 }
+
+/// Units masked in the initrd. The first three stand between systemd's start and udev's (each
+/// waits for the one before): static device nodes for modules not loaded yet, and permissions of
+/// nodes in /dev. The initrd loads the modules it needs explicitly and runs everything as root;
+/// the real root runs all three. The rest mount API file systems nothing in the initrd uses
+/// (huge pages, POSIX queues, debugfs, tracefs, FUSE, configfs); they only compete for the CPU
+/// with the steps that find and open the disk.
+pub const INITRD_MASKED: &[&str] = &[
+    "kmod-static-nodes.service",
+    "systemd-tmpfiles-setup-dev-early.service",
+    "systemd-tmpfiles-setup-dev.service",
+    "dev-hugepages.mount",
+    "dev-mqueue.mount",
+    "sys-kernel-debug.mount",
+    "sys-kernel-tracing.mount",
+    "sys-fs-fuse-connections.mount",
+    "sys-kernel-config.mount",
+    "modprobe@configfs.service",
+    "modprobe@fuse.service",
+];
 
 /// Directories and files removed from the initrd tree: documentation, locales, perl, package
 /// state — nothing the boot needs.
@@ -548,6 +574,7 @@ pub fn build(
         osr.clone(),
         ETC_SETUP.into(),
         ETC_SETUP_UNIT.into(),
+        INITRD_MASKED.join(","),
         early_modules(&files).join(","),
         input.epoch.to_string(),
         input
@@ -617,6 +644,11 @@ pub fn build(
         ETC_SETUP.as_bytes(),
         0o755,
     )?;
+    let masks = tree.join("etc/systemd/system");
+    fs::create_dir_all(&masks).context("creating etc/systemd/system")?;
+    for unit in INITRD_MASKED {
+        symlink("/dev/null", masks.join(unit)).with_context(|| format!("masking {unit}"))?;
+    }
     let units = tree.join("usr/lib/systemd/system");
     crate::compose::overlay::replace_file(
         &units.join("keel-etc-setup.service"),
