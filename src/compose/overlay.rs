@@ -514,4 +514,34 @@ mod tests {
             "{err}"
         );
     }
+
+    /// The image's etcd unit replaces Debian's: it must keep what Debian's gave an etcd.env that
+    /// leaves settings out, stop at shutdown, and not wait for the network (a cluster node's
+    /// provisioning adds that ordering).
+    #[test]
+    fn shipped_etcd_unit_keeps_debians_defaults_and_no_network_wait() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("units/etcd.service");
+        let unit = fs::read_to_string(&path).expect("read units/etcd.service");
+        for line in [
+            "Type=notify",
+            "User=etcd",
+            "Environment=ETCD_NAME=%H",
+            "Environment=ETCD_DATA_DIR=/var/lib/etcd/default",
+            "EnvironmentFile=/etc/keel/etcd.env",
+            "StateDirectory=etcd",
+            "Conflicts=shutdown.target",
+            "Before=shutdown.target",
+        ] {
+            assert!(
+                unit.lines().any(|l| l == line),
+                "units/etcd.service lacks `{line}`"
+            );
+        }
+        assert!(
+            !unit
+                .lines()
+                .any(|l| l.starts_with("After=") && l.contains("network")),
+            "units/etcd.service orders etcd after the network"
+        );
+    }
 }
