@@ -175,7 +175,11 @@ mkfs.ext4 -q -L root -E lazy_itable_init=1,lazy_journal_init=1,nodiscard /dev/ma
 if [ "$TPM" = 1 ]; then
     mkdir -p /run/keel/newroot
     mount /dev/mapper/keel-root-new /run/keel/newroot
-    mkdir -p /run/keel/newroot/var/lib/keel
+    # /var and /var/lib with the modes systemd-tmpfiles gives them (this script's umask would
+    # make them 0700, and services running as their own user before systemd-tmpfiles-setup,
+    # etcd among them, could not reach /var/lib); /var/lib/keel stays private.
+    mkdir -p -m 0755 /run/keel/newroot/var /run/keel/newroot/var/lib
+    mkdir -p -m 0700 /run/keel/newroot/var/lib/keel
     grep -v '^$' /run/keel/recovery-key | tail -n 1 > /run/keel/newroot/var/lib/keel/recovery-key
     umount /run/keel/newroot
 fi
