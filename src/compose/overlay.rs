@@ -516,8 +516,9 @@ mod tests {
     }
 
     /// The image's etcd unit replaces Debian's: it must keep what Debian's gave an etcd.env that
-    /// leaves settings out, stop at shutdown, and not wait for the network (a cluster node's
-    /// provisioning adds that ordering).
+    /// leaves settings out, stop at shutdown, wait for the mounts under its data directory and
+    /// for neither a boot target nor the network (a cluster node's provisioning adds that
+    /// ordering).
     #[test]
     fn shipped_etcd_unit_keeps_debians_defaults_and_no_network_wait() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("units/etcd.service");
@@ -529,6 +530,7 @@ mod tests {
             "Environment=ETCD_DATA_DIR=/var/lib/etcd/default",
             "EnvironmentFile=/etc/keel/etcd.env",
             "StateDirectory=etcd",
+            "RequiresMountsFor=/var/lib/etcd",
             "Conflicts=shutdown.target",
             "Before=shutdown.target",
         ] {
@@ -542,6 +544,13 @@ mod tests {
                 .lines()
                 .any(|l| l.starts_with("After=") && l.contains("network")),
             "units/etcd.service orders etcd after the network"
+        );
+        assert!(
+            !unit.lines().any(|l| l.starts_with("After=")
+                && ["local-fs.target", "sysinit.target", "basic.target"]
+                    .iter()
+                    .any(|t| l.contains(t))),
+            "units/etcd.service waits for a boot target instead of the mounts it needs"
         );
     }
 }
