@@ -587,13 +587,17 @@ fn merge(layers: Vec<Layer>) -> Result<Definition, DefinitionError> {
         }
         for f in raw.files.iter().flatten() {
             let src_rel = f.source.get_ref();
-            if !(src_rel.starts_with("units/") || src_rel.starts_with("configs/"))
+            if !["units/", "configs/", "docs/"]
+                .iter()
+                .any(|d| src_rel.starts_with(d))
                 || src_rel.contains("..")
             {
                 return Err(bad(
                     f.source.span(),
                     "files.source",
-                    format!("`{src_rel}` must be a path under units/ or configs/ of the project"),
+                    format!(
+                        "`{src_rel}` must be a path under units/, configs/ or docs/ of the project"
+                    ),
                 ));
             }
             let source = layer_project.join(src_rel);

@@ -817,6 +817,52 @@ kernel/lib/crc16.ko.xz:\n";
         );
     }
 
+    /// Every `Documentation=file:` link of the units cluster-node ships (its own units and the
+    /// initrd's provisioning unit) names a file the image ships.
+    #[test]
+    fn documentation_links_of_shipped_units_resolve_in_the_image() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let def = crate::image::Definition::load(&root.join("images/cluster-node.toml"))
+            .expect("load images/cluster-node.toml");
+        let shipped: BTreeSet<&str> = def.files.iter().map(|f| f.dest.as_str()).collect();
+        let mut units: Vec<(String, String)> = def
+            .units
+            .iter()
+            .map(|u| {
+                (
+                    u.name.clone(),
+                    fs::read_to_string(&u.source).expect("read unit"),
+                )
+            })
+            .collect();
+        units.push((
+            "keel-provision.service (initrd)".into(),
+            PROVISION_UNIT.into(),
+        ));
+        let mut links = 0;
+        for (name, text) in &units {
+            for value in text
+                .lines()
+                .filter_map(|l| l.strip_prefix("Documentation="))
+            {
+                for path in value
+                    .split_whitespace()
+                    .filter_map(|u| u.strip_prefix("file:"))
+                {
+                    links += 1;
+                    assert!(
+                        shipped.contains(path),
+                        "{name} points at {path}, which images/cluster-node.toml does not ship"
+                    );
+                }
+            }
+        }
+        assert!(
+            links >= 3,
+            "expected keel's units to link their guides, found {links} links"
+        );
+    }
+
     #[test]
     fn early_modules_are_only_those_the_initrd_has() {
         let files = vec![
