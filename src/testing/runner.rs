@@ -13,6 +13,7 @@ use crate::qemu::vm::{create_overlay, virtual_size, Vm};
 use crate::tools::{tail_lines, ToolsTree};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -64,6 +65,11 @@ struct Node {
     autostart: bool,
     /// The UKI as built, saved by the first `tamper-uki` for `restore-uki`.
     saved_uki: Option<(String, Vec<u8>)>,
+    /// The connection `type` steps write to, kept for as long as the VM runs: QEMU takes typed
+    /// bytes from it only as fast as the guest reads its UART, and drops those it has not taken
+    /// when the connection closes (a guest busy probing SATA ports at a passphrase prompt lost
+    /// the end of a recovery key that way).
+    console_in: Option<UnixStream>,
 }
 
 impl Node {
@@ -92,6 +98,7 @@ impl Node {
             .dir
             .join(format!("node{}.boot{}.console.log", self.index, self.boots));
         self.consoles.push(console.clone());
+        self.console_in = None;
         let vm = Vm::start(self.spec(accel, console), &self.tpm)?;
         self.vm = Some(vm);
         self.started = Instant::now();
@@ -107,9 +114,21 @@ impl Node {
     }
 
     fn power_off(&mut self) {
+        self.console_in = None;
         if let Some(mut vm) = self.vm.take() {
             vm.kill();
         }
+    }
+
+    /// Types `text` into the serial console (see `console_in`).
+    fn type_text(&mut self, text: &str) -> Result<()> {
+        let stream = match &mut self.console_in {
+            Some(s) => s,
+            None => self
+                .console_in
+                .insert(open_console_input(&self.dir.join("console.sock"))?),
+        };
+        type_into_console(stream, text)
     }
 }
 
@@ -376,7 +395,7 @@ fn action(
                 bail!("node{} is not running: nothing to type into", node.index);
             }
             let text = expand(step.text.as_deref().unwrap_or_default(), vars)?;
-            type_into_console(&node.dir.join("console.sock"), &text)
+            node.type_text(&text)
                 .with_context(|| format!("typing into node{}'s console", node.index))
         }
         Some(Action::TamperUki) => {
@@ -498,10 +517,23 @@ fn action(
 
 /// Sends `text` to the serial console, a character at a time as a person would type (a line end
 /// is a carriage return, as a terminal sends it).
-fn type_into_console(sock: &Path, text: &str) -> Result<()> {
+/// Connects to a VM's console socket for typing. QEMU also sends the console's output to this
+/// connection: a thread reads and discards it (QEMU logs it to the console file), so that output
+/// never waits for a reader; it ends when QEMU closes the connection.
+fn open_console_input(sock: &Path) -> Result<UnixStream> {
+    let stream =
+        UnixStream::connect(sock).with_context(|| format!("connecting to {}", sock.display()))?;
+    let mut output = stream
+        .try_clone()
+        .context("cloning the console connection")?;
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut output, &mut std::io::sink());
+    });
+    Ok(stream)
+}
+
+fn type_into_console(s: &mut UnixStream, text: &str) -> Result<()> {
     use std::io::Write;
-    let mut s = std::os::unix::net::UnixStream::connect(sock)
-        .with_context(|| format!("connecting to {}", sock.display()))?;
     for b in text.replace('\n', "\r").bytes() {
         s.write_all(&[b]).context("writing to the console")?;
         std::thread::sleep(Duration::from_millis(5));
@@ -779,6 +811,7 @@ pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>
             tpm_enabled: cfg.tpm,
             autostart: cfg.autostart,
             saved_uki: None,
+            console_in: None,
         });
     }
     let mut aborted: Option<String> = None;
@@ -951,6 +984,39 @@ pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Typed text stays on a connection that remains open after the step, for a guest that reads
+    /// it late, and the console's output is read (and dropped) meanwhile so it never backs up.
+    #[test]
+    fn typed_text_stays_on_an_open_connection_for_a_late_reader() {
+        use std::io::{Read, Write};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock = dir.path().join("console.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+        let peer = std::thread::spawn(move || {
+            let (mut c, _) = listener.accept().expect("accept");
+            // The console's output, far more than a socket buffer holds.
+            c.write_all(&vec![b'x'; 4 << 20])
+                .expect("console output is drained");
+            std::thread::sleep(Duration::from_millis(200));
+            let mut got = vec![0u8; 8];
+            c.read_exact(&mut got).expect("read typed text");
+            c.set_read_timeout(Some(Duration::from_millis(300)))
+                .expect("timeout");
+            let mut more = [0u8; 1];
+            let still_open =
+                matches!(c.read(&mut more), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+            (got, still_open)
+        });
+        let mut s = open_console_input(&sock).expect("connect");
+        type_into_console(&mut s, "abc-def\n").expect("type");
+        let (got, still_open) = peer.join().expect("peer");
+        assert_eq!(got, b"abc-def\r");
+        assert!(
+            still_open,
+            "the typing connection closed while the guest might still read"
+        );
+    }
 
     #[test]
     fn ansi_sequences_are_removed_from_console_text() {
