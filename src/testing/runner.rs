@@ -515,8 +515,6 @@ fn action(
     }
 }
 
-/// Sends `text` to the serial console, a character at a time as a person would type (a line end
-/// is a carriage return, as a terminal sends it).
 /// Connects to a VM's console socket for typing. QEMU also sends the console's output to this
 /// connection: a thread reads and discards it (QEMU logs it to the console file), so that output
 /// never waits for a reader; it ends when QEMU closes the connection.
@@ -532,6 +530,8 @@ fn open_console_input(sock: &Path) -> Result<UnixStream> {
     Ok(stream)
 }
 
+/// Sends `text` to the serial console, a character at a time as a person would type (a line end
+/// is a carriage return, as a terminal sends it).
 fn type_into_console(s: &mut UnixStream, text: &str) -> Result<()> {
     use std::io::Write;
     for b in text.replace('\n', "\r").bytes() {
