@@ -553,4 +553,42 @@ mod tests {
             "units/etcd.service waits for a boot target instead of the mounts it needs"
         );
     }
+
+    /// The default etcd.env shortens the election timeout: only sound for a member that can
+    /// never have peers (loopback only), and only within etcd's bound (5 heartbeats).
+    #[test]
+    fn default_etcd_env_shortens_the_election_only_for_a_loopback_member() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/etcd/etcd.env");
+        let env = fs::read_to_string(&path).expect("read configs/etcd/etcd.env");
+        let value = |key: &str| {
+            env.lines()
+                .find_map(|l| l.strip_prefix(&format!("{key}=")))
+                .map(str::to_string)
+        };
+        let election: u64 = value("ETCD_ELECTION_TIMEOUT")
+            .expect("ETCD_ELECTION_TIMEOUT")
+            .parse()
+            .expect("a number of ms");
+        let heartbeat: u64 = value("ETCD_HEARTBEAT_INTERVAL")
+            .map(|h| h.parse().expect("a number of ms"))
+            .unwrap_or(100);
+        assert!(election < 1000, "no shorter than etcd's default");
+        assert!(
+            election >= 5 * heartbeat,
+            "etcd refuses less than 5 heartbeats"
+        );
+        for key in [
+            "ETCD_LISTEN_PEER_URLS",
+            "ETCD_INITIAL_ADVERTISE_PEER_URLS",
+            "ETCD_LISTEN_CLIENT_URLS",
+        ] {
+            let urls = value(key).unwrap_or_default();
+            assert!(
+                !urls.is_empty() && urls.split(',').all(|u| u.starts_with("http://127.0.0.1:")),
+                "{key}={urls}: the shortened election needs a member no peer can reach"
+            );
+        }
+        let cluster = value("ETCD_INITIAL_CLUSTER").unwrap_or_default();
+        assert_eq!(cluster.split(',').count(), 1, "one member: {cluster}");
+    }
 }
