@@ -98,12 +98,6 @@ impl Systemd {
     }
 }
 
-/// How a start job ended, as systemd's JobRemoved reported it.
-enum JobEnd {
-    Result(String),
-    Error(anyhow::Error),
-}
-
 impl Units for Systemd {
     fn start(&self, spec: &UnitSpec) -> Result<()> {
         let exec = |cmds: &[(String, Vec<String>)], ignore: bool| {
@@ -152,27 +146,26 @@ impl Units for Systemd {
                     .body()
                     .deserialize::<(u32, OwnedObjectPath, String, String)>()
                 {
-                    Ok((_, path, _, result)) if path == wanted => JobEnd::Result(result),
+                    Ok((_, path, _, result)) if path == wanted => Ok(result),
                     Ok(_) if Instant::now() < deadline => continue,
                     Ok(_) => return,
-                    Err(e) => {
-                        JobEnd::Error(anyhow::Error::new(e).context("reading a JobRemoved signal"))
-                    }
+                    Err(e) => Err(anyhow::Error::new(e).context("reading a JobRemoved signal")),
                 };
                 let _ = tx.send(end);
                 return;
             }
-            let _ = tx.send(JobEnd::Error(anyhow::anyhow!(
+            let _ = tx.send(Err(anyhow::anyhow!(
                 "the system bus closed while the container was starting"
             )));
         });
         match rx.recv_timeout(self.start_timeout) {
-            Ok(JobEnd::Result(r)) if r == "done" => Ok(()),
-            Ok(JobEnd::Result(r)) => anyhow::bail!(
+            // The job's result as systemd's JobRemoved reported it.
+            Ok(Ok(r)) if r == "done" => Ok(()),
+            Ok(Ok(r)) => anyhow::bail!(
                 "{unit} did not start (job {r}); see `keel-agent logs {}`",
                 spec.name
             ),
-            Ok(JobEnd::Error(e)) => Err(e.context(format!("waiting for {unit} to start"))),
+            Ok(Err(e)) => Err(e.context(format!("waiting for {unit} to start"))),
             Err(_) => {
                 // Cancel the queued start (a stop job replaces it), so the unit does not start
                 // later from a bundle the caller removes.
