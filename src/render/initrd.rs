@@ -3,6 +3,7 @@
 //! dm-verity (`usrhash=`), creates the root partition with systemd-repart on first boot, fills /etc
 //! from the factory defaults, and switches root.
 
+use super::initrd_prune;
 use crate::cache::{self, Cache};
 use crate::image::WithoutTpm;
 use crate::tools::{require_host_tool, run, HostTool, ToolsTree};
@@ -35,6 +36,8 @@ pub const INITRD_PACKAGES: &[&str] = &[
 ];
 /// Bump when the initrd's keel content or trimming changes.
 const INITRD_FORMAT: &str = "initrd-8";
+/// Bump when the pruning of the assembled tree (`initrd_prune`) changes how it decides.
+const PRUNE_FORMAT: &str = "prune-1";
 
 /// Copies the factory /etc onto the new root partition, once, atomically (staging + rename).
 const ETC_SETUP: &str = r#"#!/bin/sh
@@ -592,6 +595,10 @@ pub fn build(
             .unwrap_or_default(),
         agent_digest.clone(),
         PROVISION_UNIT.into(),
+        PRUNE_FORMAT.into(),
+        initrd_prune::INITRD_PROGRAMS.join(","),
+        initrd_prune::INITRD_SYSTEMD_UNUSED.join(","),
+        initrd_prune::INITRD_DATA_UNUSED.join(","),
     ]);
     let entry = cache.entry("initrd", &key).join("initrd.cpio.zst");
     if entry.exists() {
@@ -703,6 +710,18 @@ pub fn build(
             0o644,
         )?;
     }
+
+    let mut programs = initrd_prune::INITRD_PROGRAMS.to_vec();
+    if agent.is_some() {
+        programs.push("keel-agent");
+    }
+    let pruned = initrd_prune::prune(&tree, &programs).context("pruning the initrd tree")?;
+    tracing::info!(
+        files = pruned.files,
+        mib = pruned.bytes / (1 << 20),
+        libraries = ?pruned.libraries,
+        "initrd: removed what it never runs"
+    );
 
     let tools = tools
         .clone()

@@ -3,6 +3,7 @@
 
 pub mod disk;
 pub mod initrd;
+pub mod initrd_prune;
 pub mod layout;
 pub mod uki;
 pub mod usr;
