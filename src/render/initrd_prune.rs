@@ -11,6 +11,7 @@
 //! interpreter, and every program a kept udev rule runs must exist, or the build fails naming
 //! the file.
 
+use crate::cache;
 use anyhow::{bail, Context, Result};
 use object::read::elf::{Dyn, FileHeader, ProgramHeader};
 use object::{elf, Endianness};
@@ -197,12 +198,7 @@ pub fn prune(tree: &Path, programs: &[&str]) -> Result<Pruned> {
     let keep: BTreeSet<&str> = programs.iter().copied().collect();
     let mut found = BTreeSet::new();
     for dir in ["usr/bin", "usr/sbin"] {
-        let d = tree.join(dir);
-        if !d.is_dir() {
-            continue;
-        }
-        for e in fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
-            let e = e.with_context(|| format!("reading {}", d.display()))?;
+        for e in cache::dir_entries(&tree.join(dir))? {
             let name = e.file_name().to_string_lossy().into_owned();
             if keep.contains(name.as_str()) {
                 found.insert(name);
@@ -239,8 +235,7 @@ fn prune_libraries(tree: &Path, pruned: &mut Pruned) -> Result<()> {
     let lib_dir = tree.join(LIB_DIR);
     // Every name at the top of the library directory, and the file it resolves to.
     let mut names: BTreeMap<String, PathBuf> = BTreeMap::new();
-    for e in fs::read_dir(&lib_dir).with_context(|| format!("reading {}", lib_dir.display()))? {
-        let e = e.with_context(|| format!("reading {}", lib_dir.display()))?;
+    for e in cache::dir_entries(&lib_dir)? {
         let path = e.path();
         if path.is_symlink() || path.is_file() {
             let name = e.file_name().to_string_lossy().into_owned();
@@ -332,12 +327,7 @@ fn library_names_in(data: &[u8], names: &BTreeMap<String, PathBuf>) -> Vec<Strin
 pub fn check_complete(tree: &Path) -> Result<()> {
     let mut available: BTreeSet<String> = BTreeSet::new();
     for dir in LIB_SEARCH {
-        let d = tree.join(dir);
-        if !d.is_dir() {
-            continue;
-        }
-        for e in fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
-            let e = e.with_context(|| format!("reading {}", d.display()))?;
+        for e in cache::dir_entries(&tree.join(dir))? {
             if resolve_in(tree, &e.path())?.is_some_and(|p| p.is_file()) {
                 available.insert(e.file_name().to_string_lossy().into_owned());
             }
@@ -363,24 +353,20 @@ pub fn check_complete(tree: &Path) -> Result<()> {
             }
         }
     }
-    let rules = tree.join("usr/lib/udev/rules.d");
-    if rules.is_dir() {
-        for e in fs::read_dir(&rules).with_context(|| format!("reading {}", rules.display()))? {
-            let e = e.with_context(|| format!("reading {}", rules.display()))?;
-            let text = fs::read_to_string(e.path())
-                .with_context(|| format!("reading {}", e.path().display()))?;
-            for prog in udev_programs(&text) {
-                let path = if prog.starts_with('/') {
-                    PathBuf::from(&prog)
-                } else {
-                    PathBuf::from("/usr/lib/udev").join(&prog)
-                };
-                if resolve_in(tree, &path)?.is_none() {
-                    problems.push(format!(
-                        "udev rule {} runs {prog}",
-                        e.file_name().to_string_lossy()
-                    ));
-                }
+    for e in cache::dir_entries(&tree.join("usr/lib/udev/rules.d"))? {
+        let text = fs::read_to_string(e.path())
+            .with_context(|| format!("reading {}", e.path().display()))?;
+        for prog in udev_programs(&text) {
+            let path = if prog.starts_with('/') {
+                PathBuf::from(&prog)
+            } else {
+                PathBuf::from("/usr/lib/udev").join(&prog)
+            };
+            if resolve_in(tree, &path)?.is_none() {
+                problems.push(format!(
+                    "udev rule {} runs {prog}",
+                    e.file_name().to_string_lossy()
+                ));
             }
         }
     }
@@ -535,24 +521,20 @@ fn remove(path: &Path, pruned: &mut Pruned) -> Result<()> {
     let Ok(meta) = fs::symlink_metadata(path) else {
         return Ok(());
     };
-    if meta.is_dir() {
-        for f in walk_files(path)? {
-            if let Ok(m) = fs::symlink_metadata(&f) {
-                pruned.files += 1;
-                if m.is_file() {
-                    pruned.bytes += m.len();
-                }
+    let files = if meta.is_dir() {
+        walk_files(path)?
+    } else {
+        vec![path.to_path_buf()]
+    };
+    for f in files {
+        if let Ok(m) = fs::symlink_metadata(&f) {
+            pruned.files += 1;
+            if m.is_file() {
+                pruned.bytes += m.len();
             }
         }
-        fs::remove_dir_all(path).with_context(|| format!("removing {}", path.display()))?;
-    } else {
-        pruned.files += 1;
-        if meta.is_file() {
-            pruned.bytes += meta.len();
-        }
-        fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
     }
-    Ok(())
+    cache::remove_path(path)
 }
 
 #[cfg(test)]
