@@ -273,6 +273,7 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
             trust_files.as_ref(),
             container_files.as_ref(),
         )?;
+        overlay::apply_presets(&tools, &tree, &work)?;
         let status = fs::read_to_string(tree.join(usrify::DPKG_STATUS))
             .context("reading the image's dpkg status")?;
         let packages = dpkg::parse_status(&status);

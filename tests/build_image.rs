@@ -296,19 +296,20 @@ fn build_minimal_image_end_to_end() {
     }
 
     // 7. A unit change is a new commit on the same cached base (no bootstrap), and keel diff
-    //    shows exactly that file.
+    //    shows that file and, since the definition enables it, the link the build's preset run
+    //    made in the factory /etc (nodes copy their /etc from it; systemd does not preset again).
     let variant_dir = tmp.path().join("variant");
     fs::create_dir_all(variant_dir.join("images")).expect("mkdir");
     fs::create_dir_all(variant_dir.join("units")).expect("mkdir");
     fs::write(
         variant_dir.join("units/hello.service"),
-        "[Service]\nExecStart=/bin/true\n",
+        "[Service]\nExecStart=/bin/true\n[Install]\nWantedBy=multi-user.target\n",
     )
     .expect("write");
     fs::write(
         variant_dir.join("images/minimal.toml"),
         format!(
-            "extends = \"{}\"\nunits = [\"hello.service\"]\n",
+            "extends = \"{}\"\nunits = [\"hello.service\"]\nenable = [\"hello.service\"]\n",
             def.display()
         ),
     )
@@ -339,6 +340,10 @@ fn build_minimal_image_end_to_end() {
     assert!(
         added.contains(&"/lib/systemd/system/hello.service"),
         "{diff}"
+    );
+    assert!(
+        added.contains(&"/share/factory/etc/systemd/system/multi-user.target.wants/hello.service"),
+        "the enabled unit's link in the factory /etc: {diff}"
     );
     assert_ne!(m3["usr_root_hash"], m1["usr_root_hash"]);
 

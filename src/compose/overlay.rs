@@ -7,6 +7,7 @@
 
 use super::usrify::FACTORY_ETC;
 use crate::image::Definition;
+use crate::tools::{run, ToolsTree};
 use anyhow::{bail, Context, Result};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -34,6 +35,11 @@ pub fn replace_file(path: &Path, content: &[u8], mode: u32) -> Result<()> {
         .with_context(|| format!("setting mode of {}", path.display()))?;
     Ok(())
 }
+
+/// The image's preset file (below the usr tree). Numbered after the `20-ignition.preset` that
+/// provisioning writes to /etc, so that a node's Ignition config decides over the image (preset
+/// files are read in file name order, the first match wins).
+pub const IMAGE_PRESET: &str = "lib/systemd/system-preset/40-keel.preset";
 
 /// The preset file that enables and disables what the definition lists.
 pub fn preset_text(def: &Definition) -> String {
@@ -266,11 +272,7 @@ pub fn apply(
         })?;
         replace_file(&usr.join("bin").join(b), &content, 0o755)?;
     }
-    replace_file(
-        &usr.join("lib/systemd/system-preset/10-keel.preset"),
-        preset_text(def).as_bytes(),
-        0o644,
-    )?;
+    replace_file(&usr.join(IMAGE_PRESET), preset_text(def).as_bytes(), 0o644)?;
     replace_file(
         &usr.join("lib/systemd/system-preset/99-keel-default.preset"),
         b"# Keel: anything not enabled explicitly stays off.\ndisable *\n",
@@ -306,6 +308,10 @@ pub fn apply(
     let base =
         fs::read_to_string(&osr_path).with_context(|| format!("reading {}", osr_path.display()))?;
     replace_file(&osr_path, os_release(&base, def).as_bytes(), 0o644)?;
+    // Empty, not missing or "uninitialized": systemd gives each node its own ID at boot and
+    // commits it to the root (systemd-machine-id-commit), but does not treat the boot as a first
+    // boot, so PID 1 does not apply the presets again (`apply_presets` did, at build time).
+    replace_file(&usr.join(FACTORY_ETC).join("machine-id"), b"", 0o444)?;
     // Provisioning replaces it; until then the node is named after its image.
     replace_file(
         &usr.join(FACTORY_ETC).join("hostname"),
@@ -323,6 +329,44 @@ pub fn apply(
         0o644,
     )?;
     Ok(())
+}
+
+/// Applies the image's presets at build time: `systemctl --root preset-all` (the tools tree's
+/// systemctl, the same systemd release as the image) over a root made of the usr tree and its
+/// factory /etc, so the enablement symlinks ship in the factory /etc that every node's /etc is
+/// copied from. Done here rather than by systemd on each node's first boot (as Fedora CoreOS
+/// composes do): the result is part of the image and its commit, the same on every node, and a
+/// node does not walk every unit file in PID 1 before its first boot can start anything (about
+/// 2 s under emulation). `scratch` is a directory on the same file system as `usr`.
+pub fn apply_presets(tools: &ToolsTree, usr: &Path, scratch: &Path) -> Result<()> {
+    let root = scratch.join("preset-root");
+    crate::cache::remove_path(&root)?;
+    fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    let (root_usr, root_etc) = (root.join("usr"), root.join("etc"));
+    fs::rename(usr, &root_usr)
+        .with_context(|| format!("moving {} to {}", usr.display(), root_usr.display()))?;
+    let factory = root_usr.join(FACTORY_ETC);
+    let ran = fs::rename(&factory, &root_etc)
+        .with_context(|| format!("moving {} to {}", factory.display(), root_etc.display()))
+        .and_then(|()| {
+            let r = tools.command("systemctl").and_then(|mut cmd| {
+                cmd.arg(format!("--root={}", root.display()))
+                    .args(["--preset-mode=full", "preset-all"]);
+                run(&mut cmd).context("applying the image's presets to the factory /etc")
+            });
+            fs::rename(&root_etc, &factory).with_context(|| {
+                format!(
+                    "moving {} back to {}",
+                    root_etc.display(),
+                    factory.display()
+                )
+            })?;
+            r
+        });
+    fs::rename(&root_usr, usr)
+        .with_context(|| format!("moving {} back to {}", root_usr.display(), usr.display()))?;
+    fs::remove_dir(&root).with_context(|| format!("removing {}", root.display()))?;
+    ran
 }
 
 #[cfg(test)]
@@ -429,11 +473,14 @@ mod tests {
             fs::read_to_string(usr.join(FACTORY_ETC).join("keel/e.env")).expect("read"),
             "X=1\n"
         );
-        assert!(
-            fs::read_to_string(usr.join("lib/systemd/system-preset/10-keel.preset"))
-                .expect("read")
-                .contains("enable a.service")
+        assert_eq!(
+            fs::read(usr.join(FACTORY_ETC).join("machine-id")).expect("machine-id"),
+            b"",
+            "empty: a machine ID per node, but no first-boot preset run"
         );
+        assert!(fs::read_to_string(usr.join(IMAGE_PRESET))
+            .expect("read")
+            .contains("enable a.service"));
         assert!(
             fs::read_to_string(usr.join("lib/repart.d/50-keel-root.conf"))
                 .expect("read")

@@ -94,7 +94,8 @@ const MACHINE_LOCAL_ETC: &[&str] = &[
 ];
 
 /// Moves /etc to usr/share/factory/etc, dropping machine-local files and unit enablement
-/// (presets decide what is enabled, applied by systemd on first boot).
+/// (presets decide what is enabled: `overlay::apply_presets` applies them when the image is
+/// composed, after keel's own presets are in place).
 pub fn move_etc(root: &Path) -> Result<()> {
     let etc = root.join("etc");
     let factory = root.join("usr").join(FACTORY_ETC);
@@ -106,10 +107,6 @@ pub fn move_etc(root: &Path) -> Result<()> {
     for name in MACHINE_LOCAL_ETC {
         crate::cache::remove_path(&factory.join(name))?;
     }
-    // "uninitialized" makes systemd treat the first boot as such: it generates the machine ID and
-    // applies the presets.
-    fs::write(factory.join("machine-id"), "uninitialized\n")
-        .context("writing factory machine-id")?;
     for scope in ["systemd/system", "systemd/user"] {
         let dir = factory.join(scope);
         if dir.is_dir() {
@@ -221,9 +218,9 @@ mod tests {
         let f = r.join("usr").join(FACTORY_ETC);
         assert!(f.join("passwd").is_file());
         assert!(!f.join("hostname").exists(), "machine-local file dropped");
-        assert_eq!(
-            fs::read_to_string(f.join("machine-id")).expect("read"),
-            "uninitialized\n"
+        assert!(
+            !f.join("machine-id").exists(),
+            "the build's machine ID is not the image's (compose writes an empty one)"
         );
         assert!(
             f.join("systemd/system/local.service").is_file(),

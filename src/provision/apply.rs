@@ -298,7 +298,8 @@ pub fn apply(root: &Path, plan: &Plan, source: &str) -> Result<Stamp, ApplyError
             planned_dirs: BTreeMap::new(),
         };
         prepare(&mut p, plan)?;
-        commit(root, &staging, p.journal)
+        commit(root, &staging, p.journal)?;
+        enact_presets(root, plan)
     })();
     if let Err(e) = result {
         roll_back(root)?;
@@ -312,6 +313,33 @@ pub fn apply(root: &Path, plan: &Plan, source: &str) -> Result<Stamp, ApplyError
     write_stamp(root, &s)?;
     fs::remove_dir_all(&staging).map_err(io_err(format!("removing {}", staging.display())))?;
     Ok(s)
+}
+
+/// Enables or disables now the units whose `enabled` the config sets, as `20-ignition.preset`
+/// says: `systemctl --root ROOT preset` on those units (the image's presets were applied when it
+/// was built, and systemd does not apply presets again on a node's first boot). After the commit,
+/// so the config's own unit files are in place; a failure is undone with the commit. Re-running
+/// it after an interrupted boot gives the same links.
+fn enact_presets(root: &Path, plan: &Plan) -> Result<(), ApplyError> {
+    let names: Vec<&str> = plan
+        .units
+        .iter()
+        .filter(|u| u.enabled.is_some())
+        .map(|u| u.name.as_str())
+        .collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    let mut cmd = std::process::Command::new("systemctl");
+    cmd.arg(format!("--root={}", root.display()))
+        .args(["--preset-mode=full", "preset", "--"])
+        .args(&names);
+    crate::tools::run(&mut cmd).map_err(|e| {
+        field(
+            "systemd.units",
+            format!("enabling/disabling {}: {e}", names.join(", ")),
+        )
+    })
 }
 
 /// Writes the stamp atomically (temporary file, then rename), creating /var/lib/keel when the
@@ -585,8 +613,8 @@ fn prepare(p: &mut Prep, plan: &Plan) -> Result<(), ApplyError> {
         }
     }
     if !preset.is_empty() {
-        // systemd applies presets on the first boot of the real root, after this initrd step;
-        // this file sorts before the image's own presets, so it wins.
+        // Enacted right after the commit (`enact_presets`); kept so that a later `systemctl
+        // preset` on the node agrees. It sorts before the image's 40-keel.preset, so it wins.
         let t = p.target(
             "systemd.units",
             "/etc/systemd/system-preset/20-ignition.preset",
@@ -672,6 +700,27 @@ mod tests {
         fs::write(etc.join("shadow"), "root:*:19000:0:99999:7:::\n").expect("shadow");
         fs::write(etc.join("hostname"), "cluster-node\n").expect("hostname");
         fs::create_dir_all(t.path().join("var/lib/keel")).expect("var");
+        // An image unit enabled by the image's presets at build time, as the factory /etc has it.
+        let units = t.path().join("usr/lib/systemd/system");
+        fs::create_dir_all(&units).expect("usr");
+        fs::write(
+            units.join("etcd.service"),
+            "[Service]\nExecStart=/bin/true\n[Install]\nWantedBy=multi-user.target\n",
+        )
+        .expect("unit");
+        fs::create_dir_all(t.path().join("usr/lib/systemd/system-preset")).expect("presets");
+        fs::write(
+            t.path()
+                .join("usr/lib/systemd/system-preset/40-keel.preset"),
+            "enable etcd.service\ndisable *\n",
+        )
+        .expect("preset");
+        fs::create_dir_all(etc.join("systemd/system/multi-user.target.wants")).expect("wants");
+        std::os::unix::fs::symlink(
+            "/usr/lib/systemd/system/etcd.service",
+            etc.join("systemd/system/multi-user.target.wants/etcd.service"),
+        )
+        .expect("link");
         t
     }
 
@@ -682,7 +731,7 @@ mod tests {
         "directories":[{"path":"/var/lib/demo/cache","mode":448}],
         "links":[{"path":"/etc/demo-link","target":"/var/lib/demo/data.txt"}]},
       "systemd":{"units":[{"name":"demo.service","enabled":true,"contents":"[Service]\nExecStart=/bin/true\n[Install]\nWantedBy=multi-user.target\n"},
-                          {"name":"etcd.service","dropins":[{"name":"20-x.conf","contents":"[Service]\n"}]},
+                          {"name":"etcd.service","enabled":false,"dropins":[{"name":"20-x.conf","contents":"[Service]\n"}]},
                           {"name":"bad.service","mask":true}]},
       "passwd":{"users":[{"name":"core","sshAuthorizedKeys":["ssh-ed25519 AAAAC3 core@test"],"groups":["sudo"],"passwordHash":"$6$x$y"}],
                 "groups":[{"name":"ops","gid":2000}]}}"#;
@@ -729,10 +778,22 @@ mod tests {
             fs::read_link(r.join("etc/systemd/system/bad.service")).expect("mask"),
             Path::new("/dev/null")
         );
+        let preset = fs::read_to_string(r.join("etc/systemd/system-preset/20-ignition.preset"))
+            .expect("preset");
         assert!(
-            fs::read_to_string(r.join("etc/systemd/system-preset/20-ignition.preset"))
-                .expect("preset")
-                .contains("enable demo.service")
+            preset.contains("enable demo.service\ndisable etcd.service"),
+            "{preset}"
+        );
+        // Enacted by systemctl: the config's unit is enabled, the image's unit the config
+        // disables is no longer (its link from the build's presets is gone).
+        let wants = r.join("etc/systemd/system/multi-user.target.wants");
+        assert_eq!(
+            fs::read_link(wants.join("demo.service")).expect("demo.service enabled"),
+            Path::new("/etc/systemd/system/demo.service")
+        );
+        assert!(
+            fs::symlink_metadata(wants.join("etcd.service")).is_err(),
+            "etcd.service still enabled"
         );
         let passwd = fs::read_to_string(r.join("etc/passwd")).expect("passwd");
         assert!(

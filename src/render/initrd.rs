@@ -80,6 +80,8 @@ Documentation=file:/usr/share/doc/keel/provisioning.md
 DefaultDependencies=no
 Requires=sysroot.mount
 After=sysroot.mount keel-etc-setup.service systemd-udev-trigger.service
+# systemctl preset (units the config enables or disables) reads the image's units there.
+RequiresMountsFor=/sysroot/usr
 Before=initrd-parse-etc.service initrd-root-fs.target
 ConditionPathExists=/etc/initrd-release
 OnFailure=emergency.target
