@@ -6,7 +6,7 @@ use std::ffi::OsString;
 use std::path::Path;
 
 /// Bump when the bootstrap or usr-ification changes what a base tree contains.
-const BOOTSTRAP_FORMAT: &str = "base-3";
+const BOOTSTRAP_FORMAT: &str = "base-4";
 
 /// The cache key of a bootstrapped base tree: everything mmdebstrap and the usr-ification see.
 pub fn base_key(def: &Definition, epoch: u64) -> String {

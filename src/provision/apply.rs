@@ -7,7 +7,9 @@
 //! 2. **Record** the list of moves in `staging/plan.json`.
 //! 3. **Commit**: create missing directories, move each existing target into
 //!    `staging/backup/`, rename each staged node into place.
-//! 4. **Stamp** `/var/lib/keel/provisioned.json` (the config's sha256), remove staging.
+//! 4. **Enable/disable** the units whose `enabled` the config sets (`systemctl --root preset`
+//!    on them, as the staged `20-ignition.preset` says); a failure undoes the commit.
+//! 5. **Stamp** `/var/lib/keel/provisioned.json` (the config's sha256), remove staging.
 //!
 //! If a boot stops anywhere before the stamp, the next one finds `plan.json` and undoes the
 //! commit (staged nodes removed, backups renamed back, created directories removed) before
@@ -849,6 +851,27 @@ mod tests {
             "{e}"
         );
         assert_eq!(snapshot(r), before);
+    }
+
+    /// A unit the config enables but that exists neither in the config nor in the image: systemctl
+    /// refuses it after the commit, and the commit is undone (the config's files are gone again).
+    #[test]
+    fn enabling_a_unit_that_does_not_exist_is_undone() {
+        let t = root();
+        let r = t.path();
+        let before = snapshot(r);
+        let c = r#"{"ignition":{"version":"3.4.0"},"storage":{"files":[
+            {"path":"/var/lib/demo/first","contents":{"source":"data:,x"}}]},
+            "systemd":{"units":[{"name":"ghost.service","enabled":true}]}}"#;
+        let e = apply(r, &parse(c.as_bytes()).expect("valid"), "test").expect_err("no such unit");
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("systemd.units: enabling/disabling ghost.service:")
+                && msg.contains("ghost.service does not exist"),
+            "{msg}"
+        );
+        assert_eq!(snapshot(r), before, "nothing changed");
+        assert!(stamp(r).is_none());
     }
 
     /// A commit interrupted half way (here: a plan.json with some moves done) is undone by the
