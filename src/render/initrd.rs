@@ -114,11 +114,36 @@ fail() { echo "keel-root-init: ERROR: $*" >&2; echo "<2>keel-root-init: ERROR: $
 # disk that shows up later, or none at all, leads to the first-boot path below, which waits for
 # systemd-repart and checks again.
 parts=""
+disks=""
 for p in /sys/class/block/*/partition; do
     [ -e "$p" ] || continue
     d=${p%/partition}
     parts="$parts /dev/${d##*/}"
+    disk=$(readlink -f "$d")
+    disk=${disk%/*}
+    disk=${disk##*/}
+    case " $disks " in *" $disk "*) ;; *) disks="$disks $disk" ;; esac
 done
+# udev names the root partition (/dev/gpt-auto-root) from a property of the whole disk that it
+# computes when it probes the disk. systemd-repart adds the partition to a disk that is in use
+# (BLKPG), and udev learns of it through two events: the new partition's, and a change of the
+# disk when repart closes it. When the partition's event is handled first, the partition is
+# never named (seen once in some thirty first boots: the boot stopped here). Asking udev to
+# probe the disk again, then its partitions, names it.
+reprobe() {
+    devs=""
+    for disk in $disks; do
+        devs="$devs /dev/$disk"
+        for q in /sys/class/block/"$disk"/*/partition; do
+            [ -e "$q" ] || continue
+            q=${q%/partition}
+            devs="$devs /dev/${q##*/}"
+        done
+    done
+    # shellcheck disable=SC2086
+    [ -z "$devs" ] || udevadm trigger --action=change --settle $devs > /dev/null 2>&1 || true
+}
+root_seen() { [ -e /dev/gpt-auto-root ] || [ -e /dev/gpt-auto-root-luks ]; }
 if [ -n "$parts" ]; then
     # shellcheck disable=SC2086
     udevadm wait --timeout=60 $parts > /dev/null 2>&1 || true
@@ -132,10 +157,18 @@ fi
 # (this joins the boot's own start job for it).
 systemctl start systemd-repart.service || fail "systemd-repart failed; see journalctl -u systemd-repart"
 udevadm settle -t 30 || true
+if ! root_seen; then
+    say "udev has not named the new root partition; probing the boot disk again"
+    reprobe
+fi
 i=0
-while [ ! -e /dev/gpt-auto-root ] && [ ! -e /dev/gpt-auto-root-luks ]; do
+while ! root_seen; do
     i=$((i + 1))
-    [ "$i" -le 120 ] || fail "no root partition on the boot disk (systemd-repart did not create one; is the disk full?)"
+    if [ "$i" -gt 120 ]; then
+        known=$(cd /sys/class/block && for q in */partition; do [ -e "$q" ] && printf ' %s' "${q%/partition}"; done)
+        fail "no root partition on the boot disk after 60 s (systemd-repart did not create one, or udev did not name it; partitions the kernel knows:${known:- none}; is the disk full?)"
+    fi
+    [ $((i % 20)) -ne 0 ] || reprobe
     sleep 0.5
 done
 if [ -e /dev/gpt-auto-root-luks ]; then
