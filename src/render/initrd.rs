@@ -114,15 +114,10 @@ fail() { echo "keel-root-init: ERROR: $*" >&2; echo "<2>keel-root-init: ERROR: $
 # disk that shows up later, or none at all, leads to the first-boot path below, which waits for
 # systemd-repart and checks again.
 parts=""
-disks=""
 for p in /sys/class/block/*/partition; do
     [ -e "$p" ] || continue
     d=${p%/partition}
     parts="$parts /dev/${d##*/}"
-    disk=$(readlink -f "$d")
-    disk=${disk%/*}
-    disk=${disk##*/}
-    case " $disks " in *" $disk "*) ;; *) disks="$disks $disk" ;; esac
 done
 # udev names the root partition (/dev/gpt-auto-root) from a property of the whole disk that it
 # computes when it probes the disk. systemd-repart adds the partition to a disk that is in use
@@ -131,6 +126,14 @@ done
 # never named (seen once in some thirty first boots: the boot stopped here). Asking udev to
 # probe the disk again, then its partitions, names it.
 reprobe() {
+    disks=""
+    for q in /sys/class/block/*/partition; do
+        [ -e "$q" ] || continue
+        disk=$(readlink -f "${q%/partition}") || continue
+        disk=${disk%/*}
+        disk=${disk##*/}
+        case " $disks " in *" $disk "*) ;; *) disks="$disks $disk" ;; esac
+    done
     devs=""
     for disk in $disks; do
         devs="$devs /dev/$disk"
@@ -165,7 +168,12 @@ i=0
 while ! root_seen; do
     i=$((i + 1))
     if [ "$i" -gt 120 ]; then
-        known=$(cd /sys/class/block && for q in */partition; do [ -e "$q" ] && printf ' %s' "${q%/partition}"; done)
+        known=""
+        for q in /sys/class/block/*/partition; do
+            [ -e "$q" ] || continue
+            q=${q%/partition}
+            known="$known ${q##*/}"
+        done
         fail "no root partition on the boot disk after 60 s (systemd-repart did not create one, or udev did not name it; partitions the kernel knows:${known:- none}; is the disk full?)"
     fi
     [ $((i % 20)) -ne 0 ] || reprobe
