@@ -97,9 +97,11 @@ StandardError=journal+console
 
 /// First boot of a sealed image: turns the empty root partition systemd-repart created into a
 /// LUKS2 volume whose key the TPM releases only under a PCR 11 policy signed by the operator's
-/// initrd key, adds a recovery key, and makes the file system. The volume is labelled
-/// `keel-root-new` until every step is done, so an interrupted first boot starts over instead of
-/// leaving a volume nobody can open. `@WITHOUT_TPM@` is the image's `trust.without-tpm`.
+/// initrd key, adds a recovery key, and makes the file system. The TPM enrolment runs while the
+/// volume is opened (as `root`, measured into PCR 15 as on every later boot) and formatted, and
+/// the volume stays open for the boot. It is labelled `keel-root-new` until every step is done,
+/// so an interrupted first boot starts over instead of leaving a volume nobody can open.
+/// `@WITHOUT_TPM@` is the image's `trust.without-tpm`.
 const ROOT_INIT: &str = r#"#!/bin/sh
 # keel: create the node's TPM-sealed root volume (first boot only). See docs/trusted-boot.md.
 set -eu
@@ -192,8 +194,19 @@ fi
 
 umask 077
 mkdir -p /run/keel
+# libcryptsetup's lock directory: below, the header is changed (TPM enrolment, recovery key) while
+# the volume is opened from it, and the locks keep each of them to a consistent copy.
+mkdir -p /run/cryptsetup
 KEY=/run/keel/root-init.key
-trap 'rm -f "$KEY" /run/keel/recovery-key; umount /run/keel/newroot 2>/dev/null || true; cryptsetup close keel-root-new 2>/dev/null || true' EXIT
+enrol=""
+finished=0
+cleanup() {
+    [ -z "$enrol" ] || { kill "$enrol" 2>/dev/null || true; wait "$enrol" 2>/dev/null || true; }
+    rm -f "$KEY" /run/keel/recovery-key
+    umount /run/keel/newroot 2>/dev/null || true
+    [ "$finished" = 1 ] || cryptsetup close root 2>/dev/null || true
+}
+trap cleanup EXIT
 if [ -c /dev/tpmrm0 ]; then
     TPM=1
     head -c 64 /dev/urandom > "$KEY"
@@ -210,37 +223,52 @@ cryptsetup luksFormat -q --type luks2 --label keel-root-new --pbkdf pbkdf2 --pbk
 if [ "$TPM" = 1 ]; then
     [ -r /.extra/tpm2-pcr-public-key.pem ] && [ -r /.extra/tpm2-pcr-signature.json ] || fail "the UKI carries no .pcrpkey/.pcrsig: it was not built with keel's signing keys"
     say "sealing the volume key to the TPM under the operator's signed PCR 11 policy"
-    systemd-cryptenroll --unlock-key-file="$KEY" --tpm2-device=auto --tpm2-pcrs=         --tpm2-public-key=/.extra/tpm2-pcr-public-key.pem --tpm2-public-key-pcrs=11         --tpm2-signature=/.extra/tpm2-pcr-signature.json "$DEV"
-    systemd-cryptenroll --unlock-key-file="$KEY" --recovery-key "$DEV" > /run/keel/recovery-key 2> /run/keel/recovery-key.log \
-        || { cat /run/keel/recovery-key.log >&2; fail "adding the recovery key failed"; }
+    # The enrolments run while the volume is opened and its file system made (two CPUs, and the
+    # TPM works apart from both).
+    (
+        systemd-cryptenroll --unlock-key-file="$KEY" --tpm2-device=auto --tpm2-pcrs= \
+            --tpm2-public-key=/.extra/tpm2-pcr-public-key.pem --tpm2-public-key-pcrs=11 \
+            --tpm2-signature=/.extra/tpm2-pcr-signature.json "$DEV" \
+            || fail "sealing the volume key to the TPM failed"
+        systemd-cryptenroll --unlock-key-file="$KEY" --recovery-key "$DEV" > /run/keel/recovery-key 2> /run/keel/recovery-key.log \
+            || { cat /run/keel/recovery-key.log >&2; fail "adding the recovery key failed"; }
+    ) &
+    enrol=$!
+    # Opened as systemd-cryptsetup@root opens it on every later boot, under the same name and
+    # with the volume key measured into PCR 15, so this boot's PCR 15 is the same as theirs. The
+    # volume stays open: systemd-cryptsetup@root finds it active and has nothing to do.
+    /usr/lib/systemd/systemd-cryptsetup attach root "$DEV" "$KEY" tpm2-measure-pcr=yes,headless=1
+else
+    cryptsetup open --key-file "$KEY" "$DEV" root
 fi
-cryptsetup open --key-file "$KEY" "$DEV" keel-root-new
 # Inode tables and the journal are zeroed lazily (by the kernel, after boot) instead of being
 # written through the cipher now: the volume is new, and a clean journal is never replayed.
-mkfs.ext4 -q -L root -E lazy_itable_init=1,lazy_journal_init=1,nodiscard /dev/mapper/keel-root-new
+mkfs.ext4 -q -L root -E lazy_itable_init=1,lazy_journal_init=1,nodiscard /dev/mapper/root
 if [ "$TPM" = 1 ]; then
     mkdir -p /run/keel/newroot
-    mount /dev/mapper/keel-root-new /run/keel/newroot
+    mount /dev/mapper/root /run/keel/newroot
     # /var and /var/lib with the modes systemd-tmpfiles gives them (this script's umask would
     # make them 0700, and services running as their own user before systemd-tmpfiles-setup,
     # etcd among them, could not reach /var/lib); /var/lib/keel stays private.
     mkdir -p -m 0755 /run/keel/newroot/var /run/keel/newroot/var/lib
     mkdir -p -m 0700 /run/keel/newroot/var/lib/keel
+    pid=$enrol
+    enrol=""
+    wait "$pid" || fail "the volume could not be sealed (see above); the next boot starts over"
     grep -v '^$' /run/keel/recovery-key | tail -n 1 > /run/keel/newroot/var/lib/keel/recovery-key
     umount /run/keel/newroot
-fi
-cryptsetup close keel-root-new
-if [ "$TPM" = 1 ]; then
     # Batch mode needs no remaining passphrase; it still says "Nothing to read on input".
     cryptsetup luksKillSlot -q "$DEV" 0 < /dev/null 2> /run/keel/killslot.log \
         || { cat /run/keel/killslot.log >&2; fail "removing the one-time key slot failed"; }
 fi
 cryptsetup config --label keel-root "$DEV"
+finished=1
+# systemd-cryptsetup@root waits for the volume's /dev/gpt-auto-root-luks name.
 udevadm trigger --settle "$DEV" || true
 if [ "$TPM" = 1 ]; then
-    say "root volume sealed to this TPM; recovery key stored in /var/lib/keel/recovery-key (escrow it, then delete it)"
+    say "root volume sealed to this TPM and opened; recovery key stored in /var/lib/keel/recovery-key (escrow it, then delete it)"
 else
-    say "root volume created unprotected"
+    say "root volume created unprotected and opened"
 fi
 "#;
 
@@ -254,7 +282,9 @@ DefaultDependencies=no
 # which is the one case worth waiting for. Not ordered after systemd-repart.service: on the first
 # boot the script waits for it itself, on every other boot nothing needs it.
 After=systemd-udevd.service systemd-udev-trigger.service systemd-pcrphase-initrd.service tpm2.target
-Before=systemd-cryptsetup@root.service
+# On the first boot it opens the new volume as /dev/mapper/root before making its file system:
+# nothing may check or mount that device before this is done.
+Before=systemd-cryptsetup@root.service systemd-fsck-root.service sysroot.mount
 ConditionPathExists=/etc/initrd-release
 OnFailure=emergency.target
 OnFailureJobMode=isolate
@@ -268,7 +298,8 @@ ExecStart=/usr/lib/keel/root-init
 ";
 
 /// The sealed root volume is opened from the initrd's crypttab (as `/dev/mapper/root`, the UKI's
-/// `root=`), after keel-root-init has created it. `tpm2-measure-pcr` records the volume key in
+/// `root=`), after keel-root-init, which on the first boot leaves it open (systemd-cryptsetup then
+/// says "Volume root already active"). `tpm2-measure-pcr` records the volume key in
 /// PCR 15, so a swapped volume changes the measured state. The LUKS device only appears once
 /// keel-root-init has formatted it, which may take longer than systemd's default 90 s device
 /// wait (e.g. while the initrd waits for a TPM the firmware announced): no device timeout, since
@@ -877,6 +908,28 @@ kernel/lib/crc16.ko.xz:\n";
             ROOT_INIT.contains("@WITHOUT_TPM@"),
             "the setting is substituted at build time"
         );
+    }
+
+    /// The initrd's scripts parse as POSIX shell (the host's `sh`, dash on Debian as in the
+    /// initrd): a syntax error would only show on a booted node.
+    #[test]
+    fn initrd_scripts_parse_as_posix_shell() {
+        for (name, script) in [
+            ("etc-setup", ETC_SETUP.to_string()),
+            ("root-init", ROOT_INIT.replace("@WITHOUT_TPM@", "refuse")),
+        ] {
+            let out = std::process::Command::new("sh")
+                .arg("-n")
+                .arg("-c")
+                .arg(&script)
+                .output()
+                .expect("run sh");
+            assert!(
+                out.status.success(),
+                "{name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     }
 
     /// Every `Documentation=file:` link of the units cluster-node ships (its own units and the
