@@ -109,17 +109,26 @@ WITHOUT_TPM=@WITHOUT_TPM@
 say() { echo "keel-root-init: $*"; echo "<5>keel-root-init: $*" > /dev/kmsg; }
 fail() { echo "keel-root-init: ERROR: $*" >&2; echo "<2>keel-root-init: ERROR: $*" > /dev/kmsg; exit 1; }
 
+# Sets $known to the names of the partitions the kernel knows now (" vda1 vda2 ...").
+list_partitions() {
+    known=""
+    for q in /sys/class/block/*/partition; do
+        [ -e "$q" ] || continue
+        q=${q%/partition}
+        known="$known ${q##*/}"
+    done
+}
+
 # Every boot after the first: the volume exists and is finished, and there is nothing to do. This
 # unit is not ordered after systemd-repart, so on those boots the root is unlocked while /usr is
 # still being set up. Wait until udev has handled every partition the kernel knows of (so the
 # volume, if there is one, has its /dev/gpt-auto-root-luks name), then leave if it is there. A
 # disk that shows up later, or none at all, leads to the first-boot path below, which waits for
 # systemd-repart and checks again.
+list_partitions
 parts=""
-for p in /sys/class/block/*/partition; do
-    [ -e "$p" ] || continue
-    d=${p%/partition}
-    parts="$parts /dev/${d##*/}"
+for n in $known; do
+    parts="$parts /dev/$n"
 done
 # udev names the root partition (/dev/gpt-auto-root) from a property of the whole disk that it
 # computes when it probes the disk. systemd-repart adds the partition to a disk that is in use
@@ -170,12 +179,7 @@ i=0
 while ! root_seen; do
     i=$((i + 1))
     if [ "$i" -gt 120 ]; then
-        known=""
-        for q in /sys/class/block/*/partition; do
-            [ -e "$q" ] || continue
-            q=${q%/partition}
-            known="$known ${q##*/}"
-        done
+        list_partitions
         fail "no root partition on the boot disk after 60 s (systemd-repart did not create one, or udev did not name it; partitions the kernel knows:${known:- none}; is the disk full?)"
     fi
     [ $((i % 20)) -ne 0 ] || reprobe
