@@ -35,6 +35,8 @@ struct Lab {
     nodes: usize,
     /// Passed as --bootstrap-config when set.
     bootstrap: Option<PathBuf>,
+    /// Further keel-net arguments, by node.
+    extra_args: std::collections::HashMap<usize, Vec<String>>,
 }
 
 impl Lab {
@@ -64,6 +66,7 @@ impl Lab {
             attached: Default::default(),
             nodes,
             bootstrap: None,
+            extra_args: Default::default(),
             id,
         };
         let hub = lab.ns("hub");
@@ -232,6 +235,7 @@ impl Lab {
                     .iter()
                     .flat_map(|b| [PathBuf::from("--bootstrap-config"), b.clone()]),
             )
+            .args(self.extra_args.get(&i).into_iter().flatten())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -367,6 +371,36 @@ impl Lab {
             .success()
     }
 
+    /// Connects by TCP from namespace `client` to `addr` (a listener in namespace `server`) and
+    /// returns the source address the listener saw, or None when the connection failed.
+    fn source_seen(&self, server: &str, addr: &str, client: &str) -> Option<String> {
+        use std::io::BufRead;
+        const LISTEN: &str = "import socket,sys\ns=socket.socket()\ns.settimeout(15)\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind((sys.argv[1],7777))\ns.listen()\nprint('ready',flush=True)\nc,a=s.accept()\nprint(a[0],flush=True)";
+        let mut srv = self
+            .exec(server, "python3")
+            .args(["-c", LISTEN, addr])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 listener");
+        let mut lines = std::io::BufReader::new(srv.stdout.take().unwrap()).lines();
+        assert_eq!(lines.next().and_then(|l| l.ok()).as_deref(), Some("ready"));
+        let connected = run(self.exec(client, "python3").args([
+            "-c",
+            "import socket,sys; socket.create_connection((sys.argv[1],7777),timeout=3)",
+            addr,
+        ]))
+        .status
+        .success();
+        if !connected {
+            let _ = srv.kill();
+            let _ = srv.wait();
+            return None;
+        }
+        let seen = lines.next().and_then(|l| l.ok());
+        let _ = srv.wait();
+        seen
+    }
+
     fn own_routes(&self, i: usize) -> String {
         self.ip(&self.ns(&i.to_string()), &["route", "show", "proto", "107"])
     }
@@ -398,7 +432,17 @@ impl Drop for Lab {
 
 /// Three nodes; the config is put into etcd by hand, or (`bootstrap`) by keel-net itself.
 fn three_nodes(tag: &str, config: &str, bootstrap: bool) -> (Lab, Vec<Ipv4Addr>) {
+    three_nodes_with(tag, config, bootstrap, Default::default())
+}
+
+fn three_nodes_with(
+    tag: &str,
+    config: &str,
+    bootstrap: bool,
+    extra_args: std::collections::HashMap<usize, Vec<String>>,
+) -> (Lab, Vec<Ipv4Addr>) {
     let mut lab = Lab::new(tag, 3);
+    lab.extra_args = extra_args;
     lab.start_etcd();
     if bootstrap {
         let p = lab.path("net-config.json");
@@ -446,12 +490,32 @@ fn vxlan_overlay_between_three_nodes() {
             addrs[to - 1]
         );
     }
+    // Leaving the overlay (the hub routes nothing back to 10.5.0.0/16), a container's traffic
+    // is masqueraded behind its node's address; between containers the source stays.
+    let hub = lab.ns("hub");
+    assert_eq!(
+        lab.source_seen(&hub, HUB_IP, &lab.ctr_ns(1)).as_deref(),
+        Some(node_ip(1).as_str()),
+        "container 1 → the hub (outside the overlay)"
+    );
+    assert_eq!(
+        lab.source_seen(&lab.ctr_ns(3), &addrs[2].to_string(), &lab.ctr_ns(1)),
+        Some(addrs[0].to_string()),
+        "container 1 → container 3 must keep its source address"
+    );
     let s1 = lab.status(1);
+    let masq = s1["ip_masq"].as_str().unwrap_or_default();
+    assert!(
+        masq.starts_with(&format!("ip saddr {}", lab.subnet(1))) && masq.ends_with("masquerade"),
+        "{s1}"
+    );
     assert_eq!(s1["device"]["name"], "flannel.1");
     assert_eq!(s1["device"]["mtu"], 1450);
     let env1 = fs::read_to_string(lab.path("subnet1.env")).unwrap();
     assert!(
-        env1.contains("FLANNEL_NETWORK=10.5.0.0/16\n") && env1.contains("FLANNEL_MTU=1450\n"),
+        env1.contains("FLANNEL_NETWORK=10.5.0.0/16\n")
+            && env1.contains("FLANNEL_MTU=1450\n")
+            && env1.contains("FLANNEL_IPMASQ=true\n"),
         "{env1}"
     );
 
@@ -520,11 +584,13 @@ fn vxlan_overlay_between_three_nodes() {
 }
 
 /// host-gw: plain routes through the peers' underlay addresses; the nodes store the network
-/// config themselves (--bootstrap-config), as etcd starts empty.
+/// config themselves (--bootstrap-config), as etcd starts empty. Node 1 runs with
+/// --ip-masq=false: its containers reach the overlay but not the hub outside it.
 #[test]
 fn host_gw_overlay_between_three_nodes() {
     let config = r#"{"Network":"10.6.0.0/16","Backend":{"Type":"host-gw"}}"#;
-    let (lab, addrs) = three_nodes("h", config, true);
+    let no_masq = [(1, vec!["--ip-masq=false".to_string()])].into();
+    let (lab, addrs) = three_nodes_with("h", config, true, no_masq);
     let stored = lab.etcdctl(&["get", "--print-value-only", "/coreos.com/network/config"]);
     assert_eq!(String::from_utf8_lossy(&stored.stdout).trim(), config);
     for (from, to) in [(1, 3), (3, 2), (2, 1)] {
@@ -541,6 +607,20 @@ fn host_gw_overlay_between_three_nodes() {
         "{routes}"
     );
     assert!(lab.status(1)["device"].is_null());
+    let hub = lab.ns("hub");
+    assert_eq!(
+        lab.source_seen(&hub, HUB_IP, &lab.ctr_ns(2)).as_deref(),
+        Some(node_ip(2).as_str()),
+        "container 2 → the hub, masqueraded"
+    );
+    assert_eq!(
+        lab.source_seen(&hub, HUB_IP, &lab.ctr_ns(1)),
+        None,
+        "node 1 runs with --ip-masq=false: the hub cannot answer its container"
+    );
+    assert!(lab.status(1)["ip_masq"].is_null());
+    let env1 = fs::read_to_string(lab.path("subnet1.env")).unwrap();
+    assert!(env1.contains("FLANNEL_IPMASQ=false\n"), "{env1}");
 
     // What a container's unit does when it stops (`keel-agent net-detach`): the plugins' DEL
     // releases the address and the namespace goes; attaching again works.
@@ -627,4 +707,25 @@ fn outages_and_bad_config_keep_traffic() {
     lab.wait_running(1, 1);
     lab.wait_running(2, 1);
     assert!(lab.reaches(1, a2));
+
+    // vxlan with DirectRouting: the nodes share the hub's L2 segment, so each routes the
+    // other's subnet through its underlay address, without encapsulation or FDB entries.
+    lab.put_config(r#"{"Network":"10.7.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#);
+    let subnet2 = lab.subnet(2);
+    let direct = format!("{subnet2} via {} dev eth0", node_ip(2));
+    wait_until(
+        "node 1's direct route to node 2",
+        Duration::from_secs(20),
+        || lab.own_routes(1).contains(&direct),
+    );
+    lab.wait_running(1, 1);
+    let fdb = lab.ip(&lab.ns("1"), &["-4", "neigh", "show", "dev", "flannel.1"]);
+    assert!(
+        fdb.trim().is_empty(),
+        "no ARP entries for a direct peer: {fdb}"
+    );
+    assert!(
+        lab.reaches(1, a2) && lab.reaches(2, a1),
+        "containers over direct routes"
+    );
 }

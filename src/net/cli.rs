@@ -99,6 +99,10 @@ pub struct RunArgs {
     /// Name published in the lease (default: the host name).
     #[arg(long, env = "KEEL_NET_HOSTNAME")]
     pub hostname: Option<String>,
+    /// Masquerade containers' traffic that leaves the overlay network behind the node's
+    /// address (nftables table `ip keel-net`); traffic between containers keeps its source.
+    #[arg(long, env = "KEEL_NET_IP_MASQ", default_value_t = true, action = clap::ArgAction::Set)]
+    pub ip_masq: bool,
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -133,6 +137,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     }
                     None => None,
                 },
+                ip_masq: args.ip_masq,
                 cni_conf: (!args.cni_conf.as_os_str().is_empty()).then_some(args.cni_conf),
                 hostname: args.hostname.or_else(|| {
                     nix::unistd::gethostname()

@@ -33,7 +33,13 @@ fn err(field: &str, problem: impl Into<String>) -> ConfigError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Backend {
     /// A VXLAN device (`flannel.<vni>`) with one FDB and one neighbour entry per peer.
-    Vxlan { vni: u32, port: u16 },
+    /// With `direct_routing`, peers on the node's own underlay subnet get a plain route
+    /// through their underlay address instead (flannel's `DirectRouting`).
+    Vxlan {
+        vni: u32,
+        port: u16,
+        direct_routing: bool,
+    },
     /// Plain routes to each peer's subnet through the peer's underlay address (one L2 segment).
     HostGw,
     /// Kernel WireGuard (`flannel-wg`), keys generated on each node, public keys in the leases.
@@ -223,6 +229,7 @@ fn parse_backend(value: Option<&Value>) -> Result<Backend, ConfigError> {
         return Ok(Backend::Vxlan {
             vni: 1,
             port: VXLAN_DEFAULT_PORT,
+            direct_routing: false,
         });
     };
     let obj = value
@@ -251,10 +258,7 @@ fn parse_backend(value: Option<&Value>) -> Result<Backend, ConfigError> {
                 format!("unknown for backend {kind} (known: {})", allowed.join(", ")),
             ));
         }
-        if matches!(
-            key.as_str(),
-            "DirectRouting" | "MTU" | "PersistentKeepaliveInterval" | "Mode"
-        ) {
+        if matches!(key.as_str(), "MTU" | "PersistentKeepaliveInterval" | "Mode") {
             return Err(err(
                 &format!("Backend.{key}"),
                 "not supported by keel-net yet",
@@ -271,9 +275,16 @@ fn parse_backend(value: Option<&Value>) -> Result<Backend, ConfigError> {
                     .and_then(|n| u32::try_from(n).ok())
                     .ok_or_else(|| err("Backend.VNI", "must be a number below 16777216"))?,
             };
+            let direct_routing = match obj.get("DirectRouting") {
+                None => false,
+                Some(v) => v
+                    .as_bool()
+                    .ok_or_else(|| err("Backend.DirectRouting", "must be true or false"))?,
+            };
             Backend::Vxlan {
                 vni,
                 port: port_field(obj, "Port", VXLAN_DEFAULT_PORT)?,
+                direct_routing,
             }
         }
         "host-gw" => Backend::HostGw,
@@ -293,7 +304,14 @@ mod tests {
         assert_eq!(c.subnet_len, 24);
         assert_eq!(c.subnet_min, Ipv4Addr::new(10, 5, 1, 0));
         assert_eq!(c.subnet_max, Ipv4Addr::new(10, 5, 255, 0));
-        assert_eq!(c.backend, Backend::Vxlan { vni: 1, port: 8472 });
+        assert_eq!(
+            c.backend,
+            Backend::Vxlan {
+                vni: 1,
+                port: 8472,
+                direct_routing: false
+            }
+        );
         assert_eq!(c.subnets().count(), 255);
         assert!(c.contains_subnet(&"10.5.7.0/24".parse().unwrap()));
         assert!(!c.contains_subnet(&"10.5.0.0/24".parse().unwrap()));
@@ -323,14 +341,15 @@ mod tests {
         .unwrap();
         assert_eq!(w.backend, Backend::Wireguard { listen_port: 51000 });
         let v = NetworkConfig::parse(
-            r#"{"Network":"10.7.0.0/16","Backend":{"Type":"vxlan","VNI":42,"Port":4789}}"#,
+            r#"{"Network":"10.7.0.0/16","Backend":{"Type":"vxlan","VNI":42,"Port":4789,"DirectRouting":true}}"#,
         )
         .unwrap();
         assert_eq!(
             v.backend,
             Backend::Vxlan {
                 vni: 42,
-                port: 4789
+                port: 4789,
+                direct_routing: true
             }
         );
     }
@@ -368,6 +387,14 @@ mod tests {
             (
                 r#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw","VNI":1}}"#,
                 "Backend.VNI",
+            ),
+            (
+                r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan","DirectRouting":"yes"}}"#,
+                "Backend.DirectRouting",
+            ),
+            (
+                r#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw","DirectRouting":true}}"#,
+                "Backend.DirectRouting",
             ),
             (r#"{"Network":"10.5.0.0/16","Netwrok":"x"}"#, "Netwrok"),
             (

@@ -13,6 +13,7 @@ use super::files::{
 };
 use super::kernel::{Kernel, OverlayDevice, SyncMode, Underlay};
 use super::lease::{self, LeaseAttrs};
+use super::masq;
 use super::plan::{self, format_mac, WgPeer};
 use super::store::{Acquired, EtcdOptions, Store, StoreError};
 use base64::Engine as _;
@@ -40,6 +41,8 @@ pub struct Options {
     /// A checked network config to store when etcd has none.
     pub bootstrap_config: Option<String>,
     pub hostname: Option<String>,
+    /// Masquerade traffic from this node's containers that leaves the overlay network.
+    pub ip_masq: bool,
 }
 
 /// Why one pass with a connected store ended.
@@ -323,20 +326,30 @@ impl Daemon {
                 .await
                 .map_err(|e| SessionError::Local(e.to_string()))?;
         }
+        // Before the CNI config is written: the first container already gets out.
+        let masq_rule = self
+            .opts
+            .ip_masq
+            .then(|| masq::rule_for(&subnet, &config.network));
+        masq::apply(masq_rule.as_ref()).map_err(|e| SessionError::Local(e.to_string()))?;
+        let described = masq_rule.as_ref().map(masq::MasqRule::describe);
+        if described != self.status.ip_masq {
+            match &described {
+                Some(d) => tracing::info!("masquerading traffic leaving the overlay: {d}"),
+                None => tracing::info!("not masquerading (--ip-masq=false)"),
+            }
+        }
+        self.status.ip_masq = described;
         let mtu = device.as_ref().map(|d| d.mtu).unwrap_or(self.underlay.mtu);
         files::write_atomic(
             &self.opts.subnet_env,
-            files::subnet_env(&config, &subnet, mtu).as_bytes(),
+            files::subnet_env(&config, &subnet, mtu, self.opts.ip_masq).as_bytes(),
             0o644,
         )
         .map_err(|e| SessionError::Local(e.to_string()))?;
         if let Some(cni) = &self.opts.cni_conf {
-            files::write_atomic(
-                cni,
-                files::cni_conflist(&config, &subnet, mtu).as_bytes(),
-                0o644,
-            )
-            .map_err(|e| SessionError::Local(e.to_string()))?;
+            files::write_atomic(cni, files::cni_conflist(&subnet, mtu).as_bytes(), 0o644)
+                .map_err(|e| SessionError::Local(e.to_string()))?;
         }
         self.status.device = device.as_ref().map(|d| StatusDevice {
             name: d.name.clone(),
@@ -421,7 +434,7 @@ impl Daemon {
     ) -> Result<(Option<OverlayDevice>, serde_json::Value), SessionError> {
         let local = |e: super::kernel::KernelError| SessionError::Local(e.to_string());
         let (device, data) = match &config.backend {
-            Backend::Vxlan { vni, port } => {
+            Backend::Vxlan { vni, port, .. } => {
                 let dev = self
                     .kernel
                     .ensure_vxlan(*vni, *port, &self.underlay)
@@ -523,7 +536,7 @@ impl Daemon {
             subnet: held.subnet,
             attrs: held.attrs.clone(),
         };
-        let (desired, skipped) = plan::plan(&held.config, &own, &list.leases);
+        let (desired, skipped) = plan::plan(&held.config, &own, &list.leases, self.underlay.net);
         let mode = match held.config.backend {
             Backend::Vxlan { .. } => SyncMode::Vxlan,
             Backend::Wireguard { .. } if self.wg_applied.as_ref() != Some(&desired.wg_peers) => {

@@ -36,11 +36,12 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), FileE
     Ok(())
 }
 
-/// flannel's subnet.env: the network, this node's subnet with its gateway address, the MTU.
-pub fn subnet_env(config: &NetworkConfig, subnet: &Ipv4Net, mtu: u32) -> String {
+/// flannel's subnet.env: the network, this node's subnet with its gateway address, the MTU,
+/// whether keel-net masquerades traffic leaving the overlay.
+pub fn subnet_env(config: &NetworkConfig, subnet: &Ipv4Net, mtu: u32, ip_masq: bool) -> String {
     let gateway = Ipv4Addr::from(u32::from(subnet.network()) + 1);
     format!(
-        "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={}/{}\nFLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=false\n",
+        "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={}/{}\nFLANNEL_MTU={mtu}\nFLANNEL_IPMASQ={ip_masq}\n",
         config.network,
         gateway,
         subnet.prefix_len()
@@ -55,15 +56,19 @@ pub const CNI_BRIDGE: &str = "cni0";
 pub const IPAM_DIR: &str = "/run/keel-net/ipam";
 
 /// A CNI network config: a bridge (gateway = first address of the subnet) with host-local
-/// addresses from this node's subnet, and a route to the whole overlay network through it.
-pub fn cni_conflist(config: &NetworkConfig, subnet: &Ipv4Net, mtu: u32) -> String {
+/// addresses from this node's subnet; the bridge is the containers' default route.
+pub fn cni_conflist(subnet: &Ipv4Net, mtu: u32) -> String {
     let v = serde_json::json!({
         "cniVersion": "0.4.0",
         "name": CNI_NETWORK,
         "plugins": [{
             "type": "bridge",
             "bridge": CNI_BRIDGE,
-            "isGateway": true,
+            // The bridge is the containers' default gateway (as in flannel's CNI config):
+            // other nodes' subnets are reached through it, and with --ip-masq so is the world.
+            "isDefaultGateway": true,
+            // keel-net masquerades (table ip keel-net), never the plugin, whose rule would
+            // hide containers' addresses from each other.
             "ipMasq": false,
             "hairpinMode": true,
             "mtu": mtu,
@@ -72,8 +77,7 @@ pub fn cni_conflist(config: &NetworkConfig, subnet: &Ipv4Net, mtu: u32) -> Strin
                 "ranges": [[{"subnet": subnet.to_string()}]],
                 // Reservations live as long as the containers' namespaces (/run/netns): a
                 // reboot leaves none behind.
-                "dataDir": IPAM_DIR,
-                "routes": [{"dst": config.network.to_string()}]
+                "dataDir": IPAM_DIR
             }
         }]
     });
@@ -154,6 +158,9 @@ pub struct Status {
     pub skipped: Vec<StatusSkipped>,
     #[serde(default)]
     pub invalid_entries: Vec<String>,
+    /// The masquerading rule in force (`nft` syntax), when --ip-masq is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_masq: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -244,6 +251,9 @@ pub fn render_status(s: &Status) -> String {
         }
         out.push('\n');
     }
+    if let Some(m) = &s.ip_masq {
+        out.push_str(&format!("ip-masq:  {m}\n"));
+    }
     out.push_str(&format!("peers:    {}\n", s.peers.len()));
     for p in &s.peers {
         out.push_str(&format!(
@@ -271,10 +281,11 @@ mod tests {
         let c = NetworkConfig::parse(r#"{"Network":"10.5.0.0/16"}"#).unwrap();
         let s: Ipv4Net = "10.5.7.0/24".parse().unwrap();
         assert_eq!(
-            subnet_env(&c, &s, 1450),
+            subnet_env(&c, &s, 1450, false),
             "FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.7.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n"
         );
-        let v: serde_json::Value = serde_json::from_str(&cni_conflist(&c, &s, 1450)).unwrap();
+        assert!(subnet_env(&c, &s, 1450, true).ends_with("FLANNEL_IPMASQ=true\n"));
+        let v: serde_json::Value = serde_json::from_str(&cni_conflist(&s, 1450)).unwrap();
         assert_eq!(
             v["plugins"][0]["ipam"]["ranges"][0][0]["subnet"],
             "10.5.7.0/24"

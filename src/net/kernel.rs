@@ -85,6 +85,8 @@ pub struct Underlay {
     pub name: String,
     pub addr: Ipv4Addr,
     pub mtu: u32,
+    /// The subnet the address is on (its prefix on the interface), when the interface holds it.
+    pub net: Option<Ipv4Net>,
 }
 
 /// The backend's own device once set up.
@@ -275,11 +277,17 @@ impl Kernel {
                     KernelError::Other(format!("interface {name} has no IPv4 address"))
                 })?,
         };
+        let net = addrs
+            .iter()
+            .find(|(i, a, _)| *i == index && *a == addr)
+            .and_then(|(_, a, len)| Ipv4Net::new(*a, *len).ok())
+            .map(|n| n.trunc());
         Ok(Underlay {
             index,
             name,
             addr,
             mtu: link_mtu(&link).unwrap_or(1500),
+            net,
         })
     }
 

@@ -7,5 +7,6 @@ pub mod daemon;
 pub mod files;
 pub mod kernel;
 pub mod lease;
+pub mod masq;
 pub mod plan;
 pub mod store;

@@ -85,8 +85,14 @@ pub fn parse_wg_key(text: &str) -> Option<[u8; 32]> {
         .ok()
 }
 
-/// The kernel state for `leases`, seen from the node holding `own`.
-pub fn plan(config: &NetworkConfig, own: &Lease, leases: &[Lease]) -> (Desired, Vec<Skipped>) {
+/// The kernel state for `leases`, seen from the node holding `own`, whose underlay address is
+/// on `underlay_net` (vxlan's DirectRouting routes peers on that subnet without encapsulation).
+pub fn plan(
+    config: &NetworkConfig,
+    own: &Lease,
+    leases: &[Lease],
+    underlay_net: Option<Ipv4Net>,
+) -> (Desired, Vec<Skipped>) {
     let mut desired = Desired::default();
     let mut skipped = Vec::new();
     let backend_name = config.backend.type_name();
@@ -120,7 +126,11 @@ pub fn plan(config: &NetworkConfig, own: &Lease, leases: &[Lease]) -> (Desired, 
         }
         let data = &peer.attrs.backend_data;
         match &config.backend {
-            Backend::Vxlan { vni, .. } => {
+            Backend::Vxlan {
+                vni,
+                direct_routing,
+                ..
+            } => {
                 let Some(mac) = data["VtepMAC"].as_str().and_then(parse_mac) else {
                     skip("BackendData.VtepMAC missing or not a MAC address".into());
                     continue;
@@ -130,6 +140,18 @@ pub fn plan(config: &NetworkConfig, own: &Lease, leases: &[Lease]) -> (Desired, 
                         skip(format!("VNI {peer_vni} differs from the network's {vni}"));
                         continue;
                     }
+                }
+                let direct = *direct_routing
+                    && underlay_net.is_some_and(|n| n.contains(&peer.attrs.public_ip));
+                if direct {
+                    // Same L2 segment: as host-gw, no VXLAN entries for this peer.
+                    desired.routes.insert(RouteSpec {
+                        dst: peer.subnet,
+                        gateway: Some(peer.attrs.public_ip),
+                        dev: Dev::Underlay,
+                        onlink: false,
+                    });
+                    continue;
                 }
                 let vtep = overlay_address(&peer.subnet);
                 desired.routes.insert(RouteSpec {
@@ -230,7 +252,7 @@ mod tests {
                 json!({"VNI":1,"VtepMAC":"02:00:00:00:00:06"}),
             ),
         ];
-        let (d, skipped) = plan(&c, &own, &leases);
+        let (d, skipped) = plan(&c, &own, &leases, None);
         assert_eq!(d.routes.len(), 1);
         let r = d.routes.iter().next().unwrap();
         assert_eq!(r.dst.to_string(), "10.5.2.0/24");
@@ -255,13 +277,62 @@ mod tests {
         assert!(reasons[3].contains("own public address"), "{reasons:?}");
     }
 
+    /// DirectRouting: a peer on the node's underlay subnet gets a plain route and no VXLAN
+    /// entries; a peer behind a router keeps the encapsulated path; without the option (or
+    /// without a known underlay subnet) every peer is encapsulated.
+    #[test]
+    fn vxlan_direct_routing_for_peers_on_the_same_subnet() {
+        let data = |n: u8| json!({"VNI":1,"VtepMAC":format!("02:00:00:00:00:0{n}")});
+        let own = lease("10.5.1.0/24", "192.168.7.11", "vxlan", data(1));
+        let near = lease("10.5.2.0/24", "192.168.7.12", "vxlan", data(2));
+        let far = lease("10.5.3.0/24", "192.168.9.13", "vxlan", data(3));
+        let leases = [own.clone(), near, far];
+        let underlay: Ipv4Net = "192.168.7.0/24".parse().unwrap();
+        let direct = NetworkConfig::parse(
+            r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#,
+        )
+        .unwrap();
+        let (d, skipped) = plan(&direct, &own, &leases, Some(underlay));
+        assert!(skipped.is_empty());
+        let routes: Vec<(String, Option<Ipv4Addr>, Dev)> = d
+            .routes
+            .iter()
+            .map(|r| (r.dst.to_string(), r.gateway, r.dev))
+            .collect();
+        assert_eq!(
+            routes,
+            [
+                (
+                    "10.5.2.0/24".to_string(),
+                    Some(Ipv4Addr::new(192, 168, 7, 12)),
+                    Dev::Underlay
+                ),
+                (
+                    "10.5.3.0/24".to_string(),
+                    Some(Ipv4Addr::new(10, 5, 3, 0)),
+                    Dev::Overlay
+                ),
+            ]
+        );
+        assert_eq!(d.fdb.len(), 1);
+        assert_eq!(d.fdb[&[2, 0, 0, 0, 0, 3]], Ipv4Addr::new(192, 168, 9, 13));
+        assert_eq!(d.neighbours.len(), 1);
+
+        let plain = NetworkConfig::parse(r#"{"Network":"10.5.0.0/16"}"#).unwrap();
+        let (d, _) = plan(&plain, &own, &leases, Some(underlay));
+        assert!(d.routes.iter().all(|r| r.dev == Dev::Overlay));
+        assert_eq!(d.fdb.len(), 2);
+        let (d, _) = plan(&direct, &own, &leases, None);
+        assert!(d.routes.iter().all(|r| r.dev == Dev::Overlay));
+    }
+
     #[test]
     fn host_gw_and_wireguard() {
         let c = NetworkConfig::parse(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}"#)
             .unwrap();
         let own = lease("10.5.1.0/24", "192.168.7.11", "host-gw", json!(null));
         let peer = lease("10.5.2.0/24", "192.168.7.12", "host-gw", json!(null));
-        let (d, _) = plan(&c, &own, &[own.clone(), peer]);
+        let (d, _) = plan(&c, &own, &[own.clone(), peer], None);
         let r = d.routes.iter().next().unwrap();
         assert_eq!(
             (r.gateway, r.dev, r.onlink),
@@ -289,7 +360,7 @@ mod tests {
             "wireguard",
             json!({"PublicKey": "c2hvcnQ="}),
         );
-        let (d, skipped) = plan(&c, &own, &[own.clone(), peer, bad]);
+        let (d, skipped) = plan(&c, &own, &[own.clone(), peer, bad], None);
         let p = d.wg_peers.iter().next().unwrap();
         assert_eq!(p.endpoint.to_string(), "192.168.7.12:51999");
         assert_eq!(p.allowed.to_string(), "10.5.2.0/24");
