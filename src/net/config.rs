@@ -43,7 +43,9 @@ pub enum Backend {
     /// Plain routes to each peer's subnet through the peer's underlay address (one L2 segment).
     HostGw,
     /// Kernel WireGuard (`flannel-wg`), keys generated on each node, public keys in the leases.
-    Wireguard { listen_port: u16 },
+    /// `keepalive`: seconds between keepalive packets to each peer (0: none), for nodes behind
+    /// NAT or stateful firewalls (flannel's `PersistentKeepaliveInterval`).
+    Wireguard { listen_port: u16, keepalive: u16 },
 }
 
 impl Backend {
@@ -258,7 +260,7 @@ fn parse_backend(value: Option<&Value>) -> Result<Backend, ConfigError> {
                 format!("unknown for backend {kind} (known: {})", allowed.join(", ")),
             ));
         }
-        if matches!(key.as_str(), "MTU" | "PersistentKeepaliveInterval" | "Mode") {
+        if matches!(key.as_str(), "MTU" | "Mode") {
             return Err(err(
                 &format!("Backend.{key}"),
                 "not supported by keel-net yet",
@@ -290,6 +292,18 @@ fn parse_backend(value: Option<&Value>) -> Result<Backend, ConfigError> {
         "host-gw" => Backend::HostGw,
         _ => Backend::Wireguard {
             listen_port: port_field(obj, "ListenPort", WIREGUARD_DEFAULT_PORT)?,
+            keepalive: match obj.get("PersistentKeepaliveInterval") {
+                None => 0,
+                Some(v) => v
+                    .as_u64()
+                    .and_then(|n| u16::try_from(n).ok())
+                    .ok_or_else(|| {
+                        err(
+                            "Backend.PersistentKeepaliveInterval",
+                            "must be a number of seconds (0 to 65535)",
+                        )
+                    })?,
+            },
         },
     })
 }
@@ -339,7 +353,24 @@ mod tests {
             r#"{"Network":"10.7.0.0/16","Backend":{"Type":"wireguard","ListenPort":51000}}"#,
         )
         .unwrap();
-        assert_eq!(w.backend, Backend::Wireguard { listen_port: 51000 });
+        assert_eq!(
+            w.backend,
+            Backend::Wireguard {
+                listen_port: 51000,
+                keepalive: 0
+            }
+        );
+        let k = NetworkConfig::parse(
+            r#"{"Network":"10.7.0.0/16","Backend":{"Type":"wireguard","PersistentKeepaliveInterval":25}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            k.backend,
+            Backend::Wireguard {
+                listen_port: 51820,
+                keepalive: 25
+            }
+        );
         let v = NetworkConfig::parse(
             r#"{"Network":"10.7.0.0/16","Backend":{"Type":"vxlan","VNI":42,"Port":4789,"DirectRouting":true}}"#,
         )
@@ -387,6 +418,10 @@ mod tests {
             (
                 r#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw","VNI":1}}"#,
                 "Backend.VNI",
+            ),
+            (
+                r#"{"Network":"10.5.0.0/16","Backend":{"Type":"wireguard","PersistentKeepaliveInterval":-5}}"#,
+                "Backend.PersistentKeepaliveInterval",
             ),
             (
                 r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan","DirectRouting":"yes"}}"#,

@@ -444,7 +444,7 @@ impl Daemon {
                 (Some(dev), serde_json::json!({"VNI": vni, "VtepMAC": mac}))
             }
             Backend::HostGw => (None, serde_json::Value::Null),
-            Backend::Wireguard { listen_port } => {
+            Backend::Wireguard { listen_port, .. } => {
                 let private =
                     files::wireguard_key(&self.opts.state_dir).map_err(SessionError::Local)?;
                 let public = super::kernel::wg_public_key(&private).map_err(SessionError::Local)?;

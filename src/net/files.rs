@@ -291,6 +291,8 @@ mod tests {
             "10.5.7.0/24"
         );
         assert_eq!(v["plugins"][0]["mtu"], 1450);
+        assert_eq!(v["plugins"][0]["isDefaultGateway"], true);
+        assert_eq!(v["plugins"][0]["ipMasq"], false);
     }
 
     #[test]

@@ -789,6 +789,8 @@ async fn sync_wg_peers(peers: &BTreeSet<WgPeer>) -> Result<Changes> {
                     WireguardAllowedIpAttr::IpAddr(IpAddr::V4(p.allowed.network())),
                     WireguardAllowedIpAttr::Cidr(p.allowed.prefix_len()),
                 ])]),
+                // 0 switches keepalives off, so a config change takes effect either way.
+                WireguardPeerAttribute::PersistentKeepalive(p.keepalive),
             ])
         })
         .collect();

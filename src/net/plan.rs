@@ -32,6 +32,8 @@ pub struct WgPeer {
     pub public_key: [u8; 32],
     pub endpoint: SocketAddrV4,
     pub allowed: Ipv4Net,
+    /// Seconds between keepalives (0: none).
+    pub keepalive: u16,
 }
 
 /// The kernel state for one set of leases.
@@ -171,7 +173,10 @@ pub fn plan(
                     onlink: false,
                 });
             }
-            Backend::Wireguard { listen_port } => {
+            Backend::Wireguard {
+                listen_port,
+                keepalive,
+            } => {
                 let Some(key) = data["PublicKey"].as_str().and_then(parse_wg_key) else {
                     skip("BackendData.PublicKey missing or not a base64 WireGuard key".into());
                     continue;
@@ -190,6 +195,7 @@ pub fn plan(
                     public_key: key,
                     endpoint: SocketAddrV4::new(peer.attrs.public_ip, port),
                     allowed: peer.subnet,
+                    keepalive: *keepalive,
                 });
             }
         }
@@ -360,12 +366,19 @@ mod tests {
             "wireguard",
             json!({"PublicKey": "c2hvcnQ="}),
         );
-        let (d, skipped) = plan(&c, &own, &[own.clone(), peer, bad], None);
+        let (d, skipped) = plan(&c, &own, &[own.clone(), peer.clone(), bad], None);
         let p = d.wg_peers.iter().next().unwrap();
         assert_eq!(p.endpoint.to_string(), "192.168.7.12:51999");
         assert_eq!(p.allowed.to_string(), "10.5.2.0/24");
+        assert_eq!(p.keepalive, 0);
         assert_eq!(d.routes.iter().next().unwrap().gateway, None);
         assert_eq!(skipped.len(), 1);
+        let c = NetworkConfig::parse(
+            r#"{"Network":"10.5.0.0/16","Backend":{"Type":"wireguard","PersistentKeepaliveInterval":25}}"#,
+        )
+        .unwrap();
+        let (d, _) = plan(&c, &own, &[own.clone(), peer], None);
+        assert_eq!(d.wg_peers.iter().next().unwrap().keepalive, 25);
     }
 
     #[test]
