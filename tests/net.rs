@@ -660,6 +660,10 @@ fn outages_and_bad_config_keep_traffic() {
     let a2 = lab.add_container(2);
     assert!(lab.reaches(1, a2) && lab.reaches(2, a1));
     let routes_before = lab.own_routes(1);
+    assert!(
+        lab.status(1)["peers"][0]["direct"].is_null(),
+        "plain vxlan encapsulates"
+    );
 
     lab.put_config(r#"{"Network":"10.7.0.0/16","Backend":{"Type":"udp"}}"#);
     wait_until("config-error on node 1", Duration::from_secs(15), || {
@@ -718,7 +722,11 @@ fn outages_and_bad_config_keep_traffic() {
         Duration::from_secs(20),
         || lab.own_routes(1).contains(&direct),
     );
-    lab.wait_running(1, 1);
+    wait_until(
+        "node 1's status to call node 2 direct",
+        Duration::from_secs(10),
+        || lab.status(1)["peers"][0]["direct"] == true,
+    );
     let fdb = lab.ip(&lab.ns("1"), &["-4", "neigh", "show", "dev", "flannel.1"]);
     assert!(
         fdb.trim().is_empty(),

@@ -574,6 +574,11 @@ impl Daemon {
                 subnet: l.subnet,
                 public_ip: l.attrs.public_ip,
                 hostname: l.attrs.hostname.clone(),
+                direct: matches!(held.config.backend, Backend::Vxlan { .. })
+                    && desired
+                        .routes
+                        .iter()
+                        .any(|r| r.dst == l.subnet && r.dev == plan::Dev::Underlay),
             })
             .collect();
         self.status.skipped = skipped;

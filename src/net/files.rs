@@ -195,6 +195,9 @@ pub struct StatusPeer {
     pub public_ip: Ipv4Addr,
     #[serde(default)]
     pub hostname: Option<String>,
+    /// vxlan with DirectRouting: routed through its underlay address, not encapsulated.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub direct: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -257,10 +260,11 @@ pub fn render_status(s: &Status) -> String {
     out.push_str(&format!("peers:    {}\n", s.peers.len()));
     for p in &s.peers {
         out.push_str(&format!(
-            "  {:<18} via {:<15} {}\n",
+            "  {:<18} via {:<15} {}{}\n",
             p.subnet.to_string(),
             p.public_ip,
-            p.hostname.as_deref().unwrap_or("")
+            p.hostname.as_deref().unwrap_or(""),
+            if p.direct { " (direct, no vxlan)" } else { "" }
         ));
     }
     for k in &s.skipped {
