@@ -619,6 +619,7 @@ fn host_gw_overlay_between_three_nodes() {
         "node 1 runs with --ip-masq=false: the hub cannot answer its container"
     );
     assert!(lab.status(1)["ip_masq"].is_null());
+    assert!(lab.log(1).contains("not masquerading (--ip-masq=false)"));
     let env1 = fs::read_to_string(lab.path("subnet1.env")).unwrap();
     assert!(env1.contains("FLANNEL_IPMASQ=false\n"), "{env1}");
 

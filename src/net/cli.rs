@@ -201,3 +201,26 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip_masq(args: &[&str]) -> bool {
+        match Cli::try_parse_from(args).unwrap().command {
+            Command::Run(a) => a.ip_masq,
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    /// Masquerading is on unless the flag or the unit's environment file says false.
+    #[test]
+    fn ip_masq_from_flag_and_environment() {
+        assert!(ip_masq(&["keel-net", "run"]));
+        assert!(!ip_masq(&["keel-net", "run", "--ip-masq=false"]));
+        assert!(ip_masq(&["keel-net", "run", "--ip-masq", "true"]));
+        // nextest runs each test in a process of its own, so the variable stays here.
+        std::env::set_var("KEEL_NET_IP_MASQ", "false");
+        assert!(!ip_masq(&["keel-net", "run"]));
+    }
+}

@@ -77,6 +77,8 @@ struct Daemon {
     held: Option<Held>,
     status: Status,
     wg_applied: Option<BTreeSet<WgPeer>>,
+    /// The masquerading rule last applied (`Some(None)`: the table removed), for the log.
+    masq_applied: Option<Option<String>>,
     logged_skips: Vec<StatusSkipped>,
     term: Signal,
     int: Signal,
@@ -127,6 +129,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         underlay,
         held: None,
         wg_applied: None,
+        masq_applied: None,
         logged_skips: Vec::new(),
         term: signal(SignalKind::terminate())?,
         int: signal(SignalKind::interrupt())?,
@@ -333,11 +336,12 @@ impl Daemon {
             .then(|| masq::rule_for(&subnet, &config.network));
         masq::apply(masq_rule.as_ref()).map_err(|e| SessionError::Local(e.to_string()))?;
         let described = masq_rule.as_ref().map(masq::MasqRule::describe);
-        if described != self.status.ip_masq {
+        if self.masq_applied.as_ref() != Some(&described) {
             match &described {
                 Some(d) => tracing::info!("masquerading traffic leaving the overlay: {d}"),
                 None => tracing::info!("not masquerading (--ip-masq=false)"),
             }
+            self.masq_applied = Some(described.clone());
         }
         self.status.ip_masq = described;
         let mtu = device.as_ref().map(|d| d.mtu).unwrap_or(self.underlay.mtu);

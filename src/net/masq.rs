@@ -17,7 +17,8 @@
 //! Traffic between containers (destination inside the overlay network) keeps its source
 //! address, so a container sees its peers' real addresses; multicast is left alone. The table
 //! is replaced in one netlink transaction (add, delete, add), so there is no moment without
-//! the rule, and a restart of keel-net drops no connection (conntrack keeps the translations).
+//! the rule; replacing it leaves the kernel's connection tracking, which holds the translations
+//! of connections already made, as it is.
 
 use ipnet::Ipv4Net;
 use nftnl::{
