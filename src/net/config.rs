@@ -349,40 +349,38 @@ mod tests {
                 "10.6.1.0/26"
             ]
         );
-        let w = NetworkConfig::parse(
-            r#"{"Network":"10.7.0.0/16","Backend":{"Type":"wireguard","ListenPort":51000}}"#,
-        )
-        .unwrap();
-        assert_eq!(
-            w.backend,
-            Backend::Wireguard {
-                listen_port: 51000,
-                keepalive: 0
-            }
-        );
-        let k = NetworkConfig::parse(
-            r#"{"Network":"10.7.0.0/16","Backend":{"Type":"wireguard","PersistentKeepaliveInterval":25}}"#,
-        )
-        .unwrap();
-        assert_eq!(
-            k.backend,
-            Backend::Wireguard {
-                listen_port: 51820,
-                keepalive: 25
-            }
-        );
-        let v = NetworkConfig::parse(
-            r#"{"Network":"10.7.0.0/16","Backend":{"Type":"vxlan","VNI":42,"Port":4789,"DirectRouting":true}}"#,
-        )
-        .unwrap();
-        assert_eq!(
-            v.backend,
-            Backend::Vxlan {
-                vni: 42,
-                port: 4789,
-                direct_routing: true
-            }
-        );
+        let backends = [
+            (
+                r#"{"Type":"wireguard","ListenPort":51000}"#,
+                Backend::Wireguard {
+                    listen_port: 51000,
+                    keepalive: 0,
+                },
+            ),
+            (
+                r#"{"Type":"wireguard","PersistentKeepaliveInterval":25}"#,
+                Backend::Wireguard {
+                    listen_port: 51820,
+                    keepalive: 25,
+                },
+            ),
+            (
+                r#"{"Type":"vxlan","VNI":42,"Port":4789,"DirectRouting":true}"#,
+                Backend::Vxlan {
+                    vni: 42,
+                    port: 4789,
+                    direct_routing: true,
+                },
+            ),
+        ];
+        for (backend, expected) in backends {
+            let text = format!(r#"{{"Network":"10.7.0.0/16","Backend":{backend}}}"#);
+            assert_eq!(
+                NetworkConfig::parse(&text).unwrap().backend,
+                expected,
+                "{text}"
+            );
+        }
     }
 
     #[test]
