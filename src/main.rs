@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = keel::cli::Cli::parse();
+    let cli = keel::host::cli::Cli::parse();
     let level = match cli.verbose {
         0 => "info",
         1 => "debug",
@@ -16,7 +16,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
-    match keel::cli::run(cli) {
+    match keel::host::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -1,13 +1,25 @@
 //! `manifest.json`: what a build produced and from what. Read by `keel inspect`, `keel diff`,
 //! `keel boot`/`keel test` (the expected root hash) and, later, the update and trust tooling.
 
-use crate::compose::dpkg::Package;
-use crate::progress::StageTiming;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::path::Path;
+
+/// A Debian package and its version, as installed in an image.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Package {
+    pub name: String,
+    pub version: String,
+}
+
+/// How long one stage of a build took.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StageTiming {
+    pub stage: String,
+    pub seconds: f64,
+}
 
 pub const MANIFEST_FORMAT: u32 = 1;
 pub const MANIFEST_FILE: &str = "manifest.json";

@@ -594,9 +594,12 @@ fn check_signed_variant(minimal: &Path, tmp: &Path) {
     // The tampering `keel test` does, on the real UKI: a changed command line keeps the
     // signature bytes but moves PCR 11 off every signed policy; a flipped kernel byte breaks the
     // Authenticode signature.
-    let changed =
-        keel::testing::esp::replace_cmdline(&uki, "systemd.firstboot=off", "init=/usr/bin/sh")
-            .expect("replace cmdline");
+    let changed = keel::host::testing::tamper::replace_cmdline(
+        &uki,
+        "systemd.firstboot=off",
+        "init=/usr/bin/sh",
+    )
+    .expect("replace cmdline");
     assert_eq!(changed.len(), uki.len());
     let sections = keel::trust::measure::measured_sections(&changed).expect("sections");
     let predicted = keel::trust::measure::predict(&sections);
@@ -607,7 +610,7 @@ fn check_signed_variant(minimal: &Path, tmp: &Path) {
             p.phase
         );
     }
-    let flipped = keel::testing::esp::flip_linux_byte(&uki).expect("flip");
+    let flipped = keel::host::testing::tamper::flip_linux_byte(&uki).expect("flip");
     let bad = dir.join("flipped.efi");
     fs::write(&bad, flipped).expect("write");
     let o = sbverify(&bad);

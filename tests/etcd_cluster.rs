@@ -97,7 +97,7 @@ impl Cluster {
     /// Unpack node `name`'s Ignition files under its root; return etcd's environment from it.
     fn provision(&self, name: &str) -> Vec<(String, String)> {
         let text = fs::read(Path::new(&self.cfg_dir()).join(format!("{name}.ign"))).unwrap();
-        let plan = keel::provision::config::parse(&text).unwrap();
+        let plan = keel::node::provision::config::parse(&text).unwrap();
         let root = self.root(name);
         for f in &plan.files {
             let p = root.join(f.path.trim_start_matches('/'));

@@ -7,8 +7,8 @@
 
 mod common;
 use common::{ok, run, wait_until};
-use keel::agent::network;
-use keel::cluster::pki;
+use keel::host::cluster::pki;
+use keel::node::agent::network;
 use serde_json::Value;
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr};
@@ -287,7 +287,7 @@ impl Lab {
     }
 
     /// A container namespace on node i, attached the way keel-agent attaches a container: its
-    /// network code ([`keel::agent::network`]) with the real plugins, run inside node i's
+    /// network code ([`keel::node::agent::network`]) with the real plugins, run inside node i's
     /// namespace, reading keel-net's config from a node root of its own (the host-local
     /// reservations kept per node, as they would be on separate machines).
     fn add_container(&mut self, i: usize) -> Ipv4Addr {

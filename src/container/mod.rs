@@ -3,7 +3,6 @@
 //! `keel-agent` (node side).
 
 pub mod build;
-pub mod commands;
 pub mod oci;
 pub mod policy;
 pub mod signature;

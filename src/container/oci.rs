@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 pub const MEDIA_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -51,7 +51,7 @@ pub enum OciError {
     },
     #[error("{0}")]
     Unsupported(String),
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         context: String,
         source: std::io::Error,
@@ -438,18 +438,12 @@ fn read_limited(p: &Path, max: u64) -> Result<Vec<u8>, OciError> {
     Ok(bytes)
 }
 
-/// Writes a file through a temporary name and a rename.
+/// Writes a file whole or not at all (see [`crate::atomic`]).
 pub fn atomic_write(p: &Path, bytes: &[u8]) -> Result<(), OciError> {
-    let dir = p.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .map_err(io(format!("creating a file in {}", dir.display())))?;
-    tmp.write_all(bytes)
-        .map_err(io(format!("writing {}", p.display())))?;
-    tmp.persist(p).map_err(|e| OciError::Io {
-        context: format!("renaming into {}", p.display()),
-        source: e.error,
-    })?;
-    Ok(())
+    crate::atomic::write(p, bytes, 0o644).map_err(|e| OciError::Io {
+        context: format!("writing {} ({})", p.display(), e.step),
+        source: e.source,
+    })
 }
 
 /// An image whose signature, manifest, config and layers all checked out.

@@ -67,7 +67,7 @@ pub enum UnpackError {
         path: String,
         reason: String,
     },
-    #[error("layer {layer}: {context}: {source}")]
+    #[error("layer {layer}: {context}")]
     Io {
         layer: usize,
         context: String,

@@ -25,7 +25,7 @@ impl fmt::Display for Origin {
 /// the line, column and field.
 #[derive(Debug, thiserror::Error)]
 pub enum DefinitionError {
-    #[error("reading image definition {path}: {source}")]
+    #[error("reading image definition {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,

@@ -1,11 +1,7 @@
-//! Running external tools: on the host (mmdebstrap, QEMU) and inside the cached Debian trixie
-//! tools tree (systemd-repart, ukify, mkfs.erofs, veritysetup, ...).
+//! Running external programs: the command line logged, the tool's stderr tail in the error.
+//! Shared by the node programs and the host commands; the host's tools tree (Debian trixie's
+//! systemd-repart, ukify, ...) lives in `host::tools`.
 
-mod host;
 mod run;
-pub mod sandbox;
-mod tree;
 
-pub use host::{require_host_tool, HostTool};
 pub use run::{display_cmd, run, run_capture, tail_lines, ToolError};
-pub use tree::ToolsTree;

@@ -6,7 +6,7 @@ use std::process::{Command, Output, Stdio};
 /// A child process that could not be started or did not succeed.
 #[derive(Debug, thiserror::Error)]
 pub enum ToolError {
-    #[error("could not start `{program}`: {source}")]
+    #[error("could not start `{program}`")]
     Spawn {
         program: String,
         source: std::io::Error,

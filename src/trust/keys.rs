@@ -50,9 +50,9 @@ pub enum KeyError {
         "{path}: private key is readable by group or others (mode {mode:o}); run chmod 600 {path}"
     )]
     Permissions { path: PathBuf, mode: u32 },
-    #[error("generating keys: {0}")]
+    #[error("generating keys")]
     Crypto(#[from] openssl::error::ErrorStack),
-    #[error("writing {path}: {source}")]
+    #[error("writing {path}")]
     Write {
         path: PathBuf,
         source: std::io::Error,
@@ -138,7 +138,7 @@ fn random_guid() -> Result<String, KeyError> {
     openssl::rand::rand_bytes(&mut b)?;
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    crate::render::layout::uuid_from_hex(&hex::encode(b)).map_err(|e| KeyError::File {
+    crate::disk::layout::uuid_from_hex(&hex::encode(b)).map_err(|e| KeyError::File {
         path: PathBuf::from(file::OWNER),
         message: format!("{e:#}"),
     })

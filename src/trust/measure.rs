@@ -45,9 +45,9 @@ pub enum MeasureError {
     Duplicate(String),
     #[error("section {name} points outside the file")]
     Bounds { name: String },
-    #[error("signing: {0}")]
+    #[error("signing")]
     Crypto(#[from] openssl::error::ErrorStack),
-    #[error(".pcrsig is not valid JSON: {0}")]
+    #[error(".pcrsig is not valid JSON")]
     Json(#[from] serde_json::Error),
 }
 

@@ -1,0 +1,1080 @@
+//! Runs test scenarios against a built image: fresh overlay and TPM per node, steps through the
+//! guest agent, host-side actions, implicit checks, consoles and journals saved per node.
+
+use super::definition::{expand, Action, NodeSel, Step, TestFile, UkiTamper};
+use super::report::{self, Outcome, TestResult};
+use super::tamper;
+use crate::disk::esp::{Esp, UKI_DIR};
+use crate::host::cache::Cache;
+use crate::host::qemu::cmdline::{node_mac, Firmware, NetSpec, VmSpec};
+use crate::host::qemu::qga::{ExecResult, Qga};
+use crate::host::qemu::switch::Switch;
+use crate::host::qemu::vm::{create_overlay, virtual_size, Vm};
+use crate::host::tools::{tail_lines, ToolsTree};
+use crate::manifest::Manifest;
+use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// Extra virtual disk beyond the image, for the root partition made on first boot.
+const ROOT_SPACE: u64 = 6 << 30;
+const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(120);
+const REBOOT_TIMEOUT: Duration = Duration::from_secs(360);
+
+/// Console lines that fail every test unless the test allows failures.
+pub const CONSOLE_FAILURES: &[&str] = &[
+    "Kernel panic",
+    "You are in emergency mode",
+    "Entering emergency mode",
+    "Failed to start ",
+];
+
+pub struct RunContext<'a> {
+    pub manifest: &'a Manifest,
+    pub raw: PathBuf,
+    pub results: &'a Path,
+    pub accel: String,
+    pub interrupted: &'a AtomicBool,
+    pub cache: &'a Cache,
+}
+
+struct Node {
+    index: usize,
+    dir: PathBuf,
+    overlay: PathBuf,
+    vars: PathBuf,
+    tpm: PathBuf,
+    qga_socket: PathBuf,
+    qmp_socket: PathBuf,
+    ignition: Option<PathBuf>,
+    /// The directory of the test file (relative paths in steps).
+    test_dir: PathBuf,
+    memory_mib: u32,
+    nets: Vec<NetSpec>,
+    vm: Option<Vm>,
+    boots: usize,
+    started: Instant,
+    consoles: Vec<PathBuf>,
+    /// Consoles of boots meant to stop early (checked by their own step, not implicitly).
+    expected_failures: Vec<PathBuf>,
+    firmware: Firmware,
+    /// False for a machine without a TPM (`tpm = false`).
+    tpm_enabled: bool,
+    autostart: bool,
+    /// The UKI as built, saved by the first `tamper-uki` for `restore-uki`.
+    saved_uki: Option<(String, Vec<u8>)>,
+    /// The connection `type` steps write to, kept for as long as the VM runs: QEMU takes typed
+    /// bytes from it only as fast as the guest reads its UART, and drops those it has not taken
+    /// when the connection closes (a guest busy probing SATA ports at a passphrase prompt lost
+    /// the end of a recovery key that way).
+    console_in: Option<UnixStream>,
+}
+
+impl Node {
+    fn spec(&self, accel: &str, console: PathBuf) -> VmSpec {
+        VmSpec {
+            name: format!("node{}", self.index),
+            accel: accel.to_string(),
+            memory_mib: self.memory_mib,
+            cpus: 2,
+            firmware: self.firmware.clone(),
+            vars: self.vars.clone(),
+            disk: self.overlay.clone(),
+            swtpm_socket: self.tpm_enabled.then(|| self.dir.join("swtpm.sock")),
+            console: Some(console),
+            console_input: Some(self.dir.join("console.sock")),
+            qga_socket: Some(self.qga_socket.clone()),
+            qmp_socket: Some(self.qmp_socket.clone()),
+            ignition: self.ignition.clone(),
+            nets: self.nets.clone(),
+        }
+    }
+
+    fn start(&mut self, accel: &str) -> Result<()> {
+        self.boots += 1;
+        let console = self
+            .dir
+            .join(format!("node{}.boot{}.console.log", self.index, self.boots));
+        self.consoles.push(console.clone());
+        self.console_in = None;
+        let vm = Vm::start(self.spec(accel, console), &self.tpm)?;
+        self.vm = Some(vm);
+        self.started = Instant::now();
+        Ok(())
+    }
+
+    fn qga(&self) -> Qga {
+        Qga::new(&self.qga_socket)
+    }
+
+    fn running(&mut self) -> bool {
+        self.vm.as_mut().is_some_and(|v| v.is_running())
+    }
+
+    fn power_off(&mut self) {
+        self.console_in = None;
+        if let Some(mut vm) = self.vm.take() {
+            vm.kill();
+        }
+    }
+
+    /// Types `text` into the serial console (see `console_in`).
+    fn type_text(&mut self, text: &str) -> Result<()> {
+        let stream = match &mut self.console_in {
+            Some(s) => s,
+            None => self
+                .console_in
+                .insert(open_console_input(&self.dir.join("console.sock"))?),
+        };
+        type_into_console(stream, text)
+    }
+}
+
+/// The state of one named test while its scenario runs.
+struct TestState {
+    started: Option<Instant>,
+    finished: Option<Instant>,
+    failed: Option<String>,
+    ran: bool,
+    timings: BTreeMap<String, f64>,
+}
+
+/// Seconds rounded to a tenth, as reported.
+fn tenths(secs: f64) -> f64 {
+    (secs * 10.0).round() / 10.0
+}
+
+/// Checks one command result against a step's expectations; `None` means it passed.
+pub fn judge(
+    step: &Step,
+    r: &ExecResult,
+    vars: &BTreeMap<String, String>,
+) -> Result<Option<String>> {
+    let want = step.expect_exit.unwrap_or(0);
+    if r.code != want {
+        return Ok(Some(format!(
+            "exit status {} (expected {want})\nstdout: {}\nstderr: {}",
+            r.code,
+            tail_lines(r.stdout.as_bytes(), 15),
+            tail_lines(r.stderr.as_bytes(), 15)
+        )));
+    }
+    for e in &step.expect {
+        let e = expand(e, vars)?;
+        if !r.stdout.contains(&e) {
+            return Ok(Some(format!(
+                "stdout lacks `{e}`\nstdout: {}",
+                tail_lines(r.stdout.as_bytes(), 15)
+            )));
+        }
+    }
+    for e in &step.expect_stderr {
+        let e = expand(e, vars)?;
+        if !r.stderr.contains(&e) {
+            return Ok(Some(format!(
+                "stderr lacks `{e}`\nstderr: {}",
+                tail_lines(r.stderr.as_bytes(), 15)
+            )));
+        }
+    }
+    for e in &step.expect_not {
+        let e = expand(e, vars)?;
+        if r.stdout.contains(&e) || r.stderr.contains(&e) {
+            return Ok(Some(format!("output contains `{e}`")));
+        }
+    }
+    Ok(None)
+}
+
+/// Console text that fails a test: a panic, emergency mode, or a unit that failed to start.
+pub fn console_problem(text: &str) -> Option<String> {
+    text.lines()
+        .find(|l| CONSOLE_FAILURES.iter().any(|f| l.contains(f)))
+        .map(|l| format!("console: {}", l.trim()))
+}
+
+fn run_command(
+    node: &Node,
+    step: &Step,
+    vars: &BTreeMap<String, String>,
+    deadline: Instant,
+) -> Result<(ExecResult, Option<String>)> {
+    let cmd = expand(step.run.as_deref().unwrap_or_default(), vars)?;
+    let timeout = step.timeout.map(|s| s.0).unwrap_or(DEFAULT_STEP_TIMEOUT);
+    let retry_until = step
+        .retry_for
+        .map(|r| Instant::now() + r.0)
+        .unwrap_or_else(Instant::now)
+        .min(deadline);
+    loop {
+        let attempt = node.qga().sh(&cmd, timeout);
+        let (r, verdict) = match attempt {
+            Ok(r) => {
+                let v = judge(step, &r, vars)?;
+                (r, v)
+            }
+            Err(e) => (
+                ExecResult {
+                    code: -1,
+                    stdout: String::new(),
+                    stderr: format!("{e:#}"),
+                },
+                Some(format!("could not run `{cmd}`: {e:#}")),
+            ),
+        };
+        if verdict.is_none() || Instant::now() >= retry_until {
+            return Ok((
+                r,
+                verdict.map(|v| format!("`{cmd}` on node{}: {v}", node.index)),
+            ));
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+/// Runs a step's `host` command on the host (sh -c, templates expanded) and judges it.
+fn run_host(step: &Step, vars: &BTreeMap<String, String>) -> Result<(ExecResult, Option<String>)> {
+    let cmd = expand(step.host.as_deref().unwrap_or_default(), vars)?;
+    let timeout = step.timeout.map(|s| s.0).unwrap_or(DEFAULT_STEP_TIMEOUT);
+    let out = std::process::Command::new("timeout")
+        .arg(timeout.as_secs().to_string())
+        .args(["sh", "-c", &cmd])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .with_context(|| format!("running `{cmd}` on the host"))?;
+    let r = ExecResult {
+        code: i64::from(out.status.code().unwrap_or(-1)),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    let verdict = judge(step, &r, vars)?.map(|v| format!("`{cmd}` on the host: {v}"));
+    Ok((r, verdict))
+}
+
+/// Waits for the guest agent to answer with a boot ID other than `old_boot`. Gives up early
+/// when the current boot's console shows a panic or emergency mode (nothing will answer then).
+fn wait_boot(node: &Node, old_boot: Option<&str>, deadline: Instant) -> Result<String> {
+    let qga = node.qga();
+    loop {
+        if Instant::now() > deadline {
+            bail!("node{} did not come back (guest agent silent)", node.index);
+        }
+        if let Some(console) = node.consoles.last() {
+            let text = console_text(console);
+            if let Some(line) = text
+                .lines()
+                .find(|l| l.contains("Kernel panic") || l.contains("You are in emergency mode"))
+            {
+                bail!(
+                    "node{} will not come back: console shows `{}` (see {})",
+                    node.index,
+                    line.trim(),
+                    console.display()
+                );
+            }
+        }
+        if qga.ping(Duration::from_secs(3)) {
+            if let Ok(id) = qga.boot_id() {
+                if old_boot != Some(id.as_str()) {
+                    return Ok(id);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+/// A sparse copy of `src`, grown to `size` bytes.
+fn sparse_copy(src: &Path, dst: &Path, size: u64) -> Result<()> {
+    crate::host::tools::run(
+        std::process::Command::new("cp")
+            .arg("--sparse=always")
+            .arg(src)
+            .arg(dst),
+    )
+    .with_context(|| format!("copying {}", src.display()))?;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dst)
+        .with_context(|| format!("opening {}", dst.display()))?;
+    f.set_len(size)
+        .with_context(|| format!("growing {}", dst.display()))
+}
+
+fn slot_a_offset(raw: &Path, root_hash: &str) -> Result<u64> {
+    let (_, parts) = crate::disk::gpt::read(raw)?;
+    let (data, _) = crate::disk::slot::by_root_hash(&parts, root_hash)
+        .with_context(|| format!("finding usr slot A in {}", raw.display()))?;
+    Ok(data.offset)
+}
+
+fn action(
+    ctx: &RunContext,
+    node: &mut Node,
+    step: &Step,
+    vars: &BTreeMap<String, String>,
+    deadline: Instant,
+) -> Result<()> {
+    match step.action {
+        Some(Action::Reboot) => {
+            let old = node
+                .qga()
+                .boot_id()
+                .context("reading boot ID before reboot")?;
+            // The command may not return: the agent goes down with the system.
+            let _ = node.qga().sh("systemctl reboot", Duration::from_secs(10));
+            let new = wait_boot(
+                node,
+                Some(&old),
+                deadline.min(Instant::now() + REBOOT_TIMEOUT),
+            )?;
+            tracing::info!(node = node.index, boot_id = %new, "rebooted");
+            node.started = Instant::now();
+            Ok(())
+        }
+        Some(Action::Reset) => {
+            let old = node
+                .qga()
+                .boot_id()
+                .context("reading boot ID before reset")?;
+            crate::host::qemu::qmp::command(&node.qmp_socket, "system_reset")?;
+            wait_boot(
+                node,
+                Some(&old),
+                deadline.min(Instant::now() + REBOOT_TIMEOUT),
+            )?;
+            node.started = Instant::now();
+            Ok(())
+        }
+        Some(Action::PowerOff) => {
+            node.power_off();
+            Ok(())
+        }
+        Some(Action::Start) => {
+            if node.running() {
+                bail!("node{} is already running", node.index);
+            }
+            node.start(&ctx.accel)?;
+            if step.console.is_empty() {
+                let limit = Instant::now() + step.timeout.map(|t| t.0).unwrap_or(REBOOT_TIMEOUT);
+                return wait_boot(node, None, limit.min(deadline)).map(|_| ());
+            }
+            let console = node.consoles.last().cloned().context("no console")?;
+            node.expected_failures.push(console.clone());
+            let limit = Instant::now() + step.timeout.map(|t| t.0).unwrap_or(REBOOT_TIMEOUT);
+            let want = step
+                .console
+                .iter()
+                .map(|c| expand(c, vars))
+                .collect::<Result<Vec<_>>>()?;
+            let never = step
+                .console_not
+                .iter()
+                .map(|c| expand(c, vars))
+                .collect::<Result<Vec<_>>>()?;
+            wait_console(
+                node,
+                &console,
+                (&want, &never),
+                limit.min(deadline),
+                ctx.interrupted,
+            )
+        }
+        Some(Action::Type) => {
+            if !node.running() {
+                bail!("node{} is not running: nothing to type into", node.index);
+            }
+            let text = expand(step.text.as_deref().unwrap_or_default(), vars)?;
+            node.type_text(&text)
+                .with_context(|| format!("typing into node{}'s console", node.index))
+        }
+        Some(Action::TamperUki) => {
+            require_off(node, "tamper-uki")?;
+            let esp = Esp::open(&node.overlay, true)?;
+            let name = esp.find_uki(&ctx.manifest.version)?;
+            let original = esp.read(&format!("{UKI_DIR}/{name}"))?;
+            let changed = match step.how {
+                Some(UkiTamper::FlipByte) => tamper::flip_linux_byte(&original)?,
+                Some(UkiTamper::Cmdline) => {
+                    tamper::replace_cmdline(&original, &step.replace[0], &step.replace[1])?
+                }
+                Some(UkiTamper::ForeignKey) => {
+                    let tools = ToolsTree::ensure(ctx.cache, crate::image::DEFAULT_MIRROR)?;
+                    tamper::resign_foreign(&tools, &original, &node.dir)?
+                }
+                None => bail!("tamper-uki without `how`"),
+            };
+            if node.saved_uki.is_none() {
+                node.saved_uki = Some((name.clone(), original));
+            }
+            esp.write(&format!("{UKI_DIR}/{name}"), &changed)?;
+            esp.close()?;
+            tracing::info!(node = node.index, uki = %name, how = ?step.how, "changed the UKI in the ESP");
+            Ok(())
+        }
+        Some(Action::RestoreUki) => {
+            require_off(node, "restore-uki")?;
+            let (_, data) = node
+                .saved_uki
+                .take()
+                .context("restore-uki before any tamper-uki")?;
+            // systemd-boot may have renamed the file since (boot counting): restore in place.
+            let esp = Esp::open(&node.overlay, true)?;
+            let name = esp.find_uki(&ctx.manifest.version)?;
+            esp.write(&format!("{UKI_DIR}/{name}"), &data)?;
+            esp.close()?;
+            Ok(())
+        }
+        Some(Action::InstallUpdate) => {
+            require_off(node, "install-update")?;
+            let version = &expand(step.version.as_deref().unwrap_or_default(), vars)?;
+            let out = node.dir.join(format!("update-{version}"));
+            let definition = match &step.definition {
+                Some(d) => node.test_dir.join(d),
+                None => PathBuf::from(&ctx.manifest.definition),
+            };
+            let m = crate::host::build::build(&crate::host::build::BuildOptions {
+                out: Some(out.clone()),
+                quiet: true,
+                version: Some(version.to_string()),
+                ..crate::host::build::BuildOptions::of(definition.clone())
+            })
+            .with_context(|| format!("building {} as version {version}", definition.display()))?;
+            let uki = std::fs::read(out.join(format!("{}.efi", m.name)))
+                .context("reading the update's UKI")?;
+            crate::disk::slot::install(
+                &node.overlay,
+                &crate::disk::slot::Release {
+                    raw: &out.join(format!("{}.raw", m.name)),
+                    root_hash: &m.usr_root_hash,
+                    label: &format!("{}_{}", m.name, m.version),
+                    uki_name: &crate::disk::uki::uki_file_name(&m.version),
+                    uki: &uki,
+                },
+            )?;
+            tracing::info!(
+                node = node.index,
+                version,
+                "installed the update into slot B"
+            );
+            Ok(())
+        }
+        Some(Action::SetIgnition) => {
+            require_off(node, "set-ignition")?;
+            let p = node
+                .test_dir
+                .join(step.ignition.as_deref().unwrap_or(Path::new("")));
+            if !p.is_file() {
+                bail!("set-ignition: {} does not exist", p.display());
+            }
+            node.ignition = Some(p);
+            Ok(())
+        }
+        Some(Action::ClearIgnition) => {
+            require_off(node, "clear-ignition")?;
+            node.ignition = None;
+            Ok(())
+        }
+        Some(Action::Push) => {
+            if !node.running() {
+                bail!("push: node{} is not running", node.index);
+            }
+            let src = expand(step.source.as_deref().unwrap_or_default(), vars)?;
+            let dest = expand(step.dest.as_deref().unwrap_or_default(), vars)?;
+            let data = std::fs::read(&src).with_context(|| format!("push: reading {src}"))?;
+            node.qga()
+                .write_file(&dest, &data, Duration::from_secs(60))
+                .with_context(|| format!("push: writing {dest} in node{}", node.index))?;
+            Ok(())
+        }
+        Some(Action::TamperUsr) => {
+            if node.running() {
+                bail!("tamper-usr needs node{} powered off (add an action = \"power-off\" step first)", node.index);
+            }
+            let path = step.path.as_deref().unwrap_or_default();
+            let tools = ToolsTree::ensure(ctx.cache, crate::image::DEFAULT_MIRROR)?;
+            let offset = slot_a_offset(&ctx.raw, &ctx.manifest.usr_root_hash)?;
+            let at = tamper::tamper(&tools, &ctx.raw, offset, path, &node.overlay)?;
+            tracing::info!(
+                node = node.index,
+                path,
+                at,
+                "overwrote {} bytes of usr slot A",
+                tamper::LEN
+            );
+            Ok(())
+        }
+        None => Ok(()),
+    }
+}
+
+/// Connects to a VM's console socket for typing. QEMU also sends the console's output to this
+/// connection: a thread reads and discards it (QEMU logs it to the console file), so that output
+/// never waits for a reader; it ends when QEMU closes the connection.
+fn open_console_input(sock: &Path) -> Result<UnixStream> {
+    let stream =
+        UnixStream::connect(sock).with_context(|| format!("connecting to {}", sock.display()))?;
+    let mut output = stream
+        .try_clone()
+        .context("cloning the console connection")?;
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut output, &mut std::io::sink());
+    });
+    Ok(stream)
+}
+
+/// Sends `text` to the serial console, a character at a time as a person would type (a line end
+/// is a carriage return, as a terminal sends it).
+fn type_into_console(s: &mut UnixStream, text: &str) -> Result<()> {
+    use std::io::Write;
+    for b in text.replace('\n', "\r").bytes() {
+        s.write_all(&[b]).context("writing to the console")?;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    s.flush().context("flushing the console")?;
+    Ok(())
+}
+
+fn require_off(node: &Node, what: &str) -> Result<()> {
+    if node.vm.is_some() {
+        bail!(
+            "{what} needs node{} powered off (add an action = \"power-off\" step first)",
+            node.index
+        );
+    }
+    Ok(())
+}
+
+/// Console text without terminal escape sequences (systemd colours unit names inside status
+/// lines, so `Starting foo.service` is only found once they are gone).
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            // Parameters and intermediates, then one final byte in @..~.
+            for n in chars.by_ref() {
+                if ('@'..='~').contains(&n) {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A console log as text, without escape sequences (empty while QEMU has not created it).
+fn console_text(console: &Path) -> String {
+    strip_ansi(&String::from_utf8_lossy(
+        &std::fs::read(console).unwrap_or_default(),
+    ))
+}
+
+/// Waits until the console shows every string of `want`; fails on any of `never`.
+fn wait_console(
+    node: &mut Node,
+    console: &Path,
+    (want, never): (&[String], &[String]),
+    deadline: Instant,
+    interrupted: &AtomicBool,
+) -> Result<()> {
+    loop {
+        if interrupted.load(Ordering::SeqCst) {
+            bail!("interrupted");
+        }
+        let text = console_text(console);
+        if let Some(bad) = never.iter().find(|n| text.contains(n.as_str())) {
+            bail!("node{} console shows `{bad}`", node.index);
+        }
+        let missing: Vec<&String> = want.iter().filter(|w| !text.contains(w.as_str())).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline || !node.running() {
+            bail!(
+                "node{}: console never showed {:?} (see {})\n{}",
+                node.index,
+                missing,
+                console.display(),
+                tail_lines(text.as_bytes(), 15)
+            );
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// Failed units and console problems on every running node.
+fn implicit_checks(nodes: &mut [Node]) -> Option<String> {
+    for n in nodes.iter_mut() {
+        for c in n
+            .consoles
+            .iter()
+            .filter(|c| !n.expected_failures.contains(c))
+        {
+            if let Some(p) = std::fs::read_to_string(c)
+                .ok()
+                .as_deref()
+                .and_then(console_problem)
+            {
+                return Some(format!("node{}: {p}", n.index));
+            }
+        }
+        if n.running() {
+            match n.qga().sh(
+                "systemctl --failed --no-legend --plain",
+                Duration::from_secs(60),
+            ) {
+                Ok(r) if !r.stdout.trim().is_empty() => {
+                    return Some(format!(
+                        "node{}: failed units:\n{}",
+                        n.index,
+                        r.stdout.trim()
+                    ))
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    return Some(format!(
+                        "node{}: could not list failed units: {e:#}",
+                        n.index
+                    ))
+                }
+            }
+        }
+    }
+    None
+}
+
+fn collect_journals(nodes: &mut [Node]) {
+    for n in nodes.iter_mut() {
+        if !n.running() {
+            continue;
+        }
+        let path = n.dir.join(format!("node{}.journal.txt", n.index));
+        match n.qga().sh(
+            "journalctl --no-pager -o short-monotonic",
+            Duration::from_secs(120),
+        ) {
+            Ok(r) => {
+                let _ = std::fs::write(&path, r.stdout);
+            }
+            Err(e) => tracing::warn!(node = n.index, "could not collect the journal: {e:#}"),
+        }
+    }
+}
+
+/// Runs one test file; returns a result per named test in it.
+pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>> {
+    let dir = ctx.results.join(&file.scenario);
+    // A results directory used before still holds that run's consoles; QEMU appends to a
+    // console log, and the console checks would read the old boot's text. Start empty.
+    crate::host::cache::remove_path(&dir)?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let names = file.test_names();
+    let mut state: BTreeMap<String, TestState> = names
+        .iter()
+        .map(|n| {
+            (
+                n.clone(),
+                TestState {
+                    started: None,
+                    finished: None,
+                    failed: None,
+                    ran: false,
+                    timings: BTreeMap::new(),
+                },
+            )
+        })
+        .collect();
+    let deadline = Instant::now() + file.spec.timeout.0;
+    let mut vars: BTreeMap<String, String> = BTreeMap::new();
+    vars.insert("usr_root_hash".into(), ctx.manifest.usr_root_hash.clone());
+    vars.insert("image_name".into(), ctx.manifest.name.clone());
+    vars.insert("image_version".into(), ctx.manifest.version.clone());
+    // Absolute: {work} is used on the host and joined to test-file paths (node ignition).
+    let work = std::path::absolute(dir.join("work"))
+        .with_context(|| format!("resolving {}", dir.join("work").display()))?;
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    vars.insert("work".into(), work.display().to_string());
+    vars.insert(
+        "keel".into(),
+        std::env::current_exe()
+            .context("locating the keel binary")?
+            .display()
+            .to_string(),
+    );
+    if let Ok(def) = crate::image::Definition::load(Path::new(&ctx.manifest.definition)) {
+        if let Some(t) = def.trust {
+            vars.insert("keys".into(), t.keys.display().to_string());
+        }
+    }
+    let tools = crate::host::tools::ToolsTree::ensure(ctx.cache, crate::image::DEFAULT_MIRROR)?;
+    vars.insert("tools".into(), tools.root().display().to_string());
+    // {pcr11_enter_initrd}, {pcr11_leave_initrd}, {pcr11_sysinit}, {pcr11_ready}: the build's
+    // predictions for the phase a path ends in.
+    for p in ctx.manifest.trust.iter().flat_map(|t| &t.pcr11) {
+        let last = p.phase.rsplit(':').next().unwrap_or(&p.phase);
+        vars.insert(
+            format!("pcr11_{}", last.replace('-', "_")),
+            p.sha256.clone(),
+        );
+    }
+
+    let switch = if file.spec.network || file.spec.nodes > 1 {
+        Some(Switch::start(&dir)?)
+    } else {
+        None
+    };
+    if let Some(setup) = &file.spec.setup {
+        let cmd = expand(setup, &vars)?;
+        tracing::info!("setup: {cmd}");
+        let out = std::process::Command::new("sh")
+            .args(["-c", &cmd])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .with_context(|| format!("running the setup command `{cmd}`"))?;
+        if !out.status.success() {
+            bail!(
+                "setup command `{cmd}` failed ({}): {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    let size = virtual_size(&ctx.raw)? + ROOT_SPACE;
+    let mut nodes: Vec<Node> = Vec::new();
+    for i in 1..=file.spec.nodes {
+        // Absolute: host steps get the node's disk as `{disk}`.
+        let ndir = std::path::absolute(dir.join(format!("node{i}")))
+            .with_context(|| format!("resolving {}", dir.display()))?;
+        std::fs::create_dir_all(&ndir).with_context(|| format!("creating {}", ndir.display()))?;
+        let cfg = file.node_config(i - 1);
+        let overlay = if cfg.raw_disk {
+            let raw = ndir.join("disk.raw");
+            sparse_copy(&ctx.raw, &raw, size)?;
+            if let Some(c) = &cfg.esp_ignition {
+                let p = file.path.parent().unwrap_or(Path::new(".")).join(c);
+                let bytes =
+                    std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+                crate::disk::esp::write_file(
+                    &raw,
+                    crate::node::provision::source::ESP_PATH,
+                    &bytes,
+                )?;
+            }
+            raw
+        } else {
+            let overlay = ndir.join("disk.qcow2");
+            create_overlay(&ctx.raw, &overlay, size)?;
+            overlay
+        };
+        let (firmware, vars_fd) =
+            crate::host::boot::firmware_for(Some(ctx.manifest), cfg.secure_boot, &ndir)?;
+        let ignition = match cfg.ignition {
+            Some(p) => {
+                let p = expand(&p.display().to_string(), &vars)?;
+                Some(file.path.parent().unwrap_or(Path::new(".")).join(p))
+            }
+            None => None,
+        };
+        let mut nets = vec![NetSpec::User { forwards: vec![] }];
+        if let Some(sw) = &switch {
+            nets.push(NetSpec::Vde {
+                switch: sw.socket.clone(),
+                mac: node_mac(i - 1),
+            });
+        }
+        nodes.push(Node {
+            index: i,
+            dir: ndir.clone(),
+            overlay,
+            vars: vars_fd,
+            tpm: ndir.join("tpm"),
+            qga_socket: ndir.join("qga.sock"),
+            qmp_socket: ndir.join("qmp.sock"),
+            ignition,
+            test_dir: file.path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            memory_mib: cfg.memory_mib.unwrap_or(2048),
+            nets,
+            vm: None,
+            boots: 0,
+            started: Instant::now(),
+            consoles: Vec::new(),
+            expected_failures: Vec::new(),
+            firmware,
+            tpm_enabled: cfg.tpm,
+            autostart: cfg.autostart,
+            saved_uki: None,
+            console_in: None,
+        });
+    }
+    let mut aborted: Option<String> = None;
+    for n in nodes.iter_mut().filter(|n| n.autostart) {
+        if let Err(e) = n.start(&ctx.accel) {
+            aborted = Some(format!("starting node{}: {e:#}", n.index));
+            break;
+        }
+    }
+    if aborted.is_none() {
+        for n in nodes.iter().filter(|n| n.autostart) {
+            if let Err(e) = wait_boot(n, None, deadline) {
+                aborted = Some(format!("{e:#}"));
+                break;
+            }
+        }
+    }
+
+    let steps: &[Step] = &file.spec.step;
+    for (si, step) in steps.iter().enumerate() {
+        if ctx.interrupted.load(Ordering::SeqCst) {
+            aborted.get_or_insert_with(|| "interrupted".into());
+        }
+        let st = state
+            .get_mut(&step.test)
+            .context("step of an unknown test")?;
+        st.started.get_or_insert_with(Instant::now);
+        st.ran = true;
+        if let Some(why) = &aborted {
+            st.failed.get_or_insert_with(|| format!("not run: {why}"));
+            continue;
+        }
+        if st.failed.is_some() {
+            continue;
+        }
+        if Instant::now() > deadline {
+            aborted = Some(format!(
+                "scenario timeout of {}s reached at step {}",
+                file.spec.timeout.0.as_secs(),
+                si + 1
+            ));
+            st.failed = aborted.clone();
+            continue;
+        }
+        let targets: Vec<usize> = match step.node {
+            NodeSel::One(k) => vec![k - 1],
+            NodeSel::All => (0..nodes.len()).collect(),
+        };
+        tracing::info!(test = %step.test, step = si + 1, "{}", step.run.as_deref().map(|r| r.to_string()).unwrap_or_else(|| format!("{:?}", step.action)));
+        for t in targets {
+            let node = &mut nodes[t];
+            vars.insert("node".into(), node.index.to_string());
+            vars.insert("mac".into(), node_mac(node.index - 1));
+            vars.insert("disk".into(), node.overlay.display().to_string());
+            let outcome: Result<Option<String>> = if step.host.is_some() {
+                run_host(step, &vars).map(|(r, verdict)| {
+                    if verdict.is_none() {
+                        if let Some(name) = &step.save {
+                            vars.insert(name.clone(), r.stdout.trim().to_string());
+                        }
+                    }
+                    verdict
+                })
+            } else if step.run.is_some() {
+                if !node.running() {
+                    Ok(Some(format!("node{} is not running", node.index)))
+                } else {
+                    run_command(node, step, &vars, deadline).map(|(r, verdict)| {
+                        if verdict.is_none() {
+                            if let Some(name) = &step.save {
+                                vars.insert(name.clone(), r.stdout.trim().to_string());
+                            }
+                        }
+                        verdict
+                    })
+                }
+            } else {
+                action(ctx, node, step, &vars, deadline).map(|_| None)
+            };
+            let st = state.get_mut(&step.test).context("unknown test")?;
+            match outcome {
+                Ok(None) => {
+                    if let Some(m) = &step.mark {
+                        st.timings
+                            .insert(m.clone(), tenths(node.started.elapsed().as_secs_f64()));
+                    }
+                    if step
+                        .run
+                        .as_deref()
+                        .is_some_and(|r| r.contains("is-system-running"))
+                    {
+                        if let Ok(r) = node
+                            .qga()
+                            .sh("systemd-analyze time", Duration::from_secs(60))
+                        {
+                            for (k, v) in report::parse_startup(&r.stdout) {
+                                st.timings.entry(k).or_insert(v);
+                            }
+                            let wall = tenths(node.started.elapsed().as_secs_f64());
+                            if let Some(total) = st.timings.get("total").copied() {
+                                // Firmware and boot loader, which systemd-analyze does not see
+                                // under OVMF: QEMU start to ready, minus what it does see.
+                                st.timings
+                                    .entry("before_kernel_approx".into())
+                                    .or_insert(tenths(wall - total));
+                            }
+                            st.timings.entry("ready_wall".into()).or_insert(wall);
+                        }
+                    }
+                }
+                Ok(Some(why)) => {
+                    st.failed = Some(format!("step {}: {why}", si + 1));
+                    break;
+                }
+                Err(e) => {
+                    // A failed action leaves the machines in an unknown state: stop here.
+                    let why = format!("step {} ({:?}) failed: {e:#}", si + 1, step.action);
+                    st.failed = Some(why.clone());
+                    aborted = Some(why);
+                    break;
+                }
+            }
+        }
+        if let Some(st) = state.get_mut(&step.test) {
+            st.finished = Some(Instant::now());
+        }
+        // After a test's last step: the implicit checks.
+        let last_of_test = !steps[si + 1..].iter().any(|s| s.test == step.test);
+        if last_of_test && aborted.is_none() && !file.spec.allow_failures.contains(&step.test) {
+            let st = state.get_mut(&step.test).context("unknown test")?;
+            if st.failed.is_none() {
+                if let Some(p) = implicit_checks(&mut nodes) {
+                    st.failed = Some(format!("implicit check: {p}"));
+                }
+            }
+        }
+    }
+    collect_journals(&mut nodes);
+    for n in nodes.iter_mut() {
+        n.power_off();
+        let _ = std::fs::remove_file(&n.overlay);
+    }
+    drop(switch);
+
+    Ok(names
+        .iter()
+        .map(|name| {
+            let st = &state[name];
+            TestResult {
+                name: name.clone(),
+                result: if st.failed.is_some() {
+                    Outcome::Fail
+                } else if st.ran {
+                    Outcome::Pass
+                } else {
+                    Outcome::Skip
+                },
+                duration_s: match (st.started, st.finished) {
+                    (Some(s), Some(f)) => tenths((f - s).as_secs_f64()),
+                    _ => 0.0,
+                },
+                reason: st.failed.clone(),
+                scenario: file.path.display().to_string(),
+                timings: st.timings.clone(),
+            }
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Typed text stays on a connection that remains open after the step, for a guest that reads
+    /// it late, and the console's output is read (and dropped) meanwhile so it never backs up.
+    #[test]
+    fn typed_text_stays_on_an_open_connection_for_a_late_reader() {
+        use std::io::{Read, Write};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock = dir.path().join("console.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+        let peer = std::thread::spawn(move || {
+            let (mut c, _) = listener.accept().expect("accept");
+            // The console's output, far more than a socket buffer holds.
+            c.write_all(&vec![b'x'; 4 << 20])
+                .expect("console output is drained");
+            std::thread::sleep(Duration::from_millis(200));
+            let mut got = vec![0u8; 8];
+            c.read_exact(&mut got).expect("read typed text");
+            c.set_read_timeout(Some(Duration::from_millis(300)))
+                .expect("timeout");
+            let mut more = [0u8; 1];
+            let still_open =
+                matches!(c.read(&mut more), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+            (got, still_open)
+        });
+        let mut s = open_console_input(&sock).expect("connect");
+        type_into_console(&mut s, "abc-def\n").expect("type");
+        let (got, still_open) = peer.join().expect("peer");
+        assert_eq!(got, b"abc-def\r");
+        assert!(
+            still_open,
+            "the typing connection closed while the guest might still read"
+        );
+    }
+
+    #[test]
+    fn ansi_sequences_are_removed_from_console_text() {
+        let line =
+            "         Starting \u{1b}[0;1;39msystemd-cryptsetup@root.s…ce\u{1b}[0m - Cryptography";
+        assert_eq!(
+            strip_ansi(line),
+            "         Starting systemd-cryptsetup@root.s…ce - Cryptography"
+        );
+        assert_eq!(strip_ansi("plain [brackets]"), "plain [brackets]");
+    }
+    use crate::host::testing::definition::parse;
+
+    fn step(toml_step: &str) -> Step {
+        let text =
+            format!("description = \"x\"\ntimeout = 5\n[[step]]\ntest = \"t.x\"\n{toml_step}\n");
+        parse(Path::new("t.toml"), &text).expect("parse").spec.step[0].clone()
+    }
+
+    #[test]
+    fn judge_checks_exit_expect_and_expect_not() {
+        let mut vars = BTreeMap::new();
+        vars.insert("usr_root_hash".to_string(), "abc".to_string());
+        let r = |code, out: &str, err: &str| ExecResult {
+            code,
+            stdout: out.into(),
+            stderr: err.into(),
+        };
+        let s = step("run = \"x\"\nexpect = [\"hash {usr_root_hash}\"]\nexpect-not = [\"ZZZZ\"]");
+        assert_eq!(
+            judge(&s, &r(0, "hash abc", ""), &vars).expect("judge"),
+            None
+        );
+        assert!(judge(&s, &r(0, "hash xyz", ""), &vars)
+            .expect("judge")
+            .is_some_and(|w| w.contains("lacks `hash abc`")));
+        assert!(judge(&s, &r(1, "hash abc", ""), &vars)
+            .expect("judge")
+            .is_some_and(|w| w.contains("exit status 1")));
+        assert!(judge(&s, &r(0, "hash abc ZZZZ", ""), &vars)
+            .expect("judge")
+            .is_some());
+        let e = step("run = \"cat f\"\nexpect-exit = 1\nexpect-stderr = [\"Input/output error\"]");
+        assert_eq!(
+            judge(&e, &r(1, "", "cat: f: Input/output error"), &vars).expect("judge"),
+            None
+        );
+        assert!(judge(&e, &r(0, "", ""), &vars).expect("judge").is_some());
+    }
+
+    #[test]
+    fn console_problems_are_found() {
+        assert!(console_problem("[ 1.0] ok\n[ 2.0] Kernel panic - not syncing: VFS").is_some());
+        assert!(console_problem("You are in emergency mode. After logging in").is_some());
+        assert!(console_problem("[FAILED] Failed to start etcd.service - etcd").is_some());
+        assert_eq!(
+            console_problem("[  OK  ] Reached target multi-user.target"),
+            None
+        );
+    }
+}

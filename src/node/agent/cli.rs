@@ -1,0 +1,305 @@
+//! keel-agent's command line.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, Parser)]
+#[command(name = "keel-agent", version, about = "Keel's node agent")]
+pub struct Cli {
+    /// The node's root directory (for testing against a copy of a node's files).
+    #[arg(long, global = true, default_value = "/")]
+    pub root: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Report PCR 11, replay the event logs to it, and say whether the operator signed this state.
+    /// Exits 0 when trusted, 1 when not.
+    BootState {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print this machine's TPM endorsement key hash, for `keel machines add`.
+    EkHash,
+    /// Verify a signed image (layout directory or oci-archive), check this machine against the
+    /// image policy, unpack it and start it as a systemd unit (keel-ctr-NAME.service).
+    Run {
+        /// OCI image layout directory or oci-archive (.tar).
+        image: PathBuf,
+        /// Container name (default: from the file name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Print the result (digest, signer, phase timings) as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the containers keel-agent started.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a container.
+    Stop { name: String },
+    /// Show a container's output (from the journal).
+    Logs {
+        name: String,
+        /// Keep following.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// First-boot provisioning, run in the initrd with the new root at --root (/sysroot): apply
+    /// the Ignition config from fw_cfg or the ESP once, then measure its hash into PCR 12 on
+    /// every boot.
+    Provision,
+    /// Release a stopped container's network: the CNI plugins' DEL and its network namespace
+    /// (the container's unit runs this when it stops).
+    NetDetach { name: String },
+    /// Watch the spool directory (/var/lib/keel/spool) and run the archives dropped there; the
+    /// keel-agent service runs this.
+    Serve,
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    use super::containers::{self, ThisMachine};
+    use super::network;
+    use super::systemd::{Systemd, Units};
+    let machine = || ThisMachine {
+        root: cli.root.clone(),
+    };
+    match cli.command {
+        Command::EkHash => {
+            println!("{}", super::tpm::ek_sha256()?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { image, name, json } => {
+            let name = name.unwrap_or_else(|| containers::default_name(&image));
+            let units = Systemd::connect()?;
+            match containers::run(
+                &cli.root,
+                &image,
+                &name,
+                &machine(),
+                &units,
+                &network::RealHost,
+                &containers::RunOptions::default(),
+            ) {
+                Ok(s) => {
+                    tracing::info!(container = %s.name, digest = %s.manifest_digest, signed_by = %s.signed_by, gate = %s.gate, "started");
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&s)?);
+                    } else {
+                        println!(
+                            "started {} ({}), signed by {}; {}",
+                            s.unit, s.manifest_digest, s.signed_by, s.gate
+                        );
+                        if !s.addresses.is_empty() {
+                            println!("address {}", s.addresses.join(" "));
+                        }
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    tracing::error!(container = %name, image = %image.display(), "{e:#}");
+                    // The journal keeps the reason too, also when run from a shell.
+                    to_journal(&format!("container {name} ({}): {e:#}", image.display()));
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
+        Command::List { json } => {
+            let units = Systemd::connect()?.list()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&units)?);
+            } else {
+                for u in units {
+                    let name = u
+                        .name
+                        .trim_start_matches(super::systemd::UNIT_PREFIX)
+                        .trim_end_matches(".service");
+                    let bundle = cli.root.join(containers::CONTAINERS_DIR).join(name);
+                    let address = network::read_record(&bundle)
+                        .ok()
+                        .flatten()
+                        .map(|a| a.addresses.join(","))
+                        .unwrap_or_else(|| "-".into());
+                    println!(
+                        "{name:<24} {:<10} {:<10} {address:<18} {}",
+                        u.active, u.sub, u.description
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Stop { name } => {
+            containers::stop(&Systemd::connect()?, &name)?;
+            println!("stopped {name}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Logs { name, follow } => {
+            containers::check_name(&name)?;
+            let mut c = std::process::Command::new("journalctl");
+            c.args([
+                "--no-pager",
+                "-o",
+                "cat",
+                "-u",
+                &super::systemd::unit_name(&name),
+            ]);
+            if follow {
+                c.arg("-f");
+            }
+            let status = c
+                .status()
+                .map_err(|e| anyhow::anyhow!("running journalctl: {e}"))?;
+            Ok(if status.success() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::NetDetach { name } => {
+            containers::check_name(&name)?;
+            let bundle = cli.root.join(containers::CONTAINERS_DIR).join(&name);
+            match containers::detach_network(&bundle, &network::RealHost)? {
+                Some(att) => tracing::info!(
+                    container = %name,
+                    netns = %att.netns.display(),
+                    addresses = %att.addresses.join(" "),
+                    "released the container's network"
+                ),
+                None => tracing::info!(container = %name, "no network attachment to release"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Provision => provision(&cli.root),
+        Command::Serve => {
+            let units = Systemd::connect()?;
+            super::spool::serve(&cli.root, &machine(), &units, &network::RealHost)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::BootState { json } => {
+            let s = super::boot_state::read(&cli.root)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                for (i, v) in &s.pcrs {
+                    println!("PCR {i:<2} (sha256)   {v}");
+                }
+                println!(
+                    "event log replay  {} ({} firmware events, phases: {})",
+                    if s.replay_matches {
+                        "matches"
+                    } else {
+                        "DOES NOT MATCH"
+                    },
+                    s.firmware_events,
+                    if s.phase.is_empty() { "none" } else { &s.phase }
+                );
+                println!(
+                    "signed policy     {}",
+                    s.signed_by
+                        .as_deref()
+                        .map(|k| format!("matches, signed by {k}"))
+                        .unwrap_or_else(|| "none matches".into())
+                );
+                println!(
+                    "verdict           {}",
+                    if s.trusted { "trusted" } else { "NOT TRUSTED" }
+                );
+                for p in &s.problems {
+                    println!("  - {p}");
+                }
+            }
+            Ok(if s.trusted {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+    }
+}
+
+/// Sends an error line to the journal through the syslog socket (when there is one).
+fn to_journal(msg: &str) {
+    // user.err: facility 1, severity 3.
+    let line = format!("<11>keel-agent: {}", msg.replace('\n', " "));
+    if let Ok(s) = std::os::unix::net::UnixDatagram::unbound() {
+        let _ = s.send_to(line.as_bytes(), "/dev/log");
+    }
+}
+
+/// `keel-agent provision`: see [`crate::node::provision`].
+fn provision(root: &std::path::Path) -> Result<ExitCode> {
+    use crate::node::provision::{self, Outcome};
+    let say = |level: u8, msg: &str| {
+        // The console (kmsg) and the journal; the initrd's journal moves to the real root.
+        eprintln!("keel-provision: {msg}");
+        let _ = std::fs::write("/dev/kmsg", format!("<{level}>keel-provision: {msg}\n"));
+    };
+    let outcome = match provision::run(root, &provision::source::Sources::default()) {
+        Ok(o) => o,
+        Err(e) => {
+            say(2, &format!("ERROR: the Ignition config was not applied: {e:#}. Nothing of it was written; fix the config and boot again."));
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let sha = match &outcome {
+        Outcome::Applied(s) => {
+            say(
+                5,
+                &format!(
+                    "applied the Ignition config from {} (spec {}, sha256 {})",
+                    s.source, s.version, s.sha256
+                ),
+            );
+            Some(s.sha256.clone())
+        }
+        Outcome::AlreadyProvisioned(s) if !s.sha256.is_empty() => {
+            say(
+                6,
+                &format!(
+                    "already provisioned (config sha256 {}, from {}); not applied again",
+                    s.sha256, s.source
+                ),
+            );
+            Some(s.sha256.clone())
+        }
+        Outcome::AlreadyProvisioned(_) => {
+            say(
+                6,
+                "already provisioned (no config was given on the first boot)",
+            );
+            None
+        }
+        Outcome::NoConfig => {
+            say(5, "no Ignition config (fw_cfg opt/com.coreos/config, ESP keel/config.ign): booting unconfigured");
+            None
+        }
+    };
+    if let Some(sha) = sha {
+        let word = provision::measurement(&sha);
+        let status = std::process::Command::new("/usr/lib/systemd/systemd-pcrextend")
+            .arg(format!("--pcr={}", provision::PCR))
+            .arg("--graceful")
+            .arg(&word)
+            .status();
+        match status {
+            Ok(s) if s.success() => {
+                say(6, &format!("measured `{word}` into PCR {}", provision::PCR))
+            }
+            Ok(s) => say(
+                4,
+                &format!(
+                    "WARNING: measuring the config into PCR {} failed ({s})",
+                    provision::PCR
+                ),
+            ),
+            Err(e) => say(4, &format!("WARNING: systemd-pcrextend: {e}")),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,923 @@
+//! Running signed containers: the gate (enrolled TPM, trusted boot), verification, unpacking
+//! into a staging directory, the OCI runtime config, and the transient unit that runs crun.
+//!
+//! Order of a `run`, each step only after the previous held: policy → hardware gate → image
+//! signature, manifest, config and layer digests → unpack into `containers/.staging-*` →
+//! runtime config → rename to `containers/NAME` → attach to the node's CNI network (see
+//! [`super::network`]) → start `keel-ctr-NAME.service`. A refusal at any step removes what the
+//! run created; nothing of a refused image is left where it could run, and a refused image never
+//! gets a network namespace or an address.
+
+use super::network::{self, Attachment};
+use super::systemd::{unit_name, UnitSpec, Units};
+use crate::container::oci::{self, Layout, VerifiedImage};
+use crate::container::policy::{self, LoadedPolicy};
+use crate::container::unpack::{self, LayerFile, Limits};
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Where containers live on a node (relative to its root).
+pub const CONTAINERS_DIR: &str = "var/lib/keel/containers";
+/// The spool directory the agent service watches (relative to the node's root).
+pub const SPOOL_DIR: &str = "var/lib/keel/spool";
+const CRUN: &str = "/usr/bin/crun";
+const KEEL_AGENT: &str = "/usr/bin/keel-agent";
+
+/// What the gate needs to know about the machine.
+pub trait Machine {
+    /// `sha256:<hex>` of the TPM's endorsement key.
+    fn ek_sha256(&self) -> Result<String>;
+    /// Whether this boot matches a PCR 11 policy the operator signed; reasons when not.
+    fn boot_trusted(&self) -> Result<(bool, Vec<String>)>;
+}
+
+/// The real machine: the TPM and the boot state read from `root`.
+pub struct ThisMachine {
+    pub root: PathBuf,
+}
+
+impl Machine for ThisMachine {
+    fn ek_sha256(&self) -> Result<String> {
+        super::tpm::ek_sha256()
+    }
+    fn boot_trusted(&self) -> Result<(bool, Vec<String>)> {
+        let s = super::boot_state::read(&self.root)?;
+        Ok((s.trusted, s.problems))
+    }
+}
+
+/// Why nothing was started.
+#[derive(Debug, thiserror::Error)]
+#[error("refused: {0}")]
+pub struct Refusal(pub String);
+
+/// Checks the machine against the policy: trusted boot (when required) and the enrolled TPMs.
+pub fn gate(root: &Path, loaded: &LoadedPolicy, machine: &dyn Machine) -> Result<String, Refusal> {
+    let mut said = Vec::new();
+    if loaded.policy.require_trusted_boot {
+        match machine.boot_trusted() {
+            Ok((true, _)) => said.push("boot trusted".to_string()),
+            Ok((false, problems)) => {
+                return Err(Refusal(format!(
+                    "this boot does not match a PCR 11 policy the operator signed ({})",
+                    problems.join("; ")
+                )))
+            }
+            Err(e) => return Err(Refusal(format!("cannot establish the boot state: {e:#}"))),
+        }
+    }
+    match policy::effective_machines(root, loaded) {
+        Err(e) => return Err(Refusal(e.to_string())),
+        Ok(Some((list, from))) => {
+            let ek = machine
+                .ek_sha256()
+                .map_err(|e| Refusal(format!("the enrolled-machines list ({}) needs this machine's TPM, which cannot be read: {e:#}", from.display())))?;
+            match list.contains(&ek) {
+                Some(m) => said.push(format!("TPM enrolled as `{}`", m.name)),
+                None => {
+                    return Err(Refusal(format!(
+                        "this machine's TPM (EK {ek}) is not in the enrolled machines list ({}, serial {}); enrol it with `keel machines add`",
+                        from.display(),
+                        list.serial
+                    )))
+                }
+            }
+        }
+        Ok(None) if loaded.policy.require_enrolled_machines => {
+            return Err(Refusal(format!(
+            "the image's policy requires an enrolled-machines list and there is none ({} or {})",
+            loaded.dir.join(policy::IMAGE_MACHINES).display(),
+            root.join(policy::NODE_MACHINES).display()
+        )))
+        }
+        Ok(None) => said.push("no enrolled-machines list".into()),
+    }
+    Ok(said.join(", "))
+}
+
+/// `[a-z0-9][a-z0-9_-]{0,62}`.
+pub fn check_name(name: &str) -> Result<(), Refusal> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().enumerate().all(|(i, b)| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || (i > 0 && (b == b'-' || b == b'_'))
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(Refusal(format!(
+            "container name `{name}`: lowercase letters, digits, `-` and `_`, at most 63, starting with a letter or digit"
+        )))
+    }
+}
+
+/// A name from the image file or directory (`hello.tar` → `hello`).
+pub fn default_name(image: &Path) -> String {
+    let stem = image
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let stem = stem.strip_suffix(".tar").unwrap_or(&stem);
+    stem.to_ascii_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
+/// How long each phase of a run took, in milliseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Timings {
+    pub gate_ms: f64,
+    pub verify_ms: f64,
+    pub unpack_ms: f64,
+    pub start_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Started {
+    pub name: String,
+    pub unit: String,
+    pub manifest_digest: String,
+    pub signed_by: String,
+    pub gate: String,
+    pub bytes: u64,
+    /// The container's addresses on the node's CNI network (none without one).
+    pub addresses: Vec<String>,
+    pub timings: Timings,
+}
+
+/// Settings of a run.
+pub struct RunOptions {
+    pub limits: Limits,
+    pub memory_max: u64,
+    pub tasks_max: u64,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            limits: Limits::default(),
+            memory_max: 512 << 20,
+            tasks_max: 512,
+        }
+    }
+}
+
+/// Removes a directory tree when dropped, unless disarmed.
+struct Cleanup(Option<PathBuf>);
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = fs::remove_dir_all(p);
+        }
+    }
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+/// Undoes the network attachment recorded in a bundle (if any) and removes its record; returns
+/// what was released.
+pub fn detach_network(bundle: &Path, net: &dyn network::Host) -> Result<Option<Attachment>> {
+    let att = network::read_record(bundle)?;
+    if let Some(att) = &att {
+        network::detach(att, net)?;
+        let _ = fs::remove_file(bundle.join(network::RECORD));
+    }
+    Ok(att)
+}
+
+/// Verifies and starts the image at `image` (a layout directory or an oci-archive) as `name`;
+/// attaches it to the node's CNI network when there is one.
+pub fn run(
+    root: &Path,
+    image: &Path,
+    name: &str,
+    machine: &dyn Machine,
+    units: &dyn Units,
+    net: &dyn network::Host,
+    opts: &RunOptions,
+) -> Result<Started> {
+    check_name(name)?;
+    if let Some(marker) = network::network_pending(root) {
+        bail!(
+            "not started: this node joins a keel-net overlay ({}) but {} has no network config \
+             yet (keel-net has no subnet lease; see `keel-net status`); try again once it has one",
+            marker.display(),
+            root.join(network::CNI_CONF_DIR).display()
+        );
+    }
+    let mut timings = Timings::default();
+    let t = Instant::now();
+    let loaded = policy::load(root).map_err(|e| Refusal(e.to_string()))?;
+    let gate = gate(root, &loaded, machine)?;
+    timings.gate_ms = ms(t);
+
+    let dir = root.join(CONTAINERS_DIR);
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let pid = std::process::id();
+    let t = Instant::now();
+    let incoming = Cleanup(
+        image
+            .is_file()
+            .then(|| dir.join(format!(".incoming-{name}-{pid}"))),
+    );
+    let layout = match &incoming.0 {
+        Some(tmp) => {
+            let _ = fs::remove_dir_all(tmp);
+            oci::extract_archive(image, tmp, opts.limits.max_bytes)
+                .map_err(|e| Refusal(e.to_string()))?
+        }
+        None => Layout::open(image).map_err(|e| Refusal(e.to_string()))?,
+    };
+    let verified: VerifiedImage =
+        oci::verify(&layout, &loaded.keys).map_err(|e| Refusal(e.to_string()))?;
+    timings.verify_ms = ms(t);
+
+    let unit = unit_name(name);
+    if units
+        .state(&unit)?
+        .is_some_and(|s| s.active == "active" || s.active == "activating")
+    {
+        bail!(Refusal(format!(
+            "a container named `{name}` is running; stop it first (`keel-agent stop {name}`)"
+        )));
+    }
+
+    let t = Instant::now();
+    let staging = Cleanup(Some(dir.join(format!(".staging-{name}-{pid}"))));
+    let stage = staging.0.clone().context("staging path")?;
+    let _ = fs::remove_dir_all(&stage);
+    let rootfs = stage.join("rootfs");
+    fs::create_dir_all(&rootfs).with_context(|| format!("creating {}", rootfs.display()))?;
+    let files: Vec<LayerFile> = verified
+        .layers
+        .iter()
+        .map(|(p, c, _)| LayerFile {
+            path: p,
+            compression: *c,
+        })
+        .collect();
+    let stats = unpack::unpack(&rootfs, &files, opts.limits).map_err(|e| Refusal(e.to_string()))?;
+    // Checked before anything outside the staging directory changes.
+    let mut spec = runtime_spec(&verified, name, &rootfs)?;
+    let bundle = dir.join(name);
+    if bundle.exists() {
+        // A stopped container of the same name: its network was released when its unit
+        // stopped, unless that never ran.
+        if let Err(e) = detach_network(&bundle, net) {
+            tracing::warn!(
+                container = name,
+                "releasing the old container's network: {e:#}"
+            );
+        }
+        fs::remove_dir_all(&bundle)
+            .with_context(|| format!("removing the old {}", bundle.display()))?;
+    }
+    fs::rename(&stage, &bundle)
+        .with_context(|| format!("moving the bundle to {}", bundle.display()))?;
+    let mut staging = staging;
+    staging.0 = None;
+    timings.unpack_ms = ms(t);
+
+    // Attaching the network is part of starting. From here on a failure removes the bundle and
+    // releases the network (a failed attach has undone itself).
+    let t = Instant::now();
+    let attached: Option<Attachment> = match network::attach(root, name, net) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&bundle);
+            return Err(e);
+        }
+    };
+    let abandon = |e: anyhow::Error| -> anyhow::Error {
+        if let Some(att) = &attached {
+            let _ = network::detach(att, net);
+        }
+        let _ = fs::remove_dir_all(&bundle);
+        e
+    };
+    if let Err(e) = write_bundle_files(&bundle, &mut spec, attached.as_ref(), &verified, &gate) {
+        return Err(abandon(e));
+    }
+    let bundle_s = bundle.display().to_string();
+    let started = units.start(&UnitSpec {
+        name: name.to_string(),
+        description: format!("keel container {name} ({})", verified.manifest_digest),
+        exec: (
+            CRUN.into(),
+            vec![
+                "crun".into(),
+                "--cgroup-manager=disabled".into(),
+                "run".into(),
+                "--bundle".into(),
+                bundle_s,
+                format!("keel-{name}"),
+            ],
+        ),
+        exec_stop_post: vec![
+            (
+                CRUN.into(),
+                vec![
+                    "crun".into(),
+                    "delete".into(),
+                    "--force".into(),
+                    format!("keel-{name}"),
+                ],
+            ),
+            (
+                KEEL_AGENT.into(),
+                vec![
+                    "keel-agent".into(),
+                    "--root".into(),
+                    root.display().to_string(),
+                    "net-detach".into(),
+                    name.to_string(),
+                ],
+            ),
+        ],
+        memory_max: opts.memory_max,
+        tasks_max: opts.tasks_max,
+    });
+    if let Err(e) = started {
+        return Err(abandon(e));
+    }
+    timings.start_ms = ms(t);
+    Ok(Started {
+        name: name.to_string(),
+        unit,
+        manifest_digest: verified.manifest_digest,
+        signed_by: verified.signed_by,
+        gate,
+        bytes: stats.bytes,
+        addresses: attached.map(|a| a.addresses).unwrap_or_default(),
+        timings,
+    })
+}
+
+/// config.json (joining the attached namespace, if any), network.json and image.json.
+fn write_bundle_files(
+    bundle: &Path,
+    spec: &mut oci_spec::runtime::Spec,
+    attached: Option<&Attachment>,
+    verified: &VerifiedImage,
+    gate: &str,
+) -> Result<()> {
+    if let Some(att) = attached {
+        join_netns(spec, &att.netns)?;
+        fs::write(
+            bundle.join(network::RECORD),
+            serde_json::to_vec_pretty(att)?,
+        )
+        .context("writing network.json")?;
+    }
+    fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(spec)?)
+        .context("writing config.json")?;
+    let record = serde_json::json!({
+        "manifest-digest": verified.manifest_digest,
+        "signed-by": verified.signed_by,
+        "reference": verified.reference,
+        "gate": gate,
+        "network": attached.map(|a| serde_json::json!({"name": a.network, "addresses": a.addresses})),
+    });
+    fs::write(
+        bundle.join("image.json"),
+        serde_json::to_vec_pretty(&record)?,
+    )
+    .context("writing image.json")
+}
+
+/// Makes the runtime config join the network namespace at `netns` instead of making a new one.
+fn join_netns(spec: &mut oci_spec::runtime::Spec, netns: &Path) -> Result<()> {
+    use oci_spec::runtime::{LinuxNamespaceBuilder, LinuxNamespaceType};
+    let mut linux = spec.linux().clone().unwrap_or_default();
+    let mut namespaces: Vec<_> = linux
+        .namespaces()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|n| n.typ() != LinuxNamespaceType::Network)
+        .collect();
+    namespaces.push(
+        LinuxNamespaceBuilder::default()
+            .typ(LinuxNamespaceType::Network)
+            .path(netns)
+            .build()?,
+    );
+    linux.set_namespaces(Some(namespaces));
+    spec.set_linux(Some(linux));
+    Ok(())
+}
+
+/// Looks a user up in the container's /etc/passwd (`name` or `uid`, optionally `:group`).
+fn resolve_user(rootfs: &Path, user: &str) -> Result<(u32, u32)> {
+    if user.is_empty() {
+        return Ok((0, 0));
+    }
+    let (u, g) = user
+        .split_once(':')
+        .map_or((user, None), |(u, g)| (u, Some(g)));
+    let passwd = fs::read_to_string(rootfs.join("etc/passwd")).unwrap_or_default();
+    let (uid, mut gid) = match u.parse::<u32>() {
+        Ok(n) => (n, n),
+        Err(_) => passwd
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                (f.len() > 3 && f[0] == u).then(|| (f[2].parse().ok(), f[3].parse().ok()))
+            })
+            .and_then(|(a, b)| Some((a?, b?)))
+            .with_context(|| format!("the image's user `{u}` is not in its /etc/passwd"))?,
+    };
+    if let Some(g) = g {
+        gid = g
+            .parse()
+            .with_context(|| format!("group `{g}`: only numeric groups are supported"))?;
+    }
+    Ok((uid, gid))
+}
+
+/// The OCI runtime config for a verified image: the runtime spec's defaults (namespaces, masked
+/// paths, a small capability set), the image's command, environment, directory and user, a
+/// read-only root with a tmpfs /tmp.
+pub fn runtime_spec(
+    image: &VerifiedImage,
+    name: &str,
+    rootfs: &Path,
+) -> Result<oci_spec::runtime::Spec> {
+    use oci_spec::runtime::{MountBuilder, ProcessBuilder, RootBuilder, UserBuilder};
+    let c = &image.config.config;
+    let mut args: Vec<String> = c.entrypoint.clone().unwrap_or_default();
+    args.extend(c.cmd.clone().unwrap_or_default());
+    if args.is_empty() {
+        bail!(Refusal(
+            "the image's config has neither Entrypoint nor Cmd: nothing to run".into()
+        ));
+    }
+    let mut env = c.env.clone().unwrap_or_default();
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        env.push("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    }
+    let (uid, gid) = resolve_user(rootfs, c.user.as_deref().unwrap_or(""))?;
+    let mut spec = oci_spec::runtime::Spec::default();
+    let default_process = spec.process().clone().unwrap_or_default();
+    let process = ProcessBuilder::default()
+        .terminal(false)
+        .args(args)
+        .env(env)
+        .cwd(
+            c.working_dir
+                .clone()
+                .filter(|d| !d.is_empty())
+                .unwrap_or_else(|| "/".into()),
+        )
+        .user(UserBuilder::default().uid(uid).gid(gid).build()?)
+        .capabilities(default_process.capabilities().clone().unwrap_or_default())
+        .rlimits(default_process.rlimits().clone().unwrap_or_default())
+        .no_new_privileges(true)
+        .build()?;
+    spec.set_process(Some(process));
+    spec.set_hostname(Some(name.to_string()));
+    // Relative to the bundle, which is built in a staging directory and then renamed.
+    spec.set_root(Some(
+        RootBuilder::default()
+            .path("rootfs")
+            .readonly(true)
+            .build()?,
+    ));
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    mounts.push(
+        MountBuilder::default()
+            .destination("/tmp")
+            .typ("tmpfs")
+            .source("tmpfs")
+            .options(vec![
+                "nosuid".into(),
+                "nodev".into(),
+                "mode=1777".into(),
+                "size=64m".into(),
+            ])
+            .build()?,
+    );
+    spec.set_mounts(Some(mounts));
+    Ok(spec)
+}
+
+/// Stops a container's unit.
+pub fn stop(units: &dyn Units, name: &str) -> Result<()> {
+    check_name(name)?;
+    let unit = unit_name(name);
+    if units.state(&unit)?.is_none() {
+        bail!("no container named `{name}` is running");
+    }
+    units.stop(&unit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::container::signature;
+    use crate::node::agent::systemd::UnitState;
+    use std::cell::RefCell;
+
+    struct FakeMachine {
+        ek: Option<String>,
+        trusted: bool,
+    }
+    impl Machine for FakeMachine {
+        fn ek_sha256(&self) -> Result<String> {
+            self.ek.clone().context("no TPM")
+        }
+        fn boot_trusted(&self) -> Result<(bool, Vec<String>)> {
+            Ok((
+                self.trusted,
+                if self.trusted {
+                    vec![]
+                } else {
+                    vec!["PCR 11 unsigned".into()]
+                },
+            ))
+        }
+    }
+
+    #[derive(Default)]
+    struct FakeUnits {
+        started: RefCell<Vec<UnitSpec>>,
+        /// Every start fails (the job failed).
+        fail: bool,
+    }
+    impl Units for FakeUnits {
+        fn start(&self, spec: &UnitSpec) -> Result<()> {
+            if self.fail {
+                bail!("job failed");
+            }
+            self.started.borrow_mut().push(spec.clone());
+            Ok(())
+        }
+        fn stop(&self, _: &str) -> Result<()> {
+            Ok(())
+        }
+        fn list(&self) -> Result<Vec<UnitState>> {
+            Ok(vec![])
+        }
+        fn state(&self, _: &str) -> Result<Option<UnitState>> {
+            Ok(None)
+        }
+    }
+
+    /// A node without a CNI config never reaches the network seam.
+    struct NoNet;
+    impl network::Host for NoNet {
+        fn invoke(&self, call: &network::Call) -> Result<serde_json::Value> {
+            panic!("no CNI config, yet {} was invoked", call.plugin)
+        }
+        fn create_netns(&self, name: &str) -> Result<PathBuf> {
+            panic!("no CNI config, yet netns {name} was made")
+        }
+        fn remove_netns(&self, _: &Path) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A CNI network that hands out one address; remembers the namespaces that exist.
+    #[derive(Default)]
+    struct FakeNet {
+        namespaces: RefCell<Vec<PathBuf>>,
+        deleted: RefCell<usize>,
+    }
+    impl network::Host for FakeNet {
+        fn invoke(&self, call: &network::Call) -> Result<serde_json::Value> {
+            if call.command == "DEL" && call.plugin == "bridge" {
+                *self.deleted.borrow_mut() += 1;
+            }
+            Ok(serde_json::json!({"ips": [{"address": "10.5.7.2/24"}]}))
+        }
+        fn create_netns(&self, name: &str) -> Result<PathBuf> {
+            let p = PathBuf::from(format!("/run/netns/{name}"));
+            self.namespaces.borrow_mut().push(p.clone());
+            Ok(p)
+        }
+        fn remove_netns(&self, path: &Path) -> Result<()> {
+            self.namespaces.borrow_mut().retain(|p| p != path);
+            Ok(())
+        }
+    }
+
+    /// Gives the node root the CNI network config keel-net would write (one bridge plugin).
+    fn write_conflist(root: &Path) {
+        let conf = root.join(network::CNI_CONF_DIR);
+        fs::create_dir_all(&conf).expect("dir");
+        fs::write(
+            conf.join("10-keel-net.conflist"),
+            r#"{"cniVersion":"0.4.0","name":"keel-net","plugins":[{"type":"bridge"}]}"#,
+        )
+        .expect("conflist");
+    }
+
+    /// Runs the signed image as `web` on a node with a CNI network config.
+    fn run_on_cni_node(units: &FakeUnits, net: &FakeNet) -> (tempfile::TempDir, Result<Started>) {
+        let (t, _, img) = node(false);
+        write_conflist(t.path());
+        let m = FakeMachine {
+            ek: None,
+            trusted: true,
+        };
+        let r = run(
+            t.path(),
+            &img,
+            "web",
+            &m,
+            units,
+            net,
+            &RunOptions::default(),
+        );
+        (t, r)
+    }
+
+    #[test]
+    fn an_overlay_node_without_its_network_yet_starts_nothing_and_the_spool_waits() {
+        let (t, _, img) = node(false);
+        let marker = t.path().join(network::OVERLAY_MARKER);
+        fs::create_dir_all(marker.parent().expect("parent")).expect("dir");
+        fs::write(&marker, "KEEL_NET_ETCD=https://10.77.0.1:2379\n").expect("marker");
+        let m = FakeMachine {
+            ek: None,
+            trusted: true,
+        };
+        let units = FakeUnits::default();
+        let net = FakeNet::default();
+        let e = run(
+            t.path(),
+            &img,
+            "web",
+            &m,
+            &units,
+            &net,
+            &RunOptions::default(),
+        )
+        .expect_err("no network yet");
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains("keel-net.env") && msg.contains("keel-net status"),
+            "{msg}"
+        );
+        assert!(!t.path().join(CONTAINERS_DIR).join("web").exists());
+        assert!(units.started.borrow().is_empty());
+
+        // The spool keeps the archive while the network is missing, and runs it once keel-net
+        // has written its config.
+        let spool = t.path().join(SPOOL_DIR);
+        fs::create_dir_all(&spool).expect("spool");
+        let layout = Layout::open(&img).expect("layout");
+        oci::write_archive(&layout, &spool.join("web.tar")).expect("archive");
+        assert!(crate::node::agent::spool::pass(
+            t.path(),
+            &spool,
+            &m,
+            &units,
+            &net,
+            false
+        ));
+        assert!(spool.join("web.tar").is_file(), "left in the spool");
+        assert!(!spool.join("refused").exists(), "not refused");
+        write_conflist(t.path());
+        assert!(!crate::node::agent::spool::pass(
+            t.path(),
+            &spool,
+            &m,
+            &units,
+            &net,
+            true
+        ));
+        assert!(spool.join("done/web.tar").is_file());
+        assert_eq!(units.started.borrow().len(), 1);
+        assert_eq!(net.namespaces.borrow().len(), 1);
+    }
+
+    #[test]
+    fn with_a_cni_network_the_container_joins_its_namespace() {
+        let units = FakeUnits::default();
+        let net = FakeNet::default();
+        let (t, r) = run_on_cni_node(&units, &net);
+        let s = r.expect("runs");
+        assert_eq!(s.addresses, vec!["10.5.7.2/24".to_string()]);
+        let bundle = t.path().join(CONTAINERS_DIR).join("web");
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&fs::read(bundle.join("config.json")).expect("config"))
+                .expect("json");
+        let netns: Vec<&serde_json::Value> = cfg["linux"]["namespaces"]
+            .as_array()
+            .expect("namespaces")
+            .iter()
+            .filter(|n| n["type"] == "network")
+            .collect();
+        assert_eq!(netns.len(), 1, "{cfg}");
+        assert_eq!(netns[0]["path"], "/run/netns/keel-web");
+        let started = units.started.borrow();
+        let post: Vec<String> = started[0]
+            .exec_stop_post
+            .iter()
+            .map(|(_, argv)| argv.join(" "))
+            .collect();
+        assert!(
+            post.iter().any(|c| c.ends_with("net-detach web")),
+            "{post:?}"
+        );
+        // What the unit's ExecStopPost does: DEL, namespace gone, record gone.
+        detach_network(&bundle, &net).expect("detach");
+        assert_eq!(*net.deleted.borrow(), 1);
+        assert!(net.namespaces.borrow().is_empty());
+        assert!(!bundle.join(network::RECORD).exists());
+    }
+
+    #[test]
+    fn a_container_that_fails_to_start_releases_its_network() {
+        let units = FakeUnits {
+            fail: true,
+            ..Default::default()
+        };
+        let net = FakeNet::default();
+        let (t, r) = run_on_cni_node(&units, &net);
+        r.expect_err("fails");
+        assert_eq!(*net.deleted.borrow(), 1, "DEL ran");
+        assert!(net.namespaces.borrow().is_empty(), "namespace removed");
+        assert!(!t.path().join(CONTAINERS_DIR).join("web").exists());
+    }
+
+    /// Runs `img` as `hello` on a node without a CNI config.
+    fn run_hello(root: &Path, img: &Path, m: &FakeMachine, units: &FakeUnits) -> Result<Started> {
+        run(root, img, "hello", m, units, &NoNet, &RunOptions::default())
+    }
+
+    const EK: &str = "sha256:abababababababababababababababababababababababababababababababab";
+
+    /// A node root with a policy trusting `key`, and a signed one-layer image.
+    fn node(
+        require_boot: bool,
+    ) -> (
+        tempfile::TempDir,
+        openssl::pkey::PKey<openssl::pkey::Private>,
+        PathBuf,
+    ) {
+        let t = tempfile::tempdir().expect("tmp");
+        let k = signature::generate_key().expect("key");
+        let pdir = t.path().join(policy::POLICY_DIR);
+        fs::create_dir_all(&pdir).expect("dir");
+        fs::write(
+            pdir.join("ops.pub.pem"),
+            k.public_key_to_pem().expect("pem"),
+        )
+        .expect("key");
+        let p = policy::Policy {
+            keys: vec!["ops.pub.pem".into()],
+            require_trusted_boot: require_boot,
+            require_enrolled_machines: false,
+        };
+        fs::write(
+            pdir.join(policy::POLICY_FILE),
+            serde_json::to_vec(&p).expect("json"),
+        )
+        .expect("policy");
+        let tree = t.path().join("tree");
+        fs::create_dir_all(tree.join("bin")).expect("tree");
+        fs::write(tree.join("bin/hello"), b"#!/bin/sh\necho hi\n").expect("file");
+        let img = t.path().join("hello");
+        crate::container::build::from_tree(&tree, &img, &["/bin/hello".into()], &[])
+            .expect("build");
+        crate::container::build::sign(&img, &k, "keel/hello").expect("sign");
+        (t, k, img)
+    }
+
+    #[test]
+    fn a_signed_image_is_unpacked_and_started() {
+        let (t, _, img) = node(true);
+        let units = FakeUnits::default();
+        let m = FakeMachine {
+            ek: Some(EK.into()),
+            trusted: true,
+        };
+        let s = run_hello(t.path(), &img, &m, &units).expect("runs");
+        assert_eq!(s.unit, "keel-ctr-hello.service");
+        let bundle = t.path().join(CONTAINERS_DIR).join("hello");
+        assert!(bundle.join("rootfs/bin/hello").is_file());
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&fs::read(bundle.join("config.json")).expect("config"))
+                .expect("json");
+        assert_eq!(cfg["process"]["args"][0], "/bin/hello");
+        assert_eq!(cfg["root"]["readonly"], true);
+        assert_eq!(
+            cfg["root"]["path"], "rootfs",
+            "relative: the bundle was renamed from staging"
+        );
+        let started = units.started.borrow();
+        assert_eq!(started.len(), 1);
+        assert!(started[0].exec.1.contains(&bundle.display().to_string()));
+    }
+
+    /// Nothing of a refused image is left where it could run, and nothing started.
+    fn assert_refused(root: &Path, units: &FakeUnits, r: Result<Started>, want: &str) {
+        let e = r.expect_err("refused");
+        let msg = format!("{e:#}");
+        assert!(msg.contains(want), "{msg}");
+        assert!(units.started.borrow().is_empty(), "nothing started");
+        let dir = root.join(CONTAINERS_DIR);
+        let left: Vec<_> = fs::read_dir(&dir)
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(
+            left.is_empty(),
+            "left behind in {}: {left:?}",
+            dir.display()
+        );
+    }
+
+    #[test]
+    fn refusals_leave_nothing_behind() {
+        // Untrusted boot.
+        let (t, _, img) = node(true);
+        let units = FakeUnits::default();
+        let m = FakeMachine {
+            ek: Some(EK.into()),
+            trusted: false,
+        };
+        let r = run_hello(t.path(), &img, &m, &units);
+        assert_refused(t.path(), &units, r, "does not match a PCR 11 policy");
+
+        // Unsigned: a fresh build without a signature.
+        let tree = t.path().join("tree");
+        let unsigned = t.path().join("unsigned");
+        crate::container::build::from_tree(&tree, &unsigned, &["/bin/hello".into()], &[])
+            .expect("build");
+        let m = FakeMachine {
+            ek: Some(EK.into()),
+            trusted: true,
+        };
+        let r = run_hello(t.path(), &unsigned, &m, &units);
+        assert_refused(t.path(), &units, r, "not signed");
+
+        // A layer byte changed after signing.
+        let layout = Layout::open(&img).expect("layout");
+        let d = layout.image_descriptor().expect("image");
+        let man: oci::Manifest =
+            serde_json::from_slice(&layout.read_blob(&d, "m").expect("manifest")).expect("json");
+        let blob = layout.blob_path(&man.layers[0].digest).expect("path");
+        let mut bytes = fs::read(&blob).expect("layer");
+        let n = bytes.len() / 2;
+        bytes[n] ^= 0x40;
+        fs::write(&blob, bytes).expect("tamper");
+        let r = run_hello(t.path(), &img, &m, &units);
+        assert_refused(t.path(), &units, r, "changed after signing");
+    }
+
+    #[test]
+    fn the_enrolled_machines_list_gates_the_node() {
+        let (t, k, img) = node(false);
+        let units = FakeUnits::default();
+        let mut list = policy::Machines::default();
+        list.add(
+            "other",
+            "sha256:cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd",
+        )
+        .expect("add");
+        let node_list = t.path().join(policy::NODE_MACHINES);
+        fs::create_dir_all(node_list.parent().expect("parent")).expect("dir");
+        policy::write_signed(&node_list, &list, &k).expect("list");
+        let m = FakeMachine {
+            ek: Some(EK.into()),
+            trusted: true,
+        };
+        let r = run_hello(t.path(), &img, &m, &units);
+        assert_refused(t.path(), &units, r, "is not in the enrolled machines list");
+        let nomachine = FakeMachine {
+            ek: None,
+            trusted: true,
+        };
+        let r = run_hello(t.path(), &img, &nomachine, &units);
+        assert_refused(t.path(), &units, r, "cannot be read");
+        list.add("this", EK).expect("add");
+        policy::write_signed(&node_list, &list, &k).expect("list");
+        run_hello(t.path(), &img, &m, &units).expect("enrolled: runs");
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_name("hello-1").is_ok());
+        for bad in ["", "-x", "Hello", "a/b", "../x", &"x".repeat(64)] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            default_name(Path::new("/spool/Hello World.tar")),
+            "hello-world"
+        );
+    }
+}

@@ -1,9 +1,0 @@
-//! Rendering an image from its OSTree commit: the erofs /usr and its verity tree, the initrd, the
-//! UKI, the ESP and the GPT disk, and the output formats.
-
-pub mod disk;
-pub mod initrd;
-pub mod initrd_prune;
-pub mod layout;
-pub mod uki;
-pub mod usr;
