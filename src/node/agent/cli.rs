@@ -242,6 +242,10 @@ fn provision(root: &std::path::Path) -> Result<ExitCode> {
     };
     let outcome = match provision::run(root, &provision::source::Sources::default()) {
         Ok(o) => o,
+        Err(e) if e.downcast_ref::<provision::apply::StampError>().is_some() => {
+            say(2, &format!("ERROR: {e:#}"));
+            return Ok(ExitCode::from(1));
+        }
         Err(e) => {
             say(2, &format!("ERROR: the Ignition config was not applied: {e:#}. Nothing of it was written; fix the config and boot again."));
             return Ok(ExitCode::from(1));

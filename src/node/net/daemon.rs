@@ -144,7 +144,7 @@ impl Daemon {
     fn publish(&mut self) {
         self.status.updated_unix = now();
         if let Err(e) = files::write_status(&self.opts.run_dir, &self.status) {
-            tracing::warn!("cannot write the status file: {e}");
+            tracing::warn!("cannot write the status file: {}", crate::error::chain(&e));
         }
     }
 
@@ -229,7 +229,7 @@ impl Daemon {
         } else {
             ""
         };
-        self.set_state("etcd-unreachable", Some(format!("{e}{note}; retrying")));
+        self.set_state("etcd-unreachable", Some(format!("{}{note}; retrying", crate::error::chain(e))));
         let stop = self.sleep_or_stop(*backoff).await;
         *backoff = (*backoff * 2).min(MAX_BACKOFF);
         stop
@@ -327,14 +327,14 @@ impl Daemon {
             self.kernel
                 .ensure_address(dev.index, plan::overlay_address(&subnet))
                 .await
-                .map_err(|e| SessionError::Local(e.to_string()))?;
+                .map_err(|e| SessionError::Local(crate::error::chain(&e)))?;
         }
         // Before the CNI config is written: the first container already gets out.
         let masq_rule = self
             .opts
             .ip_masq
             .then(|| masq::rule_for(&subnet, &config.network));
-        masq::apply(masq_rule.as_ref()).map_err(|e| SessionError::Local(e.to_string()))?;
+        masq::apply(masq_rule.as_ref()).map_err(|e| SessionError::Local(crate::error::chain(&e)))?;
         let described = masq_rule.as_ref().map(masq::MasqRule::describe);
         if self.masq_applied.as_ref() != Some(&described) {
             match &described {
@@ -350,10 +350,10 @@ impl Daemon {
             files::subnet_env(&config, &subnet, mtu, self.opts.ip_masq).as_bytes(),
             0o644,
         )
-        .map_err(|e| SessionError::Local(e.to_string()))?;
+        .map_err(|e| SessionError::Local(crate::error::chain(&e)))?;
         if let Some(cni) = &self.opts.cni_conf {
             files::write_atomic(cni, files::cni_conflist(&subnet, mtu).as_bytes(), 0o644)
-                .map_err(|e| SessionError::Local(e.to_string()))?;
+                .map_err(|e| SessionError::Local(crate::error::chain(&e)))?;
         }
         self.status.device = device.as_ref().map(|d| StatusDevice {
             name: d.name.clone(),
@@ -436,7 +436,7 @@ impl Daemon {
         &mut self,
         config: &NetworkConfig,
     ) -> Result<(Option<OverlayDevice>, serde_json::Value), SessionError> {
-        let local = |e: super::kernel::KernelError| SessionError::Local(e.to_string());
+        let local = |e: super::kernel::KernelError| SessionError::Local(crate::error::chain(&e));
         let (device, data) = match &config.backend {
             Backend::Vxlan { vni, port, .. } => {
                 let dev = self
@@ -517,7 +517,7 @@ impl Daemon {
                             public_ip: attrs.public_ip,
                         },
                     )
-                    .map_err(|e| SessionError::Local(e.to_string()))?;
+                    .map_err(|e| SessionError::Local(crate::error::chain(&e)))?;
                     return Ok((subnet, lease_id));
                 }
                 Acquired::Taken => {
@@ -552,7 +552,7 @@ impl Daemon {
             .kernel
             .sync(&desired, held.device.as_ref(), &self.underlay, mode)
             .await
-            .map_err(|e| SessionError::Local(e.to_string()))?;
+            .map_err(|e| SessionError::Local(crate::error::chain(&e)))?;
         if mode == SyncMode::WireguardPeers {
             self.wg_applied = Some(desired.wg_peers.clone());
         }

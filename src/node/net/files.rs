@@ -114,7 +114,7 @@ pub fn wireguard_key(state_dir: &Path) -> Result<[u8; 32], String> {
                 format!("{}\n", b64.encode(private)).as_bytes(),
                 0o600,
             )
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| crate::error::chain(&e))?;
             Ok(private)
         }
         Err(e) => Err(format!("{}: {e}", path.display())),

@@ -56,10 +56,36 @@ pub struct Stamp {
     pub source: String,
 }
 
-/// Reads the stamp, when provisioning already ran on this root.
-pub fn stamp(root: &Path) -> Option<Stamp> {
-    let bytes = fs::read(root.join(STAMP)).ok()?;
-    serde_json::from_slice(&bytes).ok()
+/// The stamp could not be read: the node was provisioned before (or something wrote the file),
+/// but what it says is unknown. Never read as "not provisioned": that would apply a config again
+/// over a node that already runs.
+#[derive(Debug, thiserror::Error)]
+pub enum StampError {
+    #[error("cannot read the provisioning stamp {path}")]
+    Unreadable {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the provisioning stamp {path} is corrupt ({reason}); provisioning ran on this node before, so it is not run again: restore the file from the recovery shell (its fields are sha256, version, source) or reinstall the node")]
+    Corrupt { path: PathBuf, reason: String },
+}
+
+/// Reads the stamp: `None` when provisioning has not run on this root yet (no file), the stamp
+/// when it has, an error when the file exists but cannot be read or parsed.
+pub fn stamp(root: &Path) -> Result<Option<Stamp>, StampError> {
+    let path = root.join(STAMP);
+    let bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(StampError::Unreadable { path, source }),
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| StampError::Corrupt {
+            path,
+            reason: e.to_string(),
+        })
 }
 
 /// A node staged for the commit.
@@ -344,20 +370,15 @@ fn enact_presets(root: &Path, plan: &Plan) -> Result<(), ApplyError> {
     })
 }
 
-/// Writes the stamp atomically (temporary file, then rename), creating /var/lib/keel when the
-/// root does not have it yet (a root created on this boot has only what the initrd put there).
+/// Writes the stamp atomically ([`crate::atomic`]), creating /var/lib/keel when the root does
+/// not have it yet (a root created on this boot has only what the initrd put there).
 pub fn write_stamp(root: &Path, s: &Stamp) -> Result<(), ApplyError> {
     let stamp_path = root.join(STAMP);
-    if let Some(dir) = stamp_path.parent() {
-        fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
-    }
-    let tmp = stamp_path.with_extension("json.new");
-    fs::write(
-        &tmp,
-        serde_json::to_vec_pretty(s).map_err(|e| field("$", e.to_string()))?,
-    )
-    .and_then(|_| fs::rename(&tmp, &stamp_path))
-    .map_err(io_err(format!("writing {}", stamp_path.display())))
+    let bytes = serde_json::to_vec_pretty(s).map_err(|e| field("$", e.to_string()))?;
+    crate::atomic::write(&stamp_path, &bytes, 0o644).map_err(|e| ApplyError::Io {
+        context: e.to_string(),
+        source: e.source,
+    })
 }
 
 fn prepare(p: &mut Prep, plan: &Plan) -> Result<(), ApplyError> {
@@ -648,13 +669,11 @@ fn stage_file_op(
 fn commit(root: &Path, staging: &Path, mut j: Journal) -> Result<(), ApplyError> {
     let plan_path = staging.join("plan.json");
     let save = |j: &Journal| -> Result<(), ApplyError> {
-        let tmp = staging.join("plan.json.new");
-        fs::write(
-            &tmp,
-            serde_json::to_vec(j).map_err(|e| field("$", e.to_string()))?,
-        )
-        .and_then(|_| fs::rename(&tmp, &plan_path))
-        .map_err(io_err("recording the provisioning plan"))
+        let bytes = serde_json::to_vec(j).map_err(|e| field("$", e.to_string()))?;
+        crate::atomic::write(&plan_path, &bytes, 0o600).map_err(|e| ApplyError::Io {
+            context: format!("recording the provisioning plan ({})", e.step),
+            source: e.source,
+        })
     };
     save(&j)?;
     let backup_dir = staging.join("backup");
@@ -745,7 +764,10 @@ mod tests {
         let plan = parse(FULL.as_bytes()).expect("valid");
         let s = apply(r, &plan, "test").expect("applies");
         assert_eq!(s.sha256, plan.sha256);
-        assert_eq!(stamp(r).expect("stamp").sha256, plan.sha256);
+        assert_eq!(
+            stamp(r).expect("readable").expect("stamp").sha256,
+            plan.sha256
+        );
         assert_eq!(
             fs::read_to_string(r.join("etc/hostname")).expect("hostname"),
             "node-7\n"
@@ -842,7 +864,7 @@ mod tests {
             "{e}"
         );
         assert_eq!(snapshot(r), before, "nothing changed");
-        assert!(stamp(r).is_none());
+        assert!(stamp(r).expect("readable").is_none());
         let c = r#"{"ignition":{"version":"3.4.0"},"storage":{"files":[{"path":"/etc/x","user":{"name":"nobody-here"}}]}}"#;
         let e = apply(r, &parse(c.as_bytes()).expect("valid"), "test").expect_err("owner");
         assert!(
@@ -871,7 +893,7 @@ mod tests {
             "{msg}"
         );
         assert_eq!(snapshot(r), before, "nothing changed");
-        assert!(stamp(r).is_none());
+        assert!(stamp(r).expect("readable").is_none());
     }
 
     /// A commit interrupted half way (here: a plan.json with some moves done) is undone by the

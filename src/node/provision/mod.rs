@@ -32,7 +32,7 @@ pub fn measurement(sha256: &str) -> String {
 /// Runs once per machine from the initrd with the new root at `root`: applies the config found
 /// by `source::find` (or notes that there is none) and measures the applied config's hash.
 pub fn run(root: &Path, sources: &source::Sources) -> Result<Outcome> {
-    if let Some(s) = apply::stamp(root) {
+    if let Some(s) = apply::stamp(root)? {
         return Ok(Outcome::AlreadyProvisioned(s));
     }
     if apply::roll_back(root)? {
@@ -72,13 +72,61 @@ mod tests {
         };
         assert_eq!(run(&root, &sources).expect("first boot"), Outcome::NoConfig);
         assert!(root.join(apply::STAMP).is_file());
-        assert!(
-            !root.join(apply::STAMP).with_extension("json.new").exists(),
-            "no temporary file left"
-        );
+        let left: Vec<_> = std::fs::read_dir(root.join("var/lib/keel"))
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("provisioned.json")], "no temporary file left");
         match run(&root, &sources).expect("second boot") {
             Outcome::AlreadyProvisioned(s) => assert_eq!(s.source, "none"),
             other => panic!("expected AlreadyProvisioned, got {other:?}"),
         }
+    }
+
+    fn sources(t: &Path) -> source::Sources {
+        let esp = t.join("esp");
+        std::fs::create_dir_all(&esp).expect("mkdir");
+        // A config is there: were the stamp read as "not provisioned", it would be applied.
+        std::fs::write(esp.join("config.ign"), br#"{"ignition":{"version":"3.4.0"}}"#)
+            .expect("config");
+        source::Sources {
+            fw_cfg: t.join("no-fw-cfg"),
+            esp: Some(esp),
+        }
+    }
+
+    /// A corrupt or unreadable stamp stops provisioning with an error naming the file; it is
+    /// never taken for "not provisioned yet" (which would apply a config over a running node).
+    #[test]
+    fn a_corrupt_or_unreadable_stamp_is_an_error_not_a_fresh_node() {
+        for (case, content) in [
+            ("truncated JSON", &b"{\"sha256\": \"ab"[..]),
+            ("empty file", &b""[..]),
+            ("wrong shape", &b"[1, 2]"[..]),
+        ] {
+            let t = tempfile::tempdir().expect("tempdir");
+            let root = t.path().join("sysroot");
+            std::fs::create_dir_all(root.join("var/lib/keel")).expect("mkdir");
+            std::fs::write(root.join(apply::STAMP), content).expect("stamp");
+            let e = run(&root, &sources(t.path())).expect_err(case);
+            let shown = format!("{e:#}");
+            assert!(shown.contains("provisioned.json"), "{case}: {shown}");
+            assert!(shown.contains("corrupt"), "{case}: {shown}");
+            assert!(
+                !root.join("etc").exists() && !root.join("var/lib/keel/.provision-staging").exists(),
+                "{case}: nothing applied or staged"
+            );
+            assert_eq!(
+                std::fs::read(root.join(apply::STAMP)).expect("kept"),
+                content,
+                "{case}: the stamp is left as it was"
+            );
+        }
+        // A directory where the file should be: unreadable, also an error.
+        let t = tempfile::tempdir().expect("tempdir");
+        let root = t.path().join("sysroot");
+        std::fs::create_dir_all(root.join(apply::STAMP)).expect("mkdir");
+        let e = run(&root, &sources(t.path())).expect_err("unreadable");
+        assert!(format!("{e:#}").contains("cannot read the provisioning stamp"), "{e:#}");
     }
 }
