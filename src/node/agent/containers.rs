@@ -49,10 +49,71 @@ impl Machine for ThisMachine {
     }
 }
 
-/// Why nothing was started.
+/// Why nothing was started: the policy said no (unsigned or tampered image, unenrolled machine,
+/// untrusted boot, an image that breaks the unpacking rules). Running it again changes nothing.
+/// Every other error of [`run`] is a failure (disk full, crun or systemd failed): worth a retry.
 #[derive(Debug, thiserror::Error)]
 #[error("refused: {0}")]
 pub struct Refusal(pub String);
+
+impl Refusal {
+    /// Whether `e` (an error of [`run`]) is a refusal rather than a failure.
+    pub fn is_refusal(e: &anyhow::Error) -> bool {
+        e.downcast_ref::<Refusal>().is_some()
+    }
+}
+
+/// Whether an I/O error says something about this machine (full disk, quota, read-only or
+/// broken storage, permissions, memory) rather than about the image's bytes (truncated or
+/// malformed archive, missing blob).
+pub fn is_environmental(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind as K;
+    if matches!(
+        e.kind(),
+        K::StorageFull
+            | K::QuotaExceeded
+            | K::ReadOnlyFilesystem
+            | K::PermissionDenied
+            | K::OutOfMemory
+            | K::ResourceBusy
+            | K::Interrupted
+            | K::TimedOut
+            | K::WouldBlock
+    ) {
+        return true;
+    }
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ENOSPC
+                | libc::EDQUOT
+                | libc::EROFS
+                | libc::EIO
+                | libc::EACCES
+                | libc::EPERM
+                | libc::ENOMEM
+                | libc::EMFILE
+                | libc::ENFILE
+                | libc::EBUSY
+        )
+    )
+}
+
+/// An image error as a refusal, unless it is the machine's I/O failing (then a failure).
+fn oci_refusal(e: oci::OciError) -> anyhow::Error {
+    match &e {
+        oci::OciError::Io { source, .. } if is_environmental(source) => anyhow::Error::new(e),
+        _ => Refusal(crate::error::chain(&e)).into(),
+    }
+}
+
+/// An unpacking error as a refusal, unless it is the machine's I/O failing (then a failure).
+fn unpack_refusal(e: unpack::UnpackError) -> anyhow::Error {
+    match &e {
+        unpack::UnpackError::Io { source, .. } if is_environmental(source) => anyhow::Error::new(e),
+        _ => Refusal(crate::error::chain(&e)).into(),
+    }
+}
 
 /// Checks the machine against the policy: trusted boot (when required) and the enrolled TPMs.
 pub fn gate(root: &Path, loaded: &LoadedPolicy, machine: &dyn Machine) -> Result<String, Refusal> {
@@ -219,7 +280,7 @@ pub fn run(
     }
     let mut timings = Timings::default();
     let t = Instant::now();
-    let loaded = policy::load(root).map_err(|e| Refusal(e.to_string()))?;
+    let loaded = policy::load(root).map_err(|e| Refusal(crate::error::chain(&e)))?;
     let gate = gate(root, &loaded, machine)?;
     timings.gate_ms = ms(t);
 
@@ -235,13 +296,11 @@ pub fn run(
     let layout = match &incoming.0 {
         Some(tmp) => {
             let _ = fs::remove_dir_all(tmp);
-            oci::extract_archive(image, tmp, opts.limits.max_bytes)
-                .map_err(|e| Refusal(e.to_string()))?
+            oci::extract_archive(image, tmp, opts.limits.max_bytes).map_err(oci_refusal)?
         }
-        None => Layout::open(image).map_err(|e| Refusal(e.to_string()))?,
+        None => Layout::open(image).map_err(oci_refusal)?,
     };
-    let verified: VerifiedImage =
-        oci::verify(&layout, &loaded.keys).map_err(|e| Refusal(e.to_string()))?;
+    let verified: VerifiedImage = oci::verify(&layout, &loaded.keys).map_err(oci_refusal)?;
     timings.verify_ms = ms(t);
 
     let unit = unit_name(name);
@@ -268,7 +327,7 @@ pub fn run(
             compression: *c,
         })
         .collect();
-    let stats = unpack::unpack(&rootfs, &files, opts.limits).map_err(|e| Refusal(e.to_string()))?;
+    let stats = unpack::unpack(&rootfs, &files, opts.limits).map_err(unpack_refusal)?;
     // Checked before anything outside the staging directory changes.
     let mut spec = runtime_spec(&verified, name, &rootfs)?;
     let bundle = dir.join(name);
@@ -526,103 +585,7 @@ pub fn stop(units: &dyn Units, name: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::container::signature;
-    use crate::node::agent::systemd::UnitState;
-    use std::cell::RefCell;
-
-    struct FakeMachine {
-        ek: Option<String>,
-        trusted: bool,
-    }
-    impl Machine for FakeMachine {
-        fn ek_sha256(&self) -> Result<String> {
-            self.ek.clone().context("no TPM")
-        }
-        fn boot_trusted(&self) -> Result<(bool, Vec<String>)> {
-            Ok((
-                self.trusted,
-                if self.trusted {
-                    vec![]
-                } else {
-                    vec!["PCR 11 unsigned".into()]
-                },
-            ))
-        }
-    }
-
-    #[derive(Default)]
-    struct FakeUnits {
-        started: RefCell<Vec<UnitSpec>>,
-        /// Every start fails (the job failed).
-        fail: bool,
-    }
-    impl Units for FakeUnits {
-        fn start(&self, spec: &UnitSpec) -> Result<()> {
-            if self.fail {
-                bail!("job failed");
-            }
-            self.started.borrow_mut().push(spec.clone());
-            Ok(())
-        }
-        fn stop(&self, _: &str) -> Result<()> {
-            Ok(())
-        }
-        fn list(&self) -> Result<Vec<UnitState>> {
-            Ok(vec![])
-        }
-        fn state(&self, _: &str) -> Result<Option<UnitState>> {
-            Ok(None)
-        }
-    }
-
-    /// A node without a CNI config never reaches the network seam.
-    struct NoNet;
-    impl network::Host for NoNet {
-        fn invoke(&self, call: &network::Call) -> Result<serde_json::Value> {
-            panic!("no CNI config, yet {} was invoked", call.plugin)
-        }
-        fn create_netns(&self, name: &str) -> Result<PathBuf> {
-            panic!("no CNI config, yet netns {name} was made")
-        }
-        fn remove_netns(&self, _: &Path) -> Result<()> {
-            Ok(())
-        }
-    }
-
-    /// A CNI network that hands out one address; remembers the namespaces that exist.
-    #[derive(Default)]
-    struct FakeNet {
-        namespaces: RefCell<Vec<PathBuf>>,
-        deleted: RefCell<usize>,
-    }
-    impl network::Host for FakeNet {
-        fn invoke(&self, call: &network::Call) -> Result<serde_json::Value> {
-            if call.command == "DEL" && call.plugin == "bridge" {
-                *self.deleted.borrow_mut() += 1;
-            }
-            Ok(serde_json::json!({"ips": [{"address": "10.5.7.2/24"}]}))
-        }
-        fn create_netns(&self, name: &str) -> Result<PathBuf> {
-            let p = PathBuf::from(format!("/run/netns/{name}"));
-            self.namespaces.borrow_mut().push(p.clone());
-            Ok(p)
-        }
-        fn remove_netns(&self, path: &Path) -> Result<()> {
-            self.namespaces.borrow_mut().retain(|p| p != path);
-            Ok(())
-        }
-    }
-
-    /// Gives the node root the CNI network config keel-net would write (one bridge plugin).
-    fn write_conflist(root: &Path) {
-        let conf = root.join(network::CNI_CONF_DIR);
-        fs::create_dir_all(&conf).expect("dir");
-        fs::write(
-            conf.join("10-keel-net.conflist"),
-            r#"{"cniVersion":"0.4.0","name":"keel-net","plugins":[{"type":"bridge"}]}"#,
-        )
-        .expect("conflist");
-    }
+    use crate::node::agent::testkit::*;
 
     /// Runs the signed image as `web` on a node with a CNI network config.
     fn run_on_cni_node(units: &FakeUnits, net: &FakeNet) -> (tempfile::TempDir, Result<Started>) {
@@ -680,25 +643,13 @@ mod tests {
         fs::create_dir_all(&spool).expect("spool");
         let layout = Layout::open(&img).expect("layout");
         oci::write_archive(&layout, &spool.join("web.tar")).expect("archive");
-        assert!(crate::node::agent::spool::pass(
-            t.path(),
-            &spool,
-            &m,
-            &units,
-            &net,
-            false
-        ));
+        let mut sp = crate::node::agent::spool::Spool::new(spool.clone(), Default::default());
+        let now = std::time::Instant::now();
+        assert!(sp.pass(t.path(), &m, &units, &net, now).0);
         assert!(spool.join("web.tar").is_file(), "left in the spool");
         assert!(!spool.join("refused").exists(), "not refused");
         write_conflist(t.path());
-        assert!(!crate::node::agent::spool::pass(
-            t.path(),
-            &spool,
-            &m,
-            &units,
-            &net,
-            true
-        ));
+        assert!(!sp.pass(t.path(), &m, &units, &net, now).0);
         assert!(spool.join("done/web.tar").is_file());
         assert_eq!(units.started.borrow().len(), 1);
         assert_eq!(net.namespaces.borrow().len(), 1);
@@ -743,7 +694,7 @@ mod tests {
     #[test]
     fn a_container_that_fails_to_start_releases_its_network() {
         let units = FakeUnits {
-            fail: true,
+            fail: std::cell::Cell::new(true),
             ..Default::default()
         };
         let net = FakeNet::default();
@@ -760,43 +711,6 @@ mod tests {
     }
 
     const EK: &str = "sha256:abababababababababababababababababababababababababababababababab";
-
-    /// A node root with a policy trusting `key`, and a signed one-layer image.
-    fn node(
-        require_boot: bool,
-    ) -> (
-        tempfile::TempDir,
-        openssl::pkey::PKey<openssl::pkey::Private>,
-        PathBuf,
-    ) {
-        let t = tempfile::tempdir().expect("tmp");
-        let k = signature::generate_key().expect("key");
-        let pdir = t.path().join(policy::POLICY_DIR);
-        fs::create_dir_all(&pdir).expect("dir");
-        fs::write(
-            pdir.join("ops.pub.pem"),
-            k.public_key_to_pem().expect("pem"),
-        )
-        .expect("key");
-        let p = policy::Policy {
-            keys: vec!["ops.pub.pem".into()],
-            require_trusted_boot: require_boot,
-            require_enrolled_machines: false,
-        };
-        fs::write(
-            pdir.join(policy::POLICY_FILE),
-            serde_json::to_vec(&p).expect("json"),
-        )
-        .expect("policy");
-        let tree = t.path().join("tree");
-        fs::create_dir_all(tree.join("bin")).expect("tree");
-        fs::write(tree.join("bin/hello"), b"#!/bin/sh\necho hi\n").expect("file");
-        let img = t.path().join("hello");
-        crate::container::build::from_tree(&tree, &img, &["/bin/hello".into()], &[])
-            .expect("build");
-        crate::container::build::sign(&img, &k, "keel/hello").expect("sign");
-        (t, k, img)
-    }
 
     #[test]
     fn a_signed_image_is_unpacked_and_started() {
@@ -919,5 +833,43 @@ mod tests {
             default_name(Path::new("/spool/Hello World.tar")),
             "hello-world"
         );
+    }
+
+    /// A full disk or a read-only store is the machine's failure (retried); a truncated or
+    /// malformed archive is the image's fault (refused).
+    #[test]
+    fn io_errors_split_into_failures_and_refusals() {
+        use std::io::{Error, ErrorKind};
+        for (case, e, environmental) in [
+            ("disk full", Error::from_raw_os_error(libc::ENOSPC), true),
+            ("quota", Error::from_raw_os_error(libc::EDQUOT), true),
+            ("read-only", Error::from_raw_os_error(libc::EROFS), true),
+            ("hardware", Error::from_raw_os_error(libc::EIO), true),
+            (
+                "truncated archive",
+                Error::from(ErrorKind::UnexpectedEof),
+                false,
+            ),
+            (
+                "malformed archive",
+                Error::new(ErrorKind::InvalidData, "bad header"),
+                false,
+            ),
+            (
+                "missing blob",
+                Error::from_raw_os_error(libc::ENOENT),
+                false,
+            ),
+        ] {
+            assert_eq!(is_environmental(&e), environmental, "{case}");
+            let refused = Refusal::is_refusal(&oci_refusal(oci::OciError::Io {
+                context: "extracting".into(),
+                source: e,
+            }));
+            assert_eq!(refused, !environmental, "{case}");
+        }
+        assert!(Refusal::is_refusal(&oci_refusal(oci::OciError::Unsigned {
+            digest: "sha256:x".into()
+        })));
     }
 }

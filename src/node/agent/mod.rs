@@ -7,4 +7,6 @@ pub mod containers;
 pub mod network;
 pub mod spool;
 pub mod systemd;
+#[cfg(test)]
+pub(crate) mod testkit;
 pub mod tpm;

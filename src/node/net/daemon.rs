@@ -229,7 +229,10 @@ impl Daemon {
         } else {
             ""
         };
-        self.set_state("etcd-unreachable", Some(format!("{}{note}; retrying", crate::error::chain(e))));
+        self.set_state(
+            "etcd-unreachable",
+            Some(format!("{}{note}; retrying", crate::error::chain(e))),
+        );
         let stop = self.sleep_or_stop(*backoff).await;
         *backoff = (*backoff * 2).min(MAX_BACKOFF);
         stop
@@ -334,7 +337,8 @@ impl Daemon {
             .opts
             .ip_masq
             .then(|| masq::rule_for(&subnet, &config.network));
-        masq::apply(masq_rule.as_ref()).map_err(|e| SessionError::Local(crate::error::chain(&e)))?;
+        masq::apply(masq_rule.as_ref())
+            .map_err(|e| SessionError::Local(crate::error::chain(&e)))?;
         let described = masq_rule.as_ref().map(masq::MasqRule::describe);
         if self.masq_applied.as_ref() != Some(&described) {
             match &described {

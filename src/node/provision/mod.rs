@@ -76,7 +76,11 @@ mod tests {
             .expect("list")
             .map(|e| e.expect("entry").file_name())
             .collect();
-        assert_eq!(left, vec![std::ffi::OsString::from("provisioned.json")], "no temporary file left");
+        assert_eq!(
+            left,
+            vec![std::ffi::OsString::from("provisioned.json")],
+            "no temporary file left"
+        );
         match run(&root, &sources).expect("second boot") {
             Outcome::AlreadyProvisioned(s) => assert_eq!(s.source, "none"),
             other => panic!("expected AlreadyProvisioned, got {other:?}"),
@@ -87,8 +91,11 @@ mod tests {
         let esp = t.join("esp");
         std::fs::create_dir_all(&esp).expect("mkdir");
         // A config is there: were the stamp read as "not provisioned", it would be applied.
-        std::fs::write(esp.join("config.ign"), br#"{"ignition":{"version":"3.4.0"}}"#)
-            .expect("config");
+        std::fs::write(
+            esp.join("config.ign"),
+            br#"{"ignition":{"version":"3.4.0"}}"#,
+        )
+        .expect("config");
         source::Sources {
             fw_cfg: t.join("no-fw-cfg"),
             esp: Some(esp),
@@ -113,7 +120,8 @@ mod tests {
             assert!(shown.contains("provisioned.json"), "{case}: {shown}");
             assert!(shown.contains("corrupt"), "{case}: {shown}");
             assert!(
-                !root.join("etc").exists() && !root.join("var/lib/keel/.provision-staging").exists(),
+                !root.join("etc").exists()
+                    && !root.join("var/lib/keel/.provision-staging").exists(),
                 "{case}: nothing applied or staged"
             );
             assert_eq!(
@@ -127,6 +135,9 @@ mod tests {
         let root = t.path().join("sysroot");
         std::fs::create_dir_all(root.join(apply::STAMP)).expect("mkdir");
         let e = run(&root, &sources(t.path())).expect_err("unreadable");
-        assert!(format!("{e:#}").contains("cannot read the provisioning stamp"), "{e:#}");
+        assert!(
+            format!("{e:#}").contains("cannot read the provisioning stamp"),
+            "{e:#}"
+        );
     }
 }
