@@ -68,10 +68,10 @@ impl<'de> Deserialize<'de> for NodeSel {
     }
 }
 
-/// Host-side or VM-lifecycle actions.
+/// The `action` a step names in the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Action {
+enum Action {
     /// Reboot from inside the guest and wait until it is back with a new boot ID.
     Reboot,
     /// Press the reset button (QMP `system_reset`) and wait for a new boot ID.
@@ -100,10 +100,10 @@ pub enum Action {
     ClearIgnition,
 }
 
-/// How `tamper-uki` changes the UKI.
+/// `how` of a `tamper-uki` step in the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum UkiTamper {
+enum UkiTamper {
     /// One byte of the kernel (.linux) flipped; signatures and .pcrsig left as they were.
     FlipByte,
     /// Signature removed and the UKI signed again with a key the firmware does not know.
@@ -112,59 +112,88 @@ pub enum UkiTamper {
     Cmdline,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+/// One step of a scenario: which test it belongs to, which node(s) it acts on, and what it does.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Step {
     /// The named test this step belongs to (`boot.basic`); reported by this name.
     pub test: String,
-    #[serde(default = "default_node")]
     pub node: NodeSel,
+    /// What the step checks, for the report.
+    pub why: Option<String>,
+    pub kind: StepKind,
+}
+
+/// What a step does, with exactly the fields that kind of step takes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepKind {
     /// A shell command run in the guest through the guest agent.
-    pub run: Option<String>,
+    Run(Command),
     /// A shell command run on the host (templates expanded; `{keel}` is this keel binary,
     /// `{work}` a scratch directory of the scenario, `{keys}` the image's key directory,
-    /// `{tools}` keel's tools tree). Judged like `run`.
-    pub host: Option<String>,
-    /// For `set-ignition`: the config file, relative to the test file.
-    pub ignition: Option<PathBuf>,
-    /// For `push`: the host file (templates expanded).
-    pub source: Option<String>,
-    /// For `push`: the path in the guest.
-    pub dest: Option<String>,
-    pub action: Option<Action>,
-    /// For `tamper-usr`: the file under /usr whose data is changed.
-    pub path: Option<String>,
-    /// For `tamper-uki`.
-    pub how: Option<UkiTamper>,
-    /// For `tamper-uki` with `how = "cmdline"`: `[from, to]`.
-    #[serde(default)]
-    pub replace: Vec<String>,
-    /// For `install-update`: the version the image is built as.
-    pub version: Option<String>,
-    /// For `install-update`: build this image definition (relative to the test file) instead of
-    /// the one under test, e.g. a variant that changes one setting.
-    pub definition: Option<PathBuf>,
-    /// For `type`: the text, templates expanded; `\n` is sent as Enter.
-    pub text: Option<String>,
-    /// For `start`: wait until the console shows all of these instead of waiting for the guest
-    /// agent (a boot that is meant to stop early). Implicit console checks skip that boot.
-    #[serde(default)]
-    pub console: Vec<String>,
-    /// For `start` with `console`: text that must not appear on that boot's console.
-    #[serde(default)]
-    pub console_not: Vec<String>,
+    /// `{tools}` keel's tools tree).
+    Host(Command),
+    /// Reboot from inside the guest and wait until it is back with a new boot ID.
+    Reboot,
+    /// Press the reset button (QMP `system_reset`) and wait for a new boot ID.
+    Reset,
+    /// Cut the power (QEMU stops; disk and TPM state stay).
+    PowerOff,
+    /// Start a powered-off node on the same disk and TPM. With `console`, wait until the
+    /// console shows all of it instead of waiting for the guest agent (a boot that is meant to
+    /// stop early; the implicit console checks skip that boot), and fail on `console_not`.
+    Start {
+        console: Vec<String>,
+        console_not: Vec<String>,
+        timeout: Option<Secs>,
+    },
+    /// Change bytes of a file's data in usr slot A on the node's disk (node off).
+    TamperUsr { path: String },
+    /// Replace the UKI in the node's ESP with a changed copy; node off, `raw-disk` node.
+    TamperUki(UkiEdit),
+    /// Put the UKI saved before the first `tamper-uki` back.
+    RestoreUki,
+    /// Type `text` on the serial console (templates expanded; `\n` is Enter); node running.
+    Type { text: String },
+    /// Build the image again as `version` (or build `definition`, relative to the test file),
+    /// with the same keys, and install it as an A/B update: /usr into slot B, the new UKI into
+    /// the ESP. Node off, `raw-disk` node.
+    InstallUpdate {
+        version: String,
+        definition: Option<PathBuf>,
+    },
+    /// Copy the host file `source` to `dest` in the guest (through the guest agent).
+    Push { source: String, dest: String },
+    /// Give the node another Ignition config (relative to the test file) for its next start;
+    /// node off.
+    SetIgnition { ignition: PathBuf },
+    /// Pass no Ignition config through fw_cfg from the node's next start; node off.
+    ClearIgnition,
+}
+
+/// How `tamper-uki` changes the UKI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UkiEdit {
+    /// One byte of the kernel (.linux) flipped; signatures and .pcrsig left as they were.
+    FlipByte,
+    /// Signature removed and the UKI signed again with a key the firmware does not know.
+    ForeignKey,
+    /// `.cmdline` text `from` changed to `to` (same length or shorter), .pcrsig kept.
+    Cmdline { from: String, to: String },
+}
+
+/// A command (in the guest or on the host) and what its result must be.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Command {
+    pub command: String,
     /// Substrings that must all appear in stdout (templates like `{usr_root_hash}` expanded).
-    #[serde(default)]
     pub expect: Vec<String>,
     /// Substrings that must not appear in stdout or stderr.
-    #[serde(default)]
     pub expect_not: Vec<String>,
     /// Substrings that must appear in stderr.
-    #[serde(default)]
     pub expect_stderr: Vec<String>,
     /// Required exit status (default 0).
     pub expect_exit: Option<i64>,
-    /// Repeat the command until it passes, for at most this long.
+    /// Repeat the command until it passes, for at most this long (guest commands).
     pub retry_for: Option<Secs>,
     /// Time limit of one run of the command.
     pub timeout: Option<Secs>,
@@ -172,8 +201,303 @@ pub struct Step {
     pub save: Option<String>,
     /// Record the time from the node's start until this step passed, under this name.
     pub mark: Option<String>,
+}
+
+impl StepKind {
+    /// Whether the step edits the node's disk image in place (needs a `raw-disk` node).
+    pub fn edits_disk(&self) -> bool {
+        matches!(
+            self,
+            StepKind::TamperUki(_) | StepKind::RestoreUki | StepKind::InstallUpdate { .. }
+        )
+    }
+
+    /// The name the step has in a test file (`run`, `host`, or the action).
+    pub fn name(&self) -> &'static str {
+        match self {
+            StepKind::Run(_) => "run",
+            StepKind::Host(_) => "host",
+            StepKind::Reboot => "reboot",
+            StepKind::Reset => "reset",
+            StepKind::PowerOff => "power-off",
+            StepKind::Start { .. } => "start",
+            StepKind::TamperUsr { .. } => "tamper-usr",
+            StepKind::TamperUki(_) => "tamper-uki",
+            StepKind::RestoreUki => "restore-uki",
+            StepKind::Type { .. } => "type",
+            StepKind::InstallUpdate { .. } => "install-update",
+            StepKind::Push { .. } => "push",
+            StepKind::SetIgnition { .. } => "set-ignition",
+            StepKind::ClearIgnition => "clear-ignition",
+        }
+    }
+}
+
+/// A step as written in the file: every field any step may have. [`parse`] turns it into a
+/// [`Step`], refusing fields that do not belong to its kind.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawStep {
+    /// The named test this step belongs to (`boot.basic`); reported by this name.
+    test: String,
+    #[serde(default = "default_node")]
+    node: NodeSel,
+    /// A shell command run in the guest through the guest agent.
+    run: Option<String>,
+    /// A shell command run on the host (templates expanded; `{keel}` is this keel binary,
+    /// `{work}` a scratch directory of the scenario, `{keys}` the image's key directory,
+    /// `{tools}` keel's tools tree). Judged like `run`.
+    host: Option<String>,
+    /// For `set-ignition`: the config file, relative to the test file.
+    ignition: Option<PathBuf>,
+    /// For `push`: the host file (templates expanded).
+    source: Option<String>,
+    /// For `push`: the path in the guest.
+    dest: Option<String>,
+    action: Option<Action>,
+    /// For `tamper-usr`: the file under /usr whose data is changed.
+    path: Option<String>,
+    /// For `tamper-uki`.
+    how: Option<UkiTamper>,
+    /// For `tamper-uki` with `how = "cmdline"`: `[from, to]`.
+    #[serde(default)]
+    replace: Vec<String>,
+    /// For `install-update`: the version the image is built as.
+    version: Option<String>,
+    /// For `install-update`: build this image definition (relative to the test file) instead of
+    /// the one under test, e.g. a variant that changes one setting.
+    definition: Option<PathBuf>,
+    /// For `type`: the text, templates expanded; `\n` is sent as Enter.
+    text: Option<String>,
+    /// For `start`: wait until the console shows all of these instead of waiting for the guest
+    /// agent (a boot that is meant to stop early). Implicit console checks skip that boot.
+    #[serde(default)]
+    console: Vec<String>,
+    /// For `start` with `console`: text that must not appear on that boot's console.
+    #[serde(default)]
+    console_not: Vec<String>,
+    /// Substrings that must all appear in stdout (templates like `{usr_root_hash}` expanded).
+    #[serde(default)]
+    expect: Vec<String>,
+    /// Substrings that must not appear in stdout or stderr.
+    #[serde(default)]
+    expect_not: Vec<String>,
+    /// Substrings that must appear in stderr.
+    #[serde(default)]
+    expect_stderr: Vec<String>,
+    /// Required exit status (default 0).
+    expect_exit: Option<i64>,
+    /// Repeat the command until it passes, for at most this long.
+    retry_for: Option<Secs>,
+    /// Time limit of one run of the command.
+    timeout: Option<Secs>,
+    /// Save trimmed stdout under this name for later `{name}` templates.
+    save: Option<String>,
+    /// Record the time from the node's start until this step passed, under this name.
+    mark: Option<String>,
     /// What the step checks, for the report.
-    pub why: Option<String>,
+    why: Option<String>,
+}
+
+impl RawStep {
+    /// The optional fields this step sets, by their names in the file.
+    fn present(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        let mut add = |set: bool, name: &'static str| {
+            if set {
+                v.push(name);
+            }
+        };
+        add(self.ignition.is_some(), "ignition");
+        add(self.source.is_some(), "source");
+        add(self.dest.is_some(), "dest");
+        add(self.path.is_some(), "path");
+        add(self.how.is_some(), "how");
+        add(!self.replace.is_empty(), "replace");
+        add(self.version.is_some(), "version");
+        add(self.definition.is_some(), "definition");
+        add(self.text.is_some(), "text");
+        add(!self.console.is_empty(), "console");
+        add(!self.console_not.is_empty(), "console-not");
+        add(!self.expect.is_empty(), "expect");
+        add(!self.expect_not.is_empty(), "expect-not");
+        add(!self.expect_stderr.is_empty(), "expect-stderr");
+        add(self.expect_exit.is_some(), "expect-exit");
+        add(self.retry_for.is_some(), "retry-for");
+        add(self.timeout.is_some(), "timeout");
+        add(self.save.is_some(), "save");
+        add(self.mark.is_some(), "mark");
+        v
+    }
+
+    fn command(&self, command: String) -> Command {
+        Command {
+            command,
+            expect: self.expect.clone(),
+            expect_not: self.expect_not.clone(),
+            expect_stderr: self.expect_stderr.clone(),
+            expect_exit: self.expect_exit,
+            retry_for: self.retry_for,
+            timeout: self.timeout,
+            save: self.save.clone(),
+            mark: self.mark.clone(),
+        }
+    }
+
+    /// The typed step; the error says what is missing or does not belong (without the file
+    /// and step number, which the caller adds).
+    fn into_step(self) -> Result<Step, String> {
+        let kinds = usize::from(self.run.is_some())
+            + usize::from(self.action.is_some())
+            + usize::from(self.host.is_some());
+        if kinds != 1 {
+            return Err("must have exactly one of `run`, `host` or `action`".into());
+        }
+        let (kind, allowed): (StepKind, &[&str]) = match (&self.run, &self.host, self.action) {
+            (Some(r), _, _) => (
+                StepKind::Run(self.command(r.clone())),
+                &[
+                    "expect",
+                    "expect-not",
+                    "expect-stderr",
+                    "expect-exit",
+                    "retry-for",
+                    "timeout",
+                    "save",
+                    "mark",
+                ],
+            ),
+            (_, Some(h), _) => (
+                StepKind::Host(self.command(h.clone())),
+                &[
+                    "expect",
+                    "expect-not",
+                    "expect-stderr",
+                    "expect-exit",
+                    "timeout",
+                    "save",
+                    "mark",
+                ],
+            ),
+            (_, _, Some(a)) => self.action_kind(a)?,
+            (None, None, None) => {
+                return Err("must have exactly one of `run`, `host` or `action`".into())
+            }
+        };
+        let stray: Vec<&str> = self
+            .present()
+            .into_iter()
+            .filter(|f| !allowed.contains(f))
+            .collect();
+        if let Some(field) = stray.first() {
+            return Err(format!(
+                "`{field}` belongs to {}, not to a `{}` step",
+                owner(field),
+                kind.name()
+            ));
+        }
+        Ok(Step {
+            test: self.test,
+            node: self.node,
+            why: self.why,
+            kind,
+        })
+    }
+
+    fn action_kind(&self, a: Action) -> Result<(StepKind, &'static [&'static str]), String> {
+        Ok(match a {
+            Action::Reboot => (StepKind::Reboot, &[]),
+            Action::Reset => (StepKind::Reset, &[]),
+            Action::PowerOff => (StepKind::PowerOff, &[]),
+            Action::RestoreUki => (StepKind::RestoreUki, &[]),
+            Action::ClearIgnition => (StepKind::ClearIgnition, &[]),
+            Action::Start => (
+                StepKind::Start {
+                    console: self.console.clone(),
+                    console_not: self.console_not.clone(),
+                    timeout: self.timeout,
+                },
+                &["console", "console-not", "timeout"],
+            ),
+            Action::TamperUsr => match &self.path {
+                Some(p) if p.starts_with("/usr/") => {
+                    (StepKind::TamperUsr { path: p.clone() }, &["path"])
+                }
+                _ => return Err("tamper-usr needs `path` of a file under /usr/".into()),
+            },
+            Action::TamperUki => {
+                let edit = match self.how {
+                    None => {
+                        return Err(
+                            "tamper-uki needs `how` (flip-byte, foreign-key or cmdline)".into()
+                        )
+                    }
+                    Some(UkiTamper::FlipByte) => UkiEdit::FlipByte,
+                    Some(UkiTamper::ForeignKey) => UkiEdit::ForeignKey,
+                    Some(UkiTamper::Cmdline) => match self.replace.as_slice() {
+                        [from, to] => UkiEdit::Cmdline {
+                            from: from.clone(),
+                            to: to.clone(),
+                        },
+                        _ => {
+                            return Err(
+                                "how = \"cmdline\" needs replace = [\"from\", \"to\"]".into()
+                            )
+                        }
+                    },
+                };
+                (StepKind::TamperUki(edit), &["how", "replace"])
+            }
+            Action::Type => match &self.text {
+                Some(text) => (StepKind::Type { text: text.clone() }, &["text"]),
+                None => return Err("type needs `text`".into()),
+            },
+            Action::InstallUpdate => match &self.version {
+                Some(v) => (
+                    StepKind::InstallUpdate {
+                        version: v.clone(),
+                        definition: self.definition.clone(),
+                    },
+                    &["version", "definition"],
+                ),
+                None => return Err("install-update needs `version`".into()),
+            },
+            Action::Push => match (&self.source, &self.dest) {
+                (Some(s), Some(d)) => (
+                    StepKind::Push {
+                        source: s.clone(),
+                        dest: d.clone(),
+                    },
+                    &["source", "dest"],
+                ),
+                _ => return Err("push needs `source` (host) and `dest` (guest)".into()),
+            },
+            Action::SetIgnition => match &self.ignition {
+                Some(i) => (
+                    StepKind::SetIgnition {
+                        ignition: i.clone(),
+                    },
+                    &["ignition"],
+                ),
+                None => return Err("set-ignition needs `ignition` (a config file)".into()),
+            },
+        })
+    }
+}
+
+/// Where a step field belongs, for the error that finds it elsewhere.
+fn owner(field: &str) -> &'static str {
+    match field {
+        "ignition" => "action = \"set-ignition\"",
+        "source" | "dest" => "action = \"push\"",
+        "path" => "action = \"tamper-usr\"",
+        "how" | "replace" => "action = \"tamper-uki\"",
+        "version" | "definition" => "action = \"install-update\"",
+        "text" => "action = \"type\"",
+        "console" | "console-not" => "action = \"start\"",
+        "retry-for" => "`run` steps",
+        _ => "`run` and `host` steps",
+    }
 }
 
 fn default_node() -> NodeSel {
@@ -224,27 +548,45 @@ impl Default for NodeConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct RawTestFile {
+/// A test file, checked: every step typed.
+#[derive(Debug, Clone)]
+pub struct TestSpec {
     pub description: String,
-    #[serde(default = "default_nodes")]
     pub nodes: usize,
     pub timeout: Secs,
-    #[serde(default)]
     pub tags: Vec<String>,
     /// Checks for failed units / emergency mode are skipped for these tests.
-    #[serde(default)]
     pub allow_failures: Vec<String>,
     /// Nodes share a private switch (in addition to user networking on node 1... none).
-    #[serde(default)]
     pub network: bool,
     /// A host command run once before any node starts (templates as in host steps), e.g. to
     /// make the nodes' Ignition configs under {work}; its failure fails every test of the file.
     pub setup: Option<String>,
-    #[serde(default)]
     pub node: Vec<NodeConfig>,
     pub step: Vec<Step>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawTestFile {
+    description: String,
+    #[serde(default = "default_nodes")]
+    nodes: usize,
+    timeout: Secs,
+    #[serde(default)]
+    tags: Vec<String>,
+    /// Checks for failed units / emergency mode are skipped for these tests.
+    #[serde(default)]
+    allow_failures: Vec<String>,
+    /// Nodes share a private switch (in addition to user networking on node 1... none).
+    #[serde(default)]
+    network: bool,
+    /// A host command run once before any node starts (templates as in host steps), e.g. to
+    /// make the nodes' Ignition configs under {work}; its failure fails every test of the file.
+    setup: Option<String>,
+    #[serde(default)]
+    node: Vec<NodeConfig>,
+    step: Vec<RawStep>,
 }
 
 fn default_nodes() -> usize {
@@ -257,7 +599,7 @@ pub struct TestFile {
     pub path: PathBuf,
     /// The file name without extension: names the scenario's results directory.
     pub scenario: String,
-    pub spec: RawTestFile,
+    pub spec: TestSpec,
 }
 
 impl TestFile {
@@ -338,18 +680,19 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile> {
             );
         }
     }
-    for (i, s) in spec.step.iter().enumerate() {
+    let mut steps = Vec::with_capacity(spec.step.len());
+    for (i, raw) in spec.step.into_iter().enumerate() {
         let n = i + 1;
-        let kinds = usize::from(s.run.is_some())
-            + usize::from(s.action.is_some())
-            + usize::from(s.host.is_some());
-        if kinds != 1 {
+        let test = raw.test.clone();
+        if test.is_empty() || test.contains(char::is_whitespace) {
             bail!(
-                "{}: step {n} ({}) must have exactly one of `run`, `host` or `action`",
-                path.display(),
-                s.test
+                "{}: step {n}: `test` must be a name like boot.basic",
+                path.display()
             );
         }
+        let s = raw
+            .into_step()
+            .map_err(|e| anyhow::anyhow!("{}: step {n} ({test}): {e}", path.display()))?;
         if let NodeSel::One(k) = s.node {
             if k > spec.nodes {
                 bail!(
@@ -360,66 +703,11 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile> {
                 );
             }
         }
-        if s.action == Some(Action::TamperUsr)
-            && s.path.as_deref().is_none_or(|p| !p.starts_with("/usr/"))
+        if let StepKind::InstallUpdate {
+            definition: Some(d),
+            ..
+        } = &s.kind
         {
-            bail!(
-                "{}: step {n} ({}): tamper-usr needs `path` of a file under /usr/",
-                path.display(),
-                s.test
-            );
-        }
-        if s.action == Some(Action::TamperUki) {
-            match s.how {
-                None => bail!(
-                    "{}: step {n} ({}): tamper-uki needs `how` (flip-byte, foreign-key or cmdline)",
-                    path.display(),
-                    s.test
-                ),
-                Some(UkiTamper::Cmdline) if s.replace.len() != 2 => bail!(
-                    "{}: step {n} ({}): how = \"cmdline\" needs replace = [\"from\", \"to\"]",
-                    path.display(),
-                    s.test
-                ),
-                _ => {}
-            }
-        }
-        if s.action == Some(Action::Push) && (s.source.is_none() || s.dest.is_none()) {
-            bail!(
-                "{}: step {n} ({}): push needs `source` (host) and `dest` (guest)",
-                path.display(),
-                s.test
-            );
-        }
-        if s.action == Some(Action::SetIgnition) && s.ignition.is_none() {
-            bail!(
-                "{}: step {n} ({}): set-ignition needs `ignition` (a config file)",
-                path.display(),
-                s.test
-            );
-        }
-        if s.action == Some(Action::Type) && s.text.is_none() {
-            bail!(
-                "{}: step {n} ({}): type needs `text`",
-                path.display(),
-                s.test
-            );
-        }
-        if s.action == Some(Action::InstallUpdate) && s.version.is_none() {
-            bail!(
-                "{}: step {n} ({}): install-update needs `version`",
-                path.display(),
-                s.test
-            );
-        }
-        if let Some(d) = &s.definition {
-            if s.action != Some(Action::InstallUpdate) {
-                bail!(
-                    "{}: step {n} ({}): `definition` belongs to action = \"install-update\"",
-                    path.display(),
-                    s.test
-                );
-            }
             let full = path.parent().unwrap_or(Path::new(".")).join(d);
             if !full.is_file() {
                 bail!(
@@ -430,32 +718,33 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile> {
                 );
             }
         }
-        if matches!(
-            s.action,
-            Some(Action::TamperUki | Action::RestoreUki | Action::InstallUpdate)
-        ) {
+        if s.kind.edits_disk() {
             let k = match s.node {
                 NodeSel::One(k) => k,
                 NodeSel::All => 1,
             };
             if !spec.node.get(k - 1).is_some_and(|c| c.raw_disk) {
-                bail!("{}: step {n} ({}): {:?} edits the disk in place: give node {k} raw-disk = true", path.display(), s.test, s.action);
+                bail!(
+                    "{}: step {n} ({}): {} edits the disk in place: give node {k} raw-disk = true",
+                    path.display(),
+                    s.test,
+                    s.kind.name()
+                );
             }
         }
-        if (!s.console.is_empty() || !s.console_not.is_empty()) && s.action != Some(Action::Start) {
-            bail!(
-                "{}: step {n} ({}): `console` belongs to action = \"start\"",
-                path.display(),
-                s.test
-            );
-        }
-        if s.test.is_empty() || s.test.contains(char::is_whitespace) {
-            bail!(
-                "{}: step {n}: `test` must be a name like boot.basic",
-                path.display()
-            );
-        }
+        steps.push(s);
     }
+    let spec = TestSpec {
+        description: spec.description,
+        nodes: spec.nodes,
+        timeout: spec.timeout,
+        tags: spec.tags,
+        allow_failures: spec.allow_failures,
+        network: spec.network,
+        setup: spec.setup,
+        node: spec.node,
+        step: steps,
+    };
     Ok(TestFile {
         path: path.to_path_buf(),
         scenario,
@@ -551,11 +840,11 @@ retry-for = "30s"
         assert_eq!(f.scenario, "single");
         assert_eq!(f.test_names(), vec!["boot.basic", "boot.persist"]);
         assert_eq!(f.spec.timeout, Secs(Duration::from_secs(600)));
-        assert_eq!(
-            f.spec.step[2].retry_for,
-            Some(Secs(Duration::from_secs(30)))
-        );
-        assert_eq!(f.spec.step[1].action, Some(Action::Reboot));
+        match &f.spec.step[2].kind {
+            StepKind::Run(c) => assert_eq!(c.retry_for, Some(Secs(Duration::from_secs(30)))),
+            other => panic!("step 3 is a run step, not {other:?}"),
+        }
+        assert_eq!(f.spec.step[1].kind, StepKind::Reboot);
         let n = f.node_config(0);
         assert!(
             n.tpm && !n.raw_disk && !n.secure_boot,
@@ -594,6 +883,8 @@ retry-for = "30s"
             ("update without version", "description = \"x\"\ntimeout = 5\n[[node]]\nraw-disk = true\n[[step]]\ntest = \"a\"\naction = \"install-update\"\n", "needs `version`"),
             ("type without text", "description = \"x\"\ntimeout = 5\n[[step]]\ntest = \"a\"\naction = \"type\"\n", "type needs `text`"),
             ("console on a command", "description = \"x\"\ntimeout = 5\n[[step]]\ntest = \"a\"\nrun = \"true\"\nconsole = [\"x\"]\n", "belongs to action"),
+            ("expect on an action", "description = \"x\"\ntimeout = 5\n[[step]]\ntest = \"a\"\naction = \"reboot\"\nexpect = [\"x\"]\n", "`expect` belongs to `run` and `host` steps, not to a `reboot` step"),
+            ("timeout on an update", "description = \"x\"\ntimeout = 5\n[[node]]\nraw-disk = true\n[[step]]\ntest = \"a\"\naction = \"install-update\"\nversion = \"2\"\ntimeout = \"5m\"\n", "not to a `install-update` step"),
         ];
         for (name, text, want) in cases {
             let err = format!("{:#}", parse(Path::new("t.toml"), text).expect_err(name));
@@ -632,10 +923,10 @@ retry-for = "30s"
         };
         let file = d.join("tests/u.toml");
         let f = parse(&file, &test("../images/variant.toml", "install-update")).expect("parses");
-        assert_eq!(
-            f.spec.step[0].definition.as_deref(),
-            Some(Path::new("../images/variant.toml"))
-        );
+        assert!(matches!(
+            &f.spec.step[0].kind,
+            StepKind::InstallUpdate { definition: Some(d), .. } if d == Path::new("../images/variant.toml")
+        ));
         let err = parse(&file, &test("../images/absent.toml", "install-update"))
             .expect_err("a missing definition is refused")
             .to_string();

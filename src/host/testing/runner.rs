@@ -1,7 +1,7 @@
 //! Runs test scenarios against a built image: fresh overlay and TPM per node, steps through the
 //! guest agent, host-side actions, implicit checks, consoles and journals saved per node.
 
-use super::definition::{expand, Action, NodeSel, Step, TestFile, UkiTamper};
+use super::definition::{expand, Command, NodeSel, Step, StepKind, TestFile, UkiEdit};
 use super::report::{self, Outcome, TestResult};
 use super::tamper;
 use crate::disk::esp::{Esp, UKI_DIR};
@@ -149,7 +149,7 @@ fn tenths(secs: f64) -> f64 {
 
 /// Checks one command result against a step's expectations; `None` means it passed.
 pub fn judge(
-    step: &Step,
+    step: &Command,
     r: &ExecResult,
     vars: &BTreeMap<String, String>,
 ) -> Result<Option<String>> {
@@ -198,11 +198,11 @@ pub fn console_problem(text: &str) -> Option<String> {
 
 fn run_command(
     node: &Node,
-    step: &Step,
+    step: &Command,
     vars: &BTreeMap<String, String>,
     deadline: Instant,
 ) -> Result<(ExecResult, Option<String>)> {
-    let cmd = expand(step.run.as_deref().unwrap_or_default(), vars)?;
+    let cmd = expand(&step.command, vars)?;
     let timeout = step.timeout.map(|s| s.0).unwrap_or(DEFAULT_STEP_TIMEOUT);
     let retry_until = step
         .retry_for
@@ -236,8 +236,11 @@ fn run_command(
 }
 
 /// Runs a step's `host` command on the host (sh -c, templates expanded) and judges it.
-fn run_host(step: &Step, vars: &BTreeMap<String, String>) -> Result<(ExecResult, Option<String>)> {
-    let cmd = expand(step.host.as_deref().unwrap_or_default(), vars)?;
+fn run_host(
+    step: &Command,
+    vars: &BTreeMap<String, String>,
+) -> Result<(ExecResult, Option<String>)> {
+    let cmd = expand(&step.command, vars)?;
     let timeout = step.timeout.map(|s| s.0).unwrap_or(DEFAULT_STEP_TIMEOUT);
     let out = std::process::Command::new("timeout")
         .arg(timeout.as_secs().to_string())
@@ -318,8 +321,9 @@ fn action(
     vars: &BTreeMap<String, String>,
     deadline: Instant,
 ) -> Result<()> {
-    match step.action {
-        Some(Action::Reboot) => {
+    match &step.kind {
+        StepKind::Run(_) | StepKind::Host(_) => Ok(()),
+        StepKind::Reboot => {
             let old = node
                 .qga()
                 .boot_id()
@@ -335,7 +339,7 @@ fn action(
             node.started = Instant::now();
             Ok(())
         }
-        Some(Action::Reset) => {
+        StepKind::Reset => {
             let old = node
                 .qga()
                 .boot_id()
@@ -349,29 +353,30 @@ fn action(
             node.started = Instant::now();
             Ok(())
         }
-        Some(Action::PowerOff) => {
+        StepKind::PowerOff => {
             node.power_off();
             Ok(())
         }
-        Some(Action::Start) => {
+        StepKind::Start {
+            console: want,
+            console_not: never,
+            timeout,
+        } => {
             if node.running() {
                 bail!("node{} is already running", node.index);
             }
             node.start(&ctx.accel)?;
-            if step.console.is_empty() {
-                let limit = Instant::now() + step.timeout.map(|t| t.0).unwrap_or(REBOOT_TIMEOUT);
+            let limit = Instant::now() + timeout.map(|t| t.0).unwrap_or(REBOOT_TIMEOUT);
+            if want.is_empty() {
                 return wait_boot(node, None, limit.min(deadline)).map(|_| ());
             }
             let console = node.consoles.last().cloned().context("no console")?;
             node.expected_failures.push(console.clone());
-            let limit = Instant::now() + step.timeout.map(|t| t.0).unwrap_or(REBOOT_TIMEOUT);
-            let want = step
-                .console
+            let want = want
                 .iter()
                 .map(|c| expand(c, vars))
                 .collect::<Result<Vec<_>>>()?;
-            let never = step
-                .console_not
+            let never = never
                 .iter()
                 .map(|c| expand(c, vars))
                 .collect::<Result<Vec<_>>>()?;
@@ -383,39 +388,36 @@ fn action(
                 ctx.interrupted,
             )
         }
-        Some(Action::Type) => {
+        StepKind::Type { text } => {
             if !node.running() {
                 bail!("node{} is not running: nothing to type into", node.index);
             }
-            let text = expand(step.text.as_deref().unwrap_or_default(), vars)?;
+            let text = expand(text, vars)?;
             node.type_text(&text)
                 .with_context(|| format!("typing into node{}'s console", node.index))
         }
-        Some(Action::TamperUki) => {
+        StepKind::TamperUki(edit) => {
             require_off(node, "tamper-uki")?;
             let esp = Esp::open(&node.overlay, true)?;
             let name = esp.find_uki(&ctx.manifest.version)?;
             let original = esp.read(&format!("{UKI_DIR}/{name}"))?;
-            let changed = match step.how {
-                Some(UkiTamper::FlipByte) => tamper::flip_linux_byte(&original)?,
-                Some(UkiTamper::Cmdline) => {
-                    tamper::replace_cmdline(&original, &step.replace[0], &step.replace[1])?
-                }
-                Some(UkiTamper::ForeignKey) => {
+            let changed = match edit {
+                UkiEdit::FlipByte => tamper::flip_linux_byte(&original)?,
+                UkiEdit::Cmdline { from, to } => tamper::replace_cmdline(&original, from, to)?,
+                UkiEdit::ForeignKey => {
                     let tools = ToolsTree::ensure(ctx.cache, crate::image::DEFAULT_MIRROR)?;
                     tamper::resign_foreign(&tools, &original, &node.dir)?
                 }
-                None => bail!("tamper-uki without `how`"),
             };
             if node.saved_uki.is_none() {
                 node.saved_uki = Some((name.clone(), original));
             }
             esp.write(&format!("{UKI_DIR}/{name}"), &changed)?;
             esp.close()?;
-            tracing::info!(node = node.index, uki = %name, how = ?step.how, "changed the UKI in the ESP");
+            tracing::info!(node = node.index, uki = %name, how = ?edit, "changed the UKI in the ESP");
             Ok(())
         }
-        Some(Action::RestoreUki) => {
+        StepKind::RestoreUki => {
             require_off(node, "restore-uki")?;
             let (_, data) = node
                 .saved_uki
@@ -428,11 +430,14 @@ fn action(
             esp.close()?;
             Ok(())
         }
-        Some(Action::InstallUpdate) => {
+        StepKind::InstallUpdate {
+            version,
+            definition,
+        } => {
             require_off(node, "install-update")?;
-            let version = &expand(step.version.as_deref().unwrap_or_default(), vars)?;
+            let version = &expand(version, vars)?;
             let out = node.dir.join(format!("update-{version}"));
-            let definition = match &step.definition {
+            let definition = match definition {
                 Some(d) => node.test_dir.join(d),
                 None => PathBuf::from(&ctx.manifest.definition),
             };
@@ -462,39 +467,37 @@ fn action(
             );
             Ok(())
         }
-        Some(Action::SetIgnition) => {
+        StepKind::SetIgnition { ignition } => {
             require_off(node, "set-ignition")?;
-            let p = node
-                .test_dir
-                .join(step.ignition.as_deref().unwrap_or(Path::new("")));
+            let p = node.test_dir.join(ignition);
             if !p.is_file() {
                 bail!("set-ignition: {} does not exist", p.display());
             }
             node.ignition = Some(p);
             Ok(())
         }
-        Some(Action::ClearIgnition) => {
+        StepKind::ClearIgnition => {
             require_off(node, "clear-ignition")?;
             node.ignition = None;
             Ok(())
         }
-        Some(Action::Push) => {
+        StepKind::Push { source, dest } => {
             if !node.running() {
                 bail!("push: node{} is not running", node.index);
             }
-            let src = expand(step.source.as_deref().unwrap_or_default(), vars)?;
-            let dest = expand(step.dest.as_deref().unwrap_or_default(), vars)?;
+            let src = expand(source, vars)?;
+            let dest = expand(dest, vars)?;
             let data = std::fs::read(&src).with_context(|| format!("push: reading {src}"))?;
             node.qga()
                 .write_file(&dest, &data, Duration::from_secs(60))
                 .with_context(|| format!("push: writing {dest} in node{}", node.index))?;
             Ok(())
         }
-        Some(Action::TamperUsr) => {
+        StepKind::TamperUsr { path } => {
             if node.running() {
                 bail!("tamper-usr needs node{} powered off (add an action = \"power-off\" step first)", node.index);
             }
-            let path = step.path.as_deref().unwrap_or_default();
+            let path = path.as_str();
             let tools = ToolsTree::ensure(ctx.cache, crate::image::DEFAULT_MIRROR)?;
             let offset = slot_a_offset(&ctx.raw, &ctx.manifest.usr_root_hash)?;
             let at = tamper::tamper(&tools, &ctx.raw, offset, path, &node.overlay)?;
@@ -507,7 +510,6 @@ fn action(
             );
             Ok(())
         }
-        None => Ok(()),
     }
 }
 
@@ -860,48 +862,52 @@ pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>
             NodeSel::One(k) => vec![k - 1],
             NodeSel::All => (0..nodes.len()).collect(),
         };
-        tracing::info!(test = %step.test, step = si + 1, "{}", step.run.as_deref().map(|r| r.to_string()).unwrap_or_else(|| format!("{:?}", step.action)));
+        match &step.kind {
+            StepKind::Run(c) | StepKind::Host(c) => {
+                tracing::info!(test = %step.test, step = si + 1, "{}", c.command)
+            }
+            kind => tracing::info!(test = %step.test, step = si + 1, "{}", kind.name()),
+        }
         for t in targets {
             let node = &mut nodes[t];
             vars.insert("node".into(), node.index.to_string());
             vars.insert("mac".into(), node_mac(node.index - 1));
             vars.insert("disk".into(), node.overlay.display().to_string());
-            let outcome: Result<Option<String>> = if step.host.is_some() {
-                run_host(step, &vars).map(|(r, verdict)| {
+            let save = |vars: &mut BTreeMap<String, String>, c: &Command, r: &ExecResult| {
+                if let Some(name) = &c.save {
+                    vars.insert(name.clone(), r.stdout.trim().to_string());
+                }
+            };
+            let outcome: Result<Option<String>> = match &step.kind {
+                StepKind::Host(c) => run_host(c, &vars).map(|(r, verdict)| {
                     if verdict.is_none() {
-                        if let Some(name) = &step.save {
-                            vars.insert(name.clone(), r.stdout.trim().to_string());
-                        }
+                        save(&mut vars, c, &r);
                     }
                     verdict
-                })
-            } else if step.run.is_some() {
-                if !node.running() {
+                }),
+                StepKind::Run(_) if !node.running() => {
                     Ok(Some(format!("node{} is not running", node.index)))
-                } else {
-                    run_command(node, step, &vars, deadline).map(|(r, verdict)| {
-                        if verdict.is_none() {
-                            if let Some(name) = &step.save {
-                                vars.insert(name.clone(), r.stdout.trim().to_string());
-                            }
-                        }
-                        verdict
-                    })
                 }
-            } else {
-                action(ctx, node, step, &vars, deadline).map(|_| None)
+                StepKind::Run(c) => run_command(node, c, &vars, deadline).map(|(r, verdict)| {
+                    if verdict.is_none() {
+                        save(&mut vars, c, &r);
+                    }
+                    verdict
+                }),
+                _ => action(ctx, node, step, &vars, deadline).map(|_| None),
+            };
+            let command = match &step.kind {
+                StepKind::Run(c) | StepKind::Host(c) => Some(c),
+                _ => None,
             };
             let st = state.get_mut(&step.test).context("unknown test")?;
             match outcome {
                 Ok(None) => {
-                    if let Some(m) = &step.mark {
+                    if let Some(m) = command.and_then(|c| c.mark.as_ref()) {
                         st.timings
                             .insert(m.clone(), tenths(node.started.elapsed().as_secs_f64()));
                     }
-                    if step
-                        .run
-                        .as_deref()
-                        .is_some_and(|r| r.contains("is-system-running"))
+                    if matches!(&step.kind, StepKind::Run(c) if c.command.contains("is-system-running"))
                     {
                         if let Ok(r) = node
                             .qga()
@@ -928,7 +934,7 @@ pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>
                 }
                 Err(e) => {
                     // A failed action leaves the machines in an unknown state: stop here.
-                    let why = format!("step {} ({:?}) failed: {e:#}", si + 1, step.action);
+                    let why = format!("step {} ({}) failed: {e:#}", si + 1, step.kind.name());
                     st.failed = Some(why.clone());
                     aborted = Some(why);
                     break;
@@ -1030,10 +1036,16 @@ mod tests {
     }
     use crate::host::testing::definition::parse;
 
-    fn step(toml_step: &str) -> Step {
+    fn step(toml_step: &str) -> Command {
         let text =
             format!("description = \"x\"\ntimeout = 5\n[[step]]\ntest = \"t.x\"\n{toml_step}\n");
-        parse(Path::new("t.toml"), &text).expect("parse").spec.step[0].clone()
+        match parse(Path::new("t.toml"), &text).expect("parse").spec.step[0]
+            .kind
+            .clone()
+        {
+            StepKind::Run(c) => c,
+            other => panic!("not a run step: {other:?}"),
+        }
     }
 
     #[test]
