@@ -386,6 +386,20 @@ fn push_unique(list: &mut Vec<String>, seen: &mut BTreeSet<String>, value: &str)
     }
 }
 
+/// What earlier layers set: names that must appear once, and list entries already taken (a
+/// later layer's duplicate is dropped).
+#[derive(Default)]
+struct Seen {
+    name: bool,
+    version: bool,
+    packages: BTreeSet<String>,
+    units: BTreeSet<String>,
+    enable: BTreeSet<String>,
+    disable: BTreeSet<String>,
+    binaries: BTreeSet<String>,
+    modules: BTreeSet<String>,
+}
+
 fn merge(layers: Vec<Layer>) -> Result<Definition, DefinitionError> {
     let leaf = layers.last().map(|l| l.path.clone()).unwrap_or_default();
     let project_dir = project_dir_of(&leaf);
@@ -416,286 +430,347 @@ fn merge(layers: Vec<Layer>) -> Result<Definition, DefinitionError> {
         trust: None,
         containers: None,
     };
-    let mut name_seen = false;
-    let mut version_seen = false;
-    let (mut pkg_seen, mut unit_seen, mut en_seen, mut dis_seen, mut bin_seen, mut mod_seen) = (
-        BTreeSet::new(),
-        BTreeSet::new(),
-        BTreeSet::new(),
-        BTreeSet::new(),
-        BTreeSet::new(),
-        def.initrd_modules.iter().cloned().collect::<BTreeSet<_>>(),
-    );
-
+    let mut seen = Seen {
+        modules: def.initrd_modules.iter().cloned().collect(),
+        ..Seen::default()
+    };
     for layer in &layers {
-        let (path, text, raw) = (&layer.path, &layer.text, &layer.raw);
-        let bad = |span: std::ops::Range<usize>, field: &str, msg: String| {
-            invalid(path, text, span, field, msg)
-        };
-        if let Some(n) = &raw.name {
-            validate_name(n.get_ref()).map_err(|m| bad(n.span(), "name", m))?;
-            def.name = n.get_ref().clone();
-            name_seen = true;
-        }
-        if let Some(v) = &raw.version {
-            validate_version(v.get_ref()).map_err(|m| bad(v.span(), "version", m))?;
-            def.version = v.get_ref().clone();
-            version_seen = true;
-        }
-        if let Some(d) = &raw.description {
-            def.description = d.clone();
-        }
-        if let Some(base) = &raw.base {
-            if let Some(s) = &base.suite {
-                if s.get_ref().is_empty() || s.get_ref().contains(char::is_whitespace) {
-                    return Err(bad(
-                        s.span(),
-                        "base.suite",
-                        "must be a Debian suite name such as \"trixie\"".into(),
-                    ));
-                }
-                def.suite = s.get_ref().clone();
-            }
-            if let Some(m) = &base.mirror {
-                let url = m.get_ref();
-                if !(url.starts_with("http://")
-                    || url.starts_with("https://")
-                    || url.starts_with("file://"))
-                {
-                    return Err(bad(
-                        m.span(),
-                        "base.mirror",
-                        format!("`{url}` is not an http(s):// or file:// URL of a Debian mirror"),
-                    ));
-                }
-                def.mirror = url.trim_end_matches('/').to_string();
-            }
-            if let Some(c) = &base.components {
-                def.components = c.iter().map(|s| s.get_ref().clone()).collect();
-            }
-        }
-        for p in raw.packages.iter().flatten() {
-            validate_package(p.get_ref()).map_err(|m| bad(p.span(), "packages", m))?;
-            push_unique(&mut def.packages, &mut pkg_seen, p.get_ref());
-        }
-        // Each layer takes units/ and configs/ from its own project.
-        let layer_project = project_dir_of(path);
-        for u in raw.units.iter().flatten() {
-            let file = layer_project.join("units").join(u.get_ref());
-            if u.get_ref().contains("..") || !file.is_file() {
-                return Err(bad(
-                    u.span(),
-                    "units",
-                    format!(
-                        "unit `{}` not found: expected the file {}",
-                        u.get_ref(),
-                        file.display()
-                    ),
-                ));
-            }
-            if unit_seen.insert(u.get_ref().clone()) {
-                def.units.push(UnitEntry {
-                    name: u.get_ref().clone(),
-                    source: file,
-                });
-            }
-        }
-        for u in raw.enable.iter().flatten() {
-            validate_unit_name(u.get_ref()).map_err(|m| bad(u.span(), "enable", m))?;
-            push_unique(&mut def.enable, &mut en_seen, u.get_ref());
-        }
-        for u in raw.disable.iter().flatten() {
-            validate_unit_name(u.get_ref()).map_err(|m| bad(u.span(), "disable", m))?;
-            push_unique(&mut def.disable, &mut dis_seen, u.get_ref());
-        }
-        for b in raw.binaries.iter().flatten() {
-            if !b.get_ref().starts_with("keel-") {
-                return Err(bad(
-                    b.span(),
-                    "binaries",
-                    format!(
-                        "`{}` is not a keel node program (names start with `keel-`)",
-                        b.get_ref()
-                    ),
-                ));
-            }
-            push_unique(&mut def.binaries, &mut bin_seen, b.get_ref());
-        }
-        for a in raw.kernel_cmdline.iter().flatten() {
-            let arg = a.get_ref();
-            if arg.starts_with("usrhash=")
-                || arg.starts_with("roothash=")
-                || arg.starts_with("root=")
-                || arg.starts_with("mount.usr")
-            {
-                return Err(bad(
-                    a.span(),
-                    "kernel-cmdline",
-                    format!("`{arg}` is set by keel from the built image; remove it"),
-                ));
-            }
-            if arg.is_empty() || arg.contains(char::is_whitespace) {
-                return Err(bad(
-                    a.span(),
-                    "kernel-cmdline",
-                    "each entry must be one argument without spaces".into(),
-                ));
-            }
-            def.kernel_cmdline.push(arg.clone());
-        }
-        for m in raw.initrd_modules.iter().flatten() {
-            push_unique(&mut def.initrd_modules, &mut mod_seen, m.get_ref());
-        }
-        if let Some(s) = &raw.usr_size {
-            let b = s.get_ref().bytes();
-            if b < 64 * ByteSize::MIB || b % ByteSize::MIB != 0 {
+        merge_identity(&mut def, &mut seen, layer)?;
+        merge_lists(&mut def, &mut seen, layer)?;
+        merge_sizes(&mut def, layer)?;
+        merge_files(&mut def, layer)?;
+        merge_trust(&mut def, layer)?;
+        merge_containers(&mut def, layer)?;
+    }
+    check_merged(&def, &seen, &leaf)?;
+    Ok(def)
+}
+
+/// Merges the name, version, description and base of one layer into `def`.
+fn merge_identity(
+    def: &mut Definition,
+    seen: &mut Seen,
+    layer: &Layer,
+) -> Result<(), DefinitionError> {
+    let (path, text, raw) = (&layer.path, &layer.text, &layer.raw);
+    let bad = |span: std::ops::Range<usize>, field: &str, msg: String| {
+        invalid(path, text, span, field, msg)
+    };
+    if let Some(n) = &raw.name {
+        validate_name(n.get_ref()).map_err(|m| bad(n.span(), "name", m))?;
+        def.name = n.get_ref().clone();
+        seen.name = true;
+    }
+    if let Some(v) = &raw.version {
+        validate_version(v.get_ref()).map_err(|m| bad(v.span(), "version", m))?;
+        def.version = v.get_ref().clone();
+        seen.version = true;
+    }
+    if let Some(d) = &raw.description {
+        def.description = d.clone();
+    }
+    if let Some(base) = &raw.base {
+        if let Some(s) = &base.suite {
+            if s.get_ref().is_empty() || s.get_ref().contains(char::is_whitespace) {
                 return Err(bad(
                     s.span(),
-                    "usr-size",
-                    format!(
-                        "{} must be a whole number of MiB and at least 64M",
-                        s.get_ref()
-                    ),
+                    "base.suite",
+                    "must be a Debian suite name such as \"trixie\"".into(),
                 ));
             }
-            def.usr_size = *s.get_ref();
+            def.suite = s.get_ref().clone();
         }
-        if let Some(s) = &raw.esp_size {
-            let b = s.get_ref().bytes();
-            if b < 64 * ByteSize::MIB || b % ByteSize::MIB != 0 {
-                return Err(bad(
-                    s.span(),
-                    "esp-size",
-                    format!(
-                        "{} must be a whole number of MiB and at least 64M (FAT32 and two UKIs)",
-                        s.get_ref()
-                    ),
-                ));
-            }
-            def.esp_size = *s.get_ref();
-        }
-        if let Some(f) = &raw.formats {
-            let mut set: Vec<OutputFormat> = f.iter().map(|x| *x.get_ref()).collect();
-            set.sort();
-            set.dedup();
-            def.formats = set;
-        }
-        if let Some(k) = &raw.keep {
-            def.keep_docs = k.docs.unwrap_or(def.keep_docs);
-            def.keep_man = k.man.unwrap_or(def.keep_man);
-            def.keep_locales = k.locales.unwrap_or(def.keep_locales);
-        }
-        for f in raw.files.iter().flatten() {
-            let src_rel = f.source.get_ref();
-            if !["units/", "configs/", "docs/"]
-                .iter()
-                .any(|d| src_rel.starts_with(d))
-                || src_rel.contains("..")
+        if let Some(m) = &base.mirror {
+            let url = m.get_ref();
+            if !(url.starts_with("http://")
+                || url.starts_with("https://")
+                || url.starts_with("file://"))
             {
                 return Err(bad(
-                    f.source.span(),
-                    "files.source",
-                    format!(
-                        "`{src_rel}` must be a path under units/, configs/ or docs/ of the project"
-                    ),
+                    m.span(),
+                    "base.mirror",
+                    format!("`{url}` is not an http(s):// or file:// URL of a Debian mirror"),
                 ));
             }
-            let source = layer_project.join(src_rel);
-            if !source.is_file() {
-                return Err(bad(
-                    f.source.span(),
-                    "files.source",
-                    format!("{} does not exist or is not a file", source.display()),
-                ));
-            }
-            let dest = f.dest.get_ref();
-            validate_dest(dest).map_err(|m| bad(f.dest.span(), "files.dest", m))?;
-            let mode = match &f.mode {
-                Some(m) if *m.get_ref() > 0o7777 => {
-                    return Err(bad(
-                        m.span(),
-                        "files.mode",
-                        format!("{:o} is not a file mode (write it as 0o644)", m.get_ref()),
-                    ));
-                }
-                Some(m) => *m.get_ref(),
-                None => 0o644,
-            };
-            let entry = FileEntry {
-                source,
-                dest: dest.clone(),
-                mode,
-                origin: origin(path, text, f.source.span()),
-            };
-            // A later layer replaces an earlier file with the same destination.
-            def.files.retain(|e| e.dest != entry.dest);
-            def.files.push(entry);
+            def.mirror = url.trim_end_matches('/').to_string();
         }
-        if let Some(t) = &raw.trust {
-            let mut settings = def.trust.clone().unwrap_or(TrustSettings {
-                keys: PathBuf::new(),
-                generate_keys: false,
-                without_tpm: WithoutTpm::Refuse,
-            });
-            if let Some(k) = &t.keys {
-                if k.get_ref().is_empty() {
-                    return Err(bad(
-                        k.span(),
-                        "trust.keys",
-                        "must name the key directory made by `keel keys init DIR`".into(),
-                    ));
-                }
-                let dir = path.parent().unwrap_or(Path::new("."));
-                settings.keys = dir.join(k.get_ref());
-            }
-            if let Some(g) = t.generate_keys {
-                settings.generate_keys = g;
-            }
-            if let Some(w) = t.without_tpm {
-                settings.without_tpm = w;
-            }
-            if settings.keys.as_os_str().is_empty() {
-                return Err(invalid(path, text, 0..0, "trust.keys", "missing: a [trust] table must name the key directory (keys = \"DIR\", relative to this file)".into()));
-            }
-            def.trust = Some(settings);
-        }
-        if let Some(c) = &raw.containers {
-            let dir = path.parent().unwrap_or(Path::new("."));
-            let mut settings = def.containers.clone().unwrap_or(ContainerSettings {
-                keys: vec![],
-                require_trusted_boot: true,
-                require_enrolled_machines: false,
-                machines: None,
-            });
-            if let Some(keys) = &c.keys {
-                settings.keys = keys.iter().map(|k| dir.join(k.get_ref())).collect();
-            }
-            if let Some(b) = c.require_trusted_boot {
-                settings.require_trusted_boot = b;
-            }
-            if let Some(b) = c.require_enrolled_machines {
-                settings.require_enrolled_machines = b;
-            }
-            if let Some(m) = &c.machines {
-                settings.machines = Some(dir.join(m.get_ref()));
-            }
-            def.containers = Some(settings);
+        if let Some(c) = &base.components {
+            def.components = c.iter().map(|s| s.get_ref().clone()).collect();
         }
     }
+    Ok(())
+}
 
+/// Merges the packages, units, enable/disable lists, binaries, command line and initrd modules one layer adds into `def`.
+fn merge_lists(
+    def: &mut Definition,
+    seen: &mut Seen,
+    layer: &Layer,
+) -> Result<(), DefinitionError> {
+    let (path, text, raw) = (&layer.path, &layer.text, &layer.raw);
+    let bad = |span: std::ops::Range<usize>, field: &str, msg: String| {
+        invalid(path, text, span, field, msg)
+    };
+    for p in raw.packages.iter().flatten() {
+        validate_package(p.get_ref()).map_err(|m| bad(p.span(), "packages", m))?;
+        push_unique(&mut def.packages, &mut seen.packages, p.get_ref());
+    }
+    // Each layer takes units/ and configs/ from its own project.
+    let layer_project = project_dir_of(path);
+    for u in raw.units.iter().flatten() {
+        let file = layer_project.join("units").join(u.get_ref());
+        if u.get_ref().contains("..") || !file.is_file() {
+            return Err(bad(
+                u.span(),
+                "units",
+                format!(
+                    "unit `{}` not found: expected the file {}",
+                    u.get_ref(),
+                    file.display()
+                ),
+            ));
+        }
+        if seen.units.insert(u.get_ref().clone()) {
+            def.units.push(UnitEntry {
+                name: u.get_ref().clone(),
+                source: file,
+            });
+        }
+    }
+    for u in raw.enable.iter().flatten() {
+        validate_unit_name(u.get_ref()).map_err(|m| bad(u.span(), "enable", m))?;
+        push_unique(&mut def.enable, &mut seen.enable, u.get_ref());
+    }
+    for u in raw.disable.iter().flatten() {
+        validate_unit_name(u.get_ref()).map_err(|m| bad(u.span(), "disable", m))?;
+        push_unique(&mut def.disable, &mut seen.disable, u.get_ref());
+    }
+    for b in raw.binaries.iter().flatten() {
+        if !b.get_ref().starts_with("keel-") {
+            return Err(bad(
+                b.span(),
+                "binaries",
+                format!(
+                    "`{}` is not a keel node program (names start with `keel-`)",
+                    b.get_ref()
+                ),
+            ));
+        }
+        push_unique(&mut def.binaries, &mut seen.binaries, b.get_ref());
+    }
+    for a in raw.kernel_cmdline.iter().flatten() {
+        let arg = a.get_ref();
+        if arg.starts_with("usrhash=")
+            || arg.starts_with("roothash=")
+            || arg.starts_with("root=")
+            || arg.starts_with("mount.usr")
+        {
+            return Err(bad(
+                a.span(),
+                "kernel-cmdline",
+                format!("`{arg}` is set by keel from the built image; remove it"),
+            ));
+        }
+        if arg.is_empty() || arg.contains(char::is_whitespace) {
+            return Err(bad(
+                a.span(),
+                "kernel-cmdline",
+                "each entry must be one argument without spaces".into(),
+            ));
+        }
+        def.kernel_cmdline.push(arg.clone());
+    }
+    for m in raw.initrd_modules.iter().flatten() {
+        push_unique(&mut def.initrd_modules, &mut seen.modules, m.get_ref());
+    }
+    Ok(())
+}
+
+/// Merges the sizes, formats and `[keep]` of one layer into `def`.
+fn merge_sizes(def: &mut Definition, layer: &Layer) -> Result<(), DefinitionError> {
+    let (path, text, raw) = (&layer.path, &layer.text, &layer.raw);
+    let bad = |span: std::ops::Range<usize>, field: &str, msg: String| {
+        invalid(path, text, span, field, msg)
+    };
+    if let Some(s) = &raw.usr_size {
+        let b = s.get_ref().bytes();
+        if b < 64 * ByteSize::MIB || b % ByteSize::MIB != 0 {
+            return Err(bad(
+                s.span(),
+                "usr-size",
+                format!(
+                    "{} must be a whole number of MiB and at least 64M",
+                    s.get_ref()
+                ),
+            ));
+        }
+        def.usr_size = *s.get_ref();
+    }
+    if let Some(s) = &raw.esp_size {
+        let b = s.get_ref().bytes();
+        if b < 64 * ByteSize::MIB || b % ByteSize::MIB != 0 {
+            return Err(bad(
+                s.span(),
+                "esp-size",
+                format!(
+                    "{} must be a whole number of MiB and at least 64M (FAT32 and two UKIs)",
+                    s.get_ref()
+                ),
+            ));
+        }
+        def.esp_size = *s.get_ref();
+    }
+    if let Some(f) = &raw.formats {
+        let mut set: Vec<OutputFormat> = f.iter().map(|x| *x.get_ref()).collect();
+        set.sort();
+        set.dedup();
+        def.formats = set;
+    }
+    if let Some(k) = &raw.keep {
+        def.keep_docs = k.docs.unwrap_or(def.keep_docs);
+        def.keep_man = k.man.unwrap_or(def.keep_man);
+        def.keep_locales = k.locales.unwrap_or(def.keep_locales);
+    }
+    Ok(())
+}
+
+/// Merges the `[[files]]` of one layer (a later layer replaces a file with the same destination) into `def`.
+fn merge_files(def: &mut Definition, layer: &Layer) -> Result<(), DefinitionError> {
+    let (path, text, raw) = (&layer.path, &layer.text, &layer.raw);
+    let bad = |span: std::ops::Range<usize>, field: &str, msg: String| {
+        invalid(path, text, span, field, msg)
+    };
+    let layer_project = project_dir_of(path);
+    for f in raw.files.iter().flatten() {
+        let src_rel = f.source.get_ref();
+        if !["units/", "configs/", "docs/"]
+            .iter()
+            .any(|d| src_rel.starts_with(d))
+            || src_rel.contains("..")
+        {
+            return Err(bad(
+                f.source.span(),
+                "files.source",
+                format!(
+                    "`{src_rel}` must be a path under units/, configs/ or docs/ of the project"
+                ),
+            ));
+        }
+        let source = layer_project.join(src_rel);
+        if !source.is_file() {
+            return Err(bad(
+                f.source.span(),
+                "files.source",
+                format!("{} does not exist or is not a file", source.display()),
+            ));
+        }
+        let dest = f.dest.get_ref();
+        validate_dest(dest).map_err(|m| bad(f.dest.span(), "files.dest", m))?;
+        let mode = match &f.mode {
+            Some(m) if *m.get_ref() > 0o7777 => {
+                return Err(bad(
+                    m.span(),
+                    "files.mode",
+                    format!("{:o} is not a file mode (write it as 0o644)", m.get_ref()),
+                ));
+            }
+            Some(m) => *m.get_ref(),
+            None => 0o644,
+        };
+        let entry = FileEntry {
+            source,
+            dest: dest.clone(),
+            mode,
+            origin: origin(path, text, f.source.span()),
+        };
+        // A later layer replaces an earlier file with the same destination.
+        def.files.retain(|e| e.dest != entry.dest);
+        def.files.push(entry);
+    }
+    Ok(())
+}
+
+/// Merges the `[trust]` table of one layer into `def`.
+fn merge_trust(def: &mut Definition, layer: &Layer) -> Result<(), DefinitionError> {
+    let (path, text, raw) = (&layer.path, &layer.text, &layer.raw);
+    let bad = |span: std::ops::Range<usize>, field: &str, msg: String| {
+        invalid(path, text, span, field, msg)
+    };
+    if let Some(t) = &raw.trust {
+        let mut settings = def.trust.clone().unwrap_or(TrustSettings {
+            keys: PathBuf::new(),
+            generate_keys: false,
+            without_tpm: WithoutTpm::Refuse,
+        });
+        if let Some(k) = &t.keys {
+            if k.get_ref().is_empty() {
+                return Err(bad(
+                    k.span(),
+                    "trust.keys",
+                    "must name the key directory made by `keel keys init DIR`".into(),
+                ));
+            }
+            let dir = path.parent().unwrap_or(Path::new("."));
+            settings.keys = dir.join(k.get_ref());
+        }
+        if let Some(g) = t.generate_keys {
+            settings.generate_keys = g;
+        }
+        if let Some(w) = t.without_tpm {
+            settings.without_tpm = w;
+        }
+        if settings.keys.as_os_str().is_empty() {
+            return Err(invalid(path, text, 0..0, "trust.keys", "missing: a [trust] table must name the key directory (keys = \"DIR\", relative to this file)".into()));
+        }
+        def.trust = Some(settings);
+    }
+    Ok(())
+}
+
+/// Merges the `[containers]` table of one layer into `def`.
+fn merge_containers(def: &mut Definition, layer: &Layer) -> Result<(), DefinitionError> {
+    let (path, raw) = (&layer.path, &layer.raw);
+    if let Some(c) = &raw.containers {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let mut settings = def.containers.clone().unwrap_or(ContainerSettings {
+            keys: vec![],
+            require_trusted_boot: true,
+            require_enrolled_machines: false,
+            machines: None,
+        });
+        if let Some(keys) = &c.keys {
+            settings.keys = keys.iter().map(|k| dir.join(k.get_ref())).collect();
+        }
+        if let Some(b) = c.require_trusted_boot {
+            settings.require_trusted_boot = b;
+        }
+        if let Some(b) = c.require_enrolled_machines {
+            settings.require_enrolled_machines = b;
+        }
+        if let Some(m) = &c.machines {
+            settings.machines = Some(dir.join(m.get_ref()));
+        }
+        def.containers = Some(settings);
+    }
+
+    Ok(())
+}
+
+/// The checks on the merged definition: what every image needs, and no contradictions.
+fn check_merged(def: &Definition, seen: &Seen, leaf: &Path) -> Result<(), DefinitionError> {
     let first = || Origin {
-        file: leaf.clone(),
+        file: leaf.to_path_buf(),
         line: 1,
         column: 1,
     };
-    if !name_seen {
+    if !seen.name {
         return Err(DefinitionError::Invalid {
             origin: first(),
             field: "name".into(),
             message: "missing: every image needs a name (e.g. name = \"cluster-node\")".into(),
         });
     }
-    if !version_seen {
+    if !seen.version {
         return Err(DefinitionError::Invalid {
             origin: first(),
             field: "version".into(),
@@ -723,7 +798,7 @@ fn merge(layers: Vec<Layer>) -> Result<Definition, DefinitionError> {
             message: format!("`{both}` is listed in both enable and disable"),
         });
     }
-    Ok(def)
+    Ok(())
 }
 
 fn validate_name(n: &str) -> Result<(), String> {
