@@ -1,8 +1,11 @@
 //! keel-agent's command line.
 
+use super::containers::{self, ThisMachine};
+use super::network;
+use super::systemd::{Systemd, Units};
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Debug, Parser)]
@@ -64,163 +67,179 @@ pub enum Command {
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
-    use super::containers::{self, ThisMachine};
-    use super::network;
-    use super::systemd::{Systemd, Units};
-    let machine = || ThisMachine {
-        root: cli.root.clone(),
-    };
+    let root = cli.root.as_path();
     match cli.command {
         Command::EkHash => {
             println!("{}", super::tpm::ek_sha256()?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { image, name, json } => {
-            let name = name.unwrap_or_else(|| containers::default_name(&image));
-            let units = Systemd::connect()?;
-            match containers::run(
-                &cli.root,
-                &image,
-                &name,
-                &machine(),
-                &units,
-                &network::RealHost,
-                &containers::RunOptions::default(),
-            ) {
-                Ok(s) => {
-                    tracing::info!(container = %s.name, digest = %s.manifest_digest, signed_by = %s.signed_by, gate = %s.gate, "started");
-                    if json {
-                        println!("{}", serde_json::to_string_pretty(&s)?);
-                    } else {
-                        println!(
-                            "started {} ({}), signed by {}; {}",
-                            s.unit, s.manifest_digest, s.signed_by, s.gate
-                        );
-                        if !s.addresses.is_empty() {
-                            println!("address {}", s.addresses.join(" "));
-                        }
-                    }
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(e) => {
-                    tracing::error!(container = %name, image = %image.display(), "{e:#}");
-                    // The journal keeps the reason too, also when run from a shell.
-                    to_journal(&format!("container {name} ({}): {e:#}", image.display()));
-                    Ok(ExitCode::from(1))
-                }
-            }
-        }
-        Command::List { json } => {
-            let units = Systemd::connect()?.list()?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&units)?);
-            } else {
-                for u in units {
-                    let name = u
-                        .name
-                        .trim_start_matches(super::systemd::UNIT_PREFIX)
-                        .trim_end_matches(".service");
-                    let bundle = cli.root.join(containers::CONTAINERS_DIR).join(name);
-                    let address = network::read_record(&bundle)
-                        .ok()
-                        .flatten()
-                        .map(|a| a.addresses.join(","))
-                        .unwrap_or_else(|| "-".into());
-                    println!(
-                        "{name:<24} {:<10} {:<10} {address:<18} {}",
-                        u.active, u.sub, u.description
-                    );
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Run { image, name, json } => run_image(root, &image, name, json),
+        Command::List { json } => list(root, json),
         Command::Stop { name } => {
             containers::stop(&Systemd::connect()?, &name)?;
             println!("stopped {name}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Logs { name, follow } => {
-            containers::check_name(&name)?;
-            let mut c = std::process::Command::new("journalctl");
-            c.args([
-                "--no-pager",
-                "-o",
-                "cat",
-                "-u",
-                &super::systemd::unit_name(&name),
-            ]);
-            if follow {
-                c.arg("-f");
-            }
-            let status = c
-                .status()
-                .map_err(|e| anyhow::anyhow!("running journalctl: {e}"))?;
-            Ok(if status.success() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
-        }
-        Command::NetDetach { name } => {
-            containers::check_name(&name)?;
-            let bundle = cli.root.join(containers::CONTAINERS_DIR).join(&name);
-            match containers::detach_network(&bundle, &network::RealHost)? {
-                Some(att) => tracing::info!(
-                    container = %name,
-                    netns = %att.netns.display(),
-                    addresses = %att.addresses.join(" "),
-                    "released the container's network"
-                ),
-                None => tracing::info!(container = %name, "no network attachment to release"),
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Provision => provision(&cli.root),
+        Command::Logs { name, follow } => logs(&name, follow),
+        Command::NetDetach { name } => net_detach(root, &name),
+        Command::Provision => provision(root),
         Command::Serve => {
             let units = Systemd::connect()?;
-            super::spool::serve(&cli.root, &machine(), &units, &network::RealHost)?;
+            super::spool::serve(root, &machine(root), &units, &network::RealHost)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::BootState { json } => {
-            let s = super::boot_state::read(&cli.root)?;
+        Command::BootState { json } => boot_state(root, json),
+    }
+}
+
+fn machine(root: &Path) -> ThisMachine {
+    ThisMachine {
+        root: root.to_path_buf(),
+    }
+}
+
+/// `keel-agent run`.
+fn run_image(root: &Path, image: &Path, name: Option<String>, json: bool) -> Result<ExitCode> {
+    let name = name.unwrap_or_else(|| containers::default_name(image));
+    let units = Systemd::connect()?;
+    match containers::run(
+        root,
+        image,
+        &name,
+        &machine(root),
+        &units,
+        &network::RealHost,
+        &containers::RunOptions::default(),
+    ) {
+        Ok(s) => {
+            tracing::info!(container = %s.name, digest = %s.manifest_digest, signed_by = %s.signed_by, gate = %s.gate, "started");
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
-                for (i, v) in &s.pcrs {
-                    println!("PCR {i:<2} (sha256)   {v}");
-                }
                 println!(
-                    "event log replay  {} ({} firmware events, phases: {})",
-                    if s.replay_matches {
-                        "matches"
-                    } else {
-                        "DOES NOT MATCH"
-                    },
-                    s.firmware_events,
-                    if s.phase.is_empty() { "none" } else { &s.phase }
+                    "started {} ({}), signed by {}; {}",
+                    s.unit, s.manifest_digest, s.signed_by, s.gate
                 );
-                println!(
-                    "signed policy     {}",
-                    s.signed_by
-                        .as_deref()
-                        .map(|k| format!("matches, signed by {k}"))
-                        .unwrap_or_else(|| "none matches".into())
-                );
-                println!(
-                    "verdict           {}",
-                    if s.trusted { "trusted" } else { "NOT TRUSTED" }
-                );
-                for p in &s.problems {
-                    println!("  - {p}");
+                if !s.addresses.is_empty() {
+                    println!("address {}", s.addresses.join(" "));
                 }
             }
-            Ok(if s.trusted {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            tracing::error!(container = %name, image = %image.display(), "{e:#}");
+            // The journal keeps the reason too, also when run from a shell.
+            to_journal(&format!("container {name} ({}): {e:#}", image.display()));
+            Ok(ExitCode::from(1))
         }
     }
+}
+
+/// `keel-agent list`.
+fn list(root: &Path, json: bool) -> Result<ExitCode> {
+    let units = Systemd::connect()?.list()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&units)?);
+    } else {
+        for u in units {
+            let name = u
+                .name
+                .trim_start_matches(super::systemd::UNIT_PREFIX)
+                .trim_end_matches(".service");
+            let bundle = root.join(containers::CONTAINERS_DIR).join(name);
+            let address = network::read_record(&bundle)
+                .ok()
+                .flatten()
+                .map(|a| a.addresses.join(","))
+                .unwrap_or_else(|| "-".into());
+            println!(
+                "{name:<24} {:<10} {:<10} {address:<18} {}",
+                u.active, u.sub, u.description
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `keel-agent logs`.
+fn logs(name: &str, follow: bool) -> Result<ExitCode> {
+    containers::check_name(name)?;
+    let mut c = std::process::Command::new("journalctl");
+    c.args([
+        "--no-pager",
+        "-o",
+        "cat",
+        "-u",
+        &super::systemd::unit_name(name),
+    ]);
+    if follow {
+        c.arg("-f");
+    }
+    let status = c
+        .status()
+        .map_err(|e| anyhow::anyhow!("running journalctl: {e}"))?;
+    Ok(if status.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// `keel-agent net-detach`.
+fn net_detach(root: &Path, name: &str) -> Result<ExitCode> {
+    containers::check_name(name)?;
+    let bundle = root.join(containers::CONTAINERS_DIR).join(name);
+    match containers::detach_network(&bundle, &network::RealHost)? {
+        Some(att) => tracing::info!(
+            container = %name,
+            netns = %att.netns.display(),
+            addresses = %att.addresses.join(" "),
+            "released the container's network"
+        ),
+        None => tracing::info!(container = %name, "no network attachment to release"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `keel-agent boot-state`.
+fn boot_state(root: &Path, json: bool) -> Result<ExitCode> {
+    let s = super::boot_state::read(root)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        for (i, v) in &s.pcrs {
+            println!("PCR {i:<2} (sha256)   {v}");
+        }
+        println!(
+            "event log replay  {} ({} firmware events, phases: {})",
+            if s.replay_matches {
+                "matches"
+            } else {
+                "DOES NOT MATCH"
+            },
+            s.firmware_events,
+            if s.phase.is_empty() { "none" } else { &s.phase }
+        );
+        println!(
+            "signed policy     {}",
+            s.signed_by
+                .as_deref()
+                .map(|k| format!("matches, signed by {k}"))
+                .unwrap_or_else(|| "none matches".into())
+        );
+        println!(
+            "verdict           {}",
+            if s.trusted { "trusted" } else { "NOT TRUSTED" }
+        );
+        for p in &s.problems {
+            println!("  - {p}");
+        }
+    }
+    Ok(if s.trusted {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 /// Sends an error line to the journal through the syslog socket (when there is one).

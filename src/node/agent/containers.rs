@@ -369,45 +369,13 @@ pub fn run(
     if let Err(e) = write_bundle_files(&bundle, &mut spec, attached.as_ref(), &verified, &gate) {
         return Err(abandon(e));
     }
-    let bundle_s = bundle.display().to_string();
-    let started = units.start(&UnitSpec {
-        name: name.to_string(),
-        description: format!("keel container {name} ({})", verified.manifest_digest),
-        exec: (
-            CRUN.into(),
-            vec![
-                "crun".into(),
-                "--cgroup-manager=disabled".into(),
-                "run".into(),
-                "--bundle".into(),
-                bundle_s,
-                format!("keel-{name}"),
-            ],
-        ),
-        exec_stop_post: vec![
-            (
-                CRUN.into(),
-                vec![
-                    "crun".into(),
-                    "delete".into(),
-                    "--force".into(),
-                    format!("keel-{name}"),
-                ],
-            ),
-            (
-                KEEL_AGENT.into(),
-                vec![
-                    "keel-agent".into(),
-                    "--root".into(),
-                    root.display().to_string(),
-                    "net-detach".into(),
-                    name.to_string(),
-                ],
-            ),
-        ],
-        memory_max: opts.memory_max,
-        tasks_max: opts.tasks_max,
-    });
+    let started = units.start(&unit_spec(
+        root,
+        name,
+        &bundle,
+        &verified.manifest_digest,
+        opts,
+    ));
     if let Err(e) = started {
         return Err(abandon(e));
     }
@@ -504,6 +472,50 @@ fn resolve_user(rootfs: &Path, user: &str) -> Result<(u32, u32)> {
             .with_context(|| format!("group `{g}`: only numeric groups are supported"))?;
     }
     Ok((uid, gid))
+}
+
+/// The transient unit that runs container `name` from `bundle` with crun; when it stops, the
+/// container is deleted and its network released.
+fn unit_spec(root: &Path, name: &str, bundle: &Path, digest: &str, opts: &RunOptions) -> UnitSpec {
+    let bundle_s = bundle.display().to_string();
+    UnitSpec {
+        name: name.to_string(),
+        description: format!("keel container {name} ({})", digest),
+        exec: (
+            CRUN.into(),
+            vec![
+                "crun".into(),
+                "--cgroup-manager=disabled".into(),
+                "run".into(),
+                "--bundle".into(),
+                bundle_s,
+                format!("keel-{name}"),
+            ],
+        ),
+        exec_stop_post: vec![
+            (
+                CRUN.into(),
+                vec![
+                    "crun".into(),
+                    "delete".into(),
+                    "--force".into(),
+                    format!("keel-{name}"),
+                ],
+            ),
+            (
+                KEEL_AGENT.into(),
+                vec![
+                    "keel-agent".into(),
+                    "--root".into(),
+                    root.display().to_string(),
+                    "net-detach".into(),
+                    name.to_string(),
+                ],
+            ),
+        ],
+        memory_max: opts.memory_max,
+        tasks_max: opts.tasks_max,
+    }
 }
 
 /// The OCI runtime config for a verified image: the runtime spec's defaults (namespaces, masked

@@ -15,7 +15,7 @@
 //! commit (staged nodes removed, backups renamed back, created directories removed) before
 //! starting over: a failed first boot retries cleanly.
 
-use super::config::{FileOp, Owner, Plan};
+use super::config::{FileOp, Owner, Plan, UserOp};
 use crate::container::unpack::{components, resolve_in_root};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -381,39 +381,70 @@ pub fn write_stamp(root: &Path, s: &Stamp) -> Result<(), ApplyError> {
     })
 }
 
-fn prepare(p: &mut Prep, plan: &Plan) -> Result<(), ApplyError> {
-    let root = p.root;
-    let etc = root.join("etc");
-    let mut passwd = Table::read(&etc.join("passwd"))?;
-    let mut group = Table::read(&etc.join("group"))?;
-    let mut shadow = Table::read(&etc.join("shadow"))?;
-    let accounts_changed = !plan.users.is_empty() || !plan.groups.is_empty();
+/// The node's account tables, read from its /etc and changed in memory.
+struct Accounts {
+    passwd: Table,
+    group: Table,
+    shadow: Table,
+}
 
+/// A user the config names, as it ends up: uid, primary gid, home directory.
+type Home<'a> = (&'a UserOp, u32, u32, String);
+
+fn prepare(p: &mut Prep, plan: &Plan) -> Result<(), ApplyError> {
+    let etc = p.root.join("etc");
+    let mut acc = Accounts {
+        passwd: Table::read(&etc.join("passwd"))?,
+        group: Table::read(&etc.join("group"))?,
+        shadow: Table::read(&etc.join("shadow"))?,
+    };
+    add_groups(&mut acc, plan)?;
+    let homes = add_users(&mut acc, plan)?;
+    if !plan.users.is_empty() || !plan.groups.is_empty() {
+        stage_accounts(p, &acc, &etc)?;
+    }
+    stage_homes(p, homes)?;
+    stage_directories(p, plan, &acc)?;
+    for f in &plan.files {
+        stage_file_op(p, f, &acc.passwd, &acc.group)?;
+    }
+    stage_links(p, plan)?;
+    stage_units(p, plan)
+}
+
+/// The config's groups that do not exist yet.
+fn add_groups(acc: &mut Accounts, plan: &Plan) -> Result<(), ApplyError> {
     for g in &plan.groups {
-        if group.find(&g.name).is_some() {
+        if acc.group.find(&g.name).is_some() {
             continue; // exists: nothing to change
         }
         let gid = g
             .gid
-            .unwrap_or_else(|| group.free_id(&Table::default(), g.system));
-        if group.ids().contains(&gid) {
+            .unwrap_or_else(|| acc.group.free_id(&Table::default(), g.system));
+        if acc.group.ids().contains(&gid) {
             return Err(field(
                 &format!("{}.gid", g.field),
                 format!("gid {gid} is taken"),
             ));
         }
-        group.lines.push(vec![
+        acc.group.lines.push(vec![
             g.name.clone(),
             "x".into(),
             gid.to_string(),
             String::new(),
         ]);
     }
+    Ok(())
+}
+
+/// The config's users: new ones added (with their own group when they name no primary group),
+/// existing ones changed where the config says so; their group memberships.
+fn add_users<'a>(acc: &mut Accounts, plan: &'a Plan) -> Result<Vec<Home<'a>>, ApplyError> {
     let mut homes = Vec::new();
     for u in &plan.users {
-        let (uid, gid, home) = match passwd.find(&u.name) {
+        let (uid, gid, home) = match acc.passwd.find(&u.name) {
             Some(i) => {
-                let l = &mut passwd.lines[i];
+                let l = &mut acc.passwd.lines[i];
                 if let Some(s) = &u.shell {
                     l[6] = s.clone();
                 }
@@ -427,29 +458,31 @@ fn prepare(p: &mut Prep, plan: &Plan) -> Result<(), ApplyError> {
                 )
             }
             None => {
-                let uid = u.uid.unwrap_or_else(|| passwd.free_id(&group, u.system));
-                if passwd.ids().contains(&uid) {
+                let uid = u
+                    .uid
+                    .unwrap_or_else(|| acc.passwd.free_id(&acc.group, u.system));
+                if acc.passwd.ids().contains(&uid) {
                     return Err(field(
                         &format!("{}.uid", u.field),
                         format!("uid {uid} is taken"),
                     ));
                 }
                 let gid = match &u.primary_group {
-                    Some(g) => group.id_of(g).ok_or_else(|| {
+                    Some(g) => acc.group.id_of(g).ok_or_else(|| {
                         field(
                             &format!("{}.primaryGroup", u.field),
                             format!("group `{g}` does not exist"),
                         )
                     })?,
-                    None => match group.id_of(&u.name) {
+                    None => match acc.group.id_of(&u.name) {
                         Some(g) => g,
                         None => {
-                            let gid = if group.ids().contains(&uid) {
-                                group.free_id(&Table::default(), u.system)
+                            let gid = if acc.group.ids().contains(&uid) {
+                                acc.group.free_id(&Table::default(), u.system)
                             } else {
                                 uid
                             };
-                            group.lines.push(vec![
+                            acc.group.lines.push(vec![
                                 u.name.clone(),
                                 "x".into(),
                                 gid.to_string(),
@@ -464,7 +497,7 @@ fn prepare(p: &mut Prep, plan: &Plan) -> Result<(), ApplyError> {
                     .clone()
                     .unwrap_or_else(|| format!("/home/{}", u.name));
                 let shell = u.shell.clone().unwrap_or_else(|| "/bin/bash".into());
-                passwd.lines.push(vec![
+                acc.passwd.lines.push(vec![
                     u.name.clone(),
                     "x".into(),
                     uid.to_string(),
@@ -473,7 +506,7 @@ fn prepare(p: &mut Prep, plan: &Plan) -> Result<(), ApplyError> {
                     home.clone(),
                     shell,
                 ]);
-                shadow.lines.push(vec![
+                acc.shadow.lines.push(vec![
                     u.name.clone(),
                     "!*".into(),
                     String::new(),
@@ -488,9 +521,9 @@ fn prepare(p: &mut Prep, plan: &Plan) -> Result<(), ApplyError> {
             }
         };
         if let Some(h) = &u.password_hash {
-            match shadow.find(&u.name) {
-                Some(i) => shadow.lines[i][1] = h.clone(),
-                None => shadow.lines.push(vec![
+            match acc.shadow.find(&u.name) {
+                Some(i) => acc.shadow.lines[i][1] = h.clone(),
+                None => acc.shadow.lines.push(vec![
                     u.name.clone(),
                     h.clone(),
                     String::new(),
@@ -504,13 +537,13 @@ fn prepare(p: &mut Prep, plan: &Plan) -> Result<(), ApplyError> {
             }
         }
         for g in &u.groups {
-            let i = group.find(g).ok_or_else(|| {
+            let i = acc.group.find(g).ok_or_else(|| {
                 field(
                     &format!("{}.groups", u.field),
                     format!("group `{g}` does not exist on this node or in this config"),
                 )
             })?;
-            let members = &mut group.lines[i];
+            let members = &mut acc.group.lines[i];
             while members.len() < 4 {
                 members.push(String::new());
             }
@@ -526,21 +559,31 @@ fn prepare(p: &mut Prep, plan: &Plan) -> Result<(), ApplyError> {
         }
         homes.push((u, uid, gid, home));
     }
-    if accounts_changed {
+    Ok(homes)
+}
+
+/// /etc/passwd, group and shadow, staged whole.
+fn stage_accounts(p: &mut Prep, acc: &Accounts, etc: &Path) -> Result<(), ApplyError> {
+    {
         for (name, t, mode) in [
-            ("passwd", &passwd, 0o644),
-            ("group", &group, 0o644),
-            ("shadow", &shadow, 0o640),
+            ("passwd", &acc.passwd, 0o644),
+            ("group", &acc.group, 0o644),
+            ("shadow", &acc.shadow, 0o640),
         ] {
             let target = etc.join(name);
             let gid = if name == "shadow" {
-                group.id_of("shadow").unwrap_or(0)
+                acc.group.id_of("shadow").unwrap_or(0)
             } else {
                 0
             };
             p.stage_file(target, t.text().as_bytes(), mode, 0, gid)?;
         }
     }
+    Ok(())
+}
+
+/// Home directories and authorized SSH keys.
+fn stage_homes(p: &mut Prep, homes: Vec<Home>) -> Result<(), ApplyError> {
     for (u, uid, gid, home) in homes {
         if u.no_create_home && u.ssh_keys.is_empty() {
             continue;
@@ -570,11 +613,17 @@ fn prepare(p: &mut Prep, plan: &Plan) -> Result<(), ApplyError> {
             )?;
         }
     }
+    Ok(())
+}
+
+/// Directories that do not exist yet (an existing one is kept as it is).
+fn stage_directories(p: &mut Prep, plan: &Plan, acc: &Accounts) -> Result<(), ApplyError> {
+    let root = p.root;
     for d in &plan.directories {
         let comps =
             components(Path::new(&d.path)).ok_or_else(|| field(&d.field, "`..` in the path"))?;
-        let uid = resolve_owner(&format!("{}.user", d.field), &d.user, &passwd, "user")?;
-        let gid = resolve_owner(&format!("{}.group", d.field), &d.group, &group, "group")?;
+        let uid = resolve_owner(&format!("{}.user", d.field), &d.user, &acc.passwd, "user")?;
+        let gid = resolve_owner(&format!("{}.group", d.field), &d.group, &acc.group, "group")?;
         // An existing directory is fine, and kept as it is.
         if resolve_in_root(root, &comps, false)
             .map_err(|e| field(&d.field, e.to_string()))?
@@ -583,9 +632,12 @@ fn prepare(p: &mut Prep, plan: &Plan) -> Result<(), ApplyError> {
             p.dir(&d.field, &comps, d.mode, uid, gid)?;
         }
     }
-    for f in &plan.files {
-        stage_file_op(p, f, &passwd, &group)?;
-    }
+    Ok(())
+}
+
+/// Symbolic links, and hard links to files already on the node.
+fn stage_links(p: &mut Prep, plan: &Plan) -> Result<(), ApplyError> {
+    let root = p.root;
     for l in &plan.links {
         let t = p.target(&l.field, &l.path)?;
         p.conflict(&l.field, &t, l.overwrite)?;
@@ -614,6 +666,12 @@ fn prepare(p: &mut Prep, plan: &Plan) -> Result<(), ApplyError> {
             p.stage_symlink(t, &l.target)?;
         }
     }
+    Ok(())
+}
+
+/// Unit files, drop-ins, masks, and the preset file for the units the config enables or
+/// disables.
+fn stage_units(p: &mut Prep, plan: &Plan) -> Result<(), ApplyError> {
     let mut preset = String::new();
     for u in &plan.units {
         let dir = "/etc/systemd/system";

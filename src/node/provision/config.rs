@@ -252,6 +252,23 @@ fn is_set(v: &Option<Value>) -> bool {
 
 /// Parses and checks a config; every error names its field.
 pub fn parse(bytes: &[u8]) -> Result<Plan, ConfigError> {
+    let cfg = decode(bytes)?;
+    refuse_unsupported(&cfg)?;
+    Ok(Plan {
+        sha256: hex::encode(Sha256::digest(bytes)),
+        version: cfg.ignition.version.clone(),
+        groups: plan_groups(cfg.passwd.groups.unwrap_or_default())?,
+        users: plan_users(cfg.passwd.users.unwrap_or_default())?,
+        directories: plan_directories(cfg.storage.directories.unwrap_or_default())?,
+        files: plan_files(cfg.storage.files.unwrap_or_default())?,
+        links: plan_links(cfg.storage.links.unwrap_or_default())?,
+        units: plan_units(cfg.systemd.units.unwrap_or_default())?,
+    })
+}
+
+/// The config as the spec version it names (ignition-config), then as Keel's view of it; an
+/// unknown field is an error.
+fn decode(bytes: &[u8]) -> Result<Cfg, ConfigError> {
     if bytes.len() > MAX_CONFIG {
         return Err(err("$", format!("config larger than {MAX_CONFIG} bytes")));
     }
@@ -274,8 +291,11 @@ pub fn parse(bytes: &[u8]) -> Result<Plan, ConfigError> {
     }
     let v = serde_json::to_value(&typed).map_err(|e| err("$", e.to_string()))?;
     let cfg: Cfg = serde_json::from_value(v).map_err(|e| err("$", e.to_string()))?;
+    Ok(cfg)
+}
 
-    // Refused by name: what Keel does not do (yet), instead of silently ignoring it.
+/// Sections Keel does not do (yet) are refused by name instead of silently ignored.
+fn refuse_unsupported(cfg: &Cfg) -> Result<(), ConfigError> {
     let refused: [(&str, bool, &str); 8] = [
         (
             "ignition.config",
@@ -318,19 +338,13 @@ pub fn parse(bytes: &[u8]) -> Result<Plan, ConfigError> {
         return Err(err(*field, format!("not supported by Keel: {why}")));
     }
     let _ = &cfg.ignition.timeouts; // harmless: nothing is fetched
+    Ok(())
+}
 
-    let mut plan = Plan {
-        sha256: hex::encode(Sha256::digest(bytes)),
-        version: cfg.ignition.version.clone(),
-        ..Plan::default()
-    };
-    for (i, g) in cfg
-        .passwd
-        .groups
-        .unwrap_or_default()
-        .into_iter()
-        .enumerate()
-    {
+/// `passwd.groups`.
+fn plan_groups(groups: Vec<Group>) -> Result<Vec<GroupOp>, ConfigError> {
+    let mut out = Vec::new();
+    for (i, g) in groups.into_iter().enumerate() {
         let f = format!("passwd.groups.{i}");
         check_name(&format!("{f}.name"), &g.name)?;
         if g.password_hash.is_some() {
@@ -345,14 +359,20 @@ pub fn parse(bytes: &[u8]) -> Result<Plan, ConfigError> {
                 "removing groups is not supported",
             ));
         }
-        plan.groups.push(GroupOp {
+        out.push(GroupOp {
             gid: id(&format!("{f}.gid"), g.gid)?,
             system: g.system.unwrap_or(false),
             name: g.name,
             field: f,
         });
     }
-    for (i, u) in cfg.passwd.users.unwrap_or_default().into_iter().enumerate() {
+    Ok(out)
+}
+
+/// `passwd.users`.
+fn plan_users(users: Vec<User>) -> Result<Vec<UserOp>, ConfigError> {
+    let mut out = Vec::new();
+    for (i, u) in users.into_iter().enumerate() {
         let f = format!("passwd.users.{i}");
         check_name(&format!("{f}.name"), &u.name)?;
         for (name, set) in [
@@ -387,7 +407,7 @@ pub fn parse(bytes: &[u8]) -> Result<Plan, ConfigError> {
                 return Err(err(format!("{f}.passwordHash"), "not a crypt(3) hash"));
             }
         }
-        plan.users.push(UserOp {
+        out.push(UserOp {
             uid: id(&format!("{f}.uid"), u.uid)?,
             password_hash: u.password_hash,
             ssh_keys: u.ssh_authorized_keys.unwrap_or_default(),
@@ -402,16 +422,16 @@ pub fn parse(bytes: &[u8]) -> Result<Plan, ConfigError> {
             field: f,
         });
     }
-    for (i, n) in cfg
-        .storage
-        .directories
-        .unwrap_or_default()
-        .into_iter()
-        .enumerate()
-    {
+    Ok(out)
+}
+
+/// `storage.directories`.
+fn plan_directories(nodes: Vec<Node>) -> Result<Vec<DirOp>, ConfigError> {
+    let mut out = Vec::new();
+    for (i, n) in nodes.into_iter().enumerate() {
         let f = format!("storage.directories.{i}");
         check_path(&format!("{f}.path"), &n.path, true)?;
-        plan.directories.push(DirOp {
+        out.push(DirOp {
             mode: mode(&format!("{f}.mode"), n.mode, 0o755)?,
             user: owner(&format!("{f}.user"), n.user)?,
             group: owner(&format!("{f}.group"), n.group)?,
@@ -420,13 +440,13 @@ pub fn parse(bytes: &[u8]) -> Result<Plan, ConfigError> {
             field: f,
         });
     }
-    for (i, n) in cfg
-        .storage
-        .files
-        .unwrap_or_default()
-        .into_iter()
-        .enumerate()
-    {
+    Ok(out)
+}
+
+/// `storage.files`.
+fn plan_files(nodes: Vec<Node>) -> Result<Vec<FileOp>, ConfigError> {
+    let mut out = Vec::new();
+    for (i, n) in nodes.into_iter().enumerate() {
         let f = format!("storage.files.{i}");
         check_path(&format!("{f}.path"), &n.path, true)?;
         if n.append.as_ref().is_some_and(|a| !a.is_empty()) {
@@ -439,7 +459,7 @@ pub fn parse(bytes: &[u8]) -> Result<Plan, ConfigError> {
             Some(r) => resource(&format!("{f}.contents"), r)?,
             None => Vec::new(),
         };
-        plan.files.push(FileOp {
+        out.push(FileOp {
             contents,
             mode: mode(&format!("{f}.mode"), n.mode, 0o644)?,
             user: owner(&format!("{f}.user"), n.user)?,
@@ -449,13 +469,13 @@ pub fn parse(bytes: &[u8]) -> Result<Plan, ConfigError> {
             field: f,
         });
     }
-    for (i, n) in cfg
-        .storage
-        .links
-        .unwrap_or_default()
-        .into_iter()
-        .enumerate()
-    {
+    Ok(out)
+}
+
+/// `storage.links`.
+fn plan_links(nodes: Vec<Node>) -> Result<Vec<LinkOp>, ConfigError> {
+    let mut out = Vec::new();
+    for (i, n) in nodes.into_iter().enumerate() {
         let f = format!("storage.links.{i}");
         check_path(&format!("{f}.path"), &n.path, true)?;
         let target = n
@@ -469,7 +489,7 @@ pub fn parse(bytes: &[u8]) -> Result<Plan, ConfigError> {
         if n.user.is_some() || n.group.is_some() {
             return Err(err(format!("{f}.user"), "link ownership is not supported"));
         }
-        plan.links.push(LinkOp {
+        out.push(LinkOp {
             target,
             hard,
             overwrite: n.overwrite.unwrap_or(false),
@@ -477,13 +497,13 @@ pub fn parse(bytes: &[u8]) -> Result<Plan, ConfigError> {
             field: f,
         });
     }
-    for (i, u) in cfg
-        .systemd
-        .units
-        .unwrap_or_default()
-        .into_iter()
-        .enumerate()
-    {
+    Ok(out)
+}
+
+/// `systemd.units`.
+fn plan_units(units: Vec<Unit>) -> Result<Vec<UnitOp>, ConfigError> {
+    let mut out = Vec::new();
+    for (i, u) in units.into_iter().enumerate() {
         let f = format!("systemd.units.{i}");
         check_unit_name(&format!("{f}.name"), &u.name)?;
         let mut dropins = Vec::new();
@@ -503,7 +523,7 @@ pub fn parse(bytes: &[u8]) -> Result<Plan, ConfigError> {
                 "a masked unit cannot have contents or be enabled",
             ));
         }
-        plan.units.push(UnitOp {
+        out.push(UnitOp {
             contents: u.contents,
             enabled: u.enabled,
             mask,
@@ -512,7 +532,7 @@ pub fn parse(bytes: &[u8]) -> Result<Plan, ConfigError> {
             field: f,
         });
     }
-    Ok(plan)
+    Ok(out)
 }
 
 fn id(field: &str, v: Option<i64>) -> Result<Option<u32>, ConfigError> {
