@@ -176,19 +176,7 @@ impl Unpacker<'_> {
             });
         }
         if let Some(hidden_name) = name_str.strip_prefix(WHITEOUT) {
-            let Some(dir) = self.resolve(parent, false, &shown)? else {
-                return Ok(()); // nothing below to hide
-            };
-            if name_str == OPAQUE {
-                self.clear_lower(&dir)
-                    .map_err(self.io(format!("applying {shown}")))?;
-            } else {
-                let hidden = dir.join(hidden_name);
-                if !self.created.contains(&hidden) {
-                    remove_any(&hidden).map_err(self.io(format!("applying {shown}")))?;
-                }
-            }
-            return Ok(());
+            return self.whiteout(parent, &name_str, hidden_name, &shown);
         }
         let dir = self
             .resolve(parent, true, &shown)?
@@ -220,27 +208,7 @@ impl Unpacker<'_> {
                     .map_err(self.io(format!("setting the mode of {shown}")))?;
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
-                let size = entry.header().size().unwrap_or(u64::MAX);
-                if self.stats.bytes.saturating_add(size) > self.limits.max_bytes {
-                    return Err(UnpackError::TooLarge {
-                        layer,
-                        path: shown,
-                        max: self.limits.max_bytes,
-                    });
-                }
-                remove_any(&target).map_err(self.io(format!("replacing {shown}")))?;
-                let mut out = fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(&target)
-                    .map_err(self.io(format!("creating {shown}")))?;
-                let n = io::copy(&mut (&mut entry).take(size), &mut out)
-                    .map_err(self.io(format!("writing {shown}")))?;
-                self.stats.bytes += n;
-                fs::set_permissions(&target, fs::Permissions::from_mode(mode))
-                    .map_err(self.io(format!("setting the mode of {shown}")))?;
+                self.write_file(&mut entry, &target, mode, &shown)?
             }
             tar::EntryType::Symlink => {
                 let link = entry
@@ -257,32 +225,7 @@ impl Unpacker<'_> {
                 std::os::unix::fs::symlink(&link, &target)
                     .map_err(self.io(format!("creating the link {shown}")))?;
             }
-            tar::EntryType::Link => {
-                let link = entry
-                    .link_name()
-                    .map_err(self.io(format!("reading the link of {shown}")))?
-                    .map(|l| l.into_owned())
-                    .unwrap_or_default();
-                let bad = |reason: &str| UnpackError::BadLink {
-                    layer,
-                    path: shown.clone(),
-                    target: link.display().to_string(),
-                    reason: reason.into(),
-                };
-                let lc = components(&link).ok_or_else(|| bad("`..` in the target"))?;
-                let (lname, lparent) = lc.split_last().ok_or_else(|| bad("empty target"))?;
-                let src = self
-                    .resolve(lparent, false, &shown)?
-                    .map(|d| d.join(lname))
-                    .ok_or_else(|| bad("target not in the image"))?;
-                match fs::symlink_metadata(&src) {
-                    Ok(m) if m.file_type().is_file() => {}
-                    Ok(_) => return Err(bad("target is not a regular file")),
-                    Err(_) => return Err(bad("target not in the image")),
-                }
-                remove_any(&target).map_err(self.io(format!("replacing {shown}")))?;
-                fs::hard_link(&src, &target).map_err(self.io(format!("linking {shown}")))?;
-            }
+            tar::EntryType::Link => self.hard_link(&entry, &target, &shown)?,
             tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
                 return Err(UnpackError::DeviceNode { layer, path: shown })
             }
@@ -295,23 +238,115 @@ impl Unpacker<'_> {
             }
         }
         if kind != tar::EntryType::Link && nix::unistd::geteuid().is_root() {
-            let uid = entry
-                .header()
-                .uid()
-                .ok()
-                .and_then(|u| u32::try_from(u).ok());
-            let gid = entry
-                .header()
-                .gid()
-                .ok()
-                .and_then(|g| u32::try_from(g).ok());
-            std::os::unix::fs::lchown(&target, uid, gid)
-                .map_err(self.io(format!("setting the owner of {shown}")))?;
-            if kind != tar::EntryType::Symlink && mode & 0o6000 != 0 {
-                // chown clears set-id bits; put them back.
-                fs::set_permissions(&target, fs::Permissions::from_mode(mode))
-                    .map_err(self.io(format!("setting the mode of {shown}")))?;
+            self.set_owner(entry.header(), &target, mode, &shown)?;
+        }
+        Ok(())
+    }
+
+    /// A whiteout (`.wh.NAME` hides NAME of the lower layers; `.wh..wh..opq` hides everything
+    /// lower layers put in its directory).
+    fn whiteout(
+        &mut self,
+        parent: &[OsString],
+        name: &str,
+        hidden_name: &str,
+        shown: &str,
+    ) -> Result<(), UnpackError> {
+        let Some(dir) = self.resolve(parent, false, shown)? else {
+            return Ok(()); // nothing below to hide
+        };
+        if name == OPAQUE {
+            self.clear_lower(&dir)
+                .map_err(self.io(format!("applying {shown}")))?;
+        } else {
+            let hidden = dir.join(hidden_name);
+            if !self.created.contains(&hidden) {
+                remove_any(&hidden).map_err(self.io(format!("applying {shown}")))?;
             }
+        }
+        Ok(())
+    }
+
+    /// A regular file's data, within the byte limit; never through a link.
+    fn write_file<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<R>,
+        target: &Path,
+        mode: u32,
+        shown: &str,
+    ) -> Result<(), UnpackError> {
+        let size = entry.header().size().unwrap_or(u64::MAX);
+        if self.stats.bytes.saturating_add(size) > self.limits.max_bytes {
+            return Err(UnpackError::TooLarge {
+                layer: self.layer,
+                path: shown.to_string(),
+                max: self.limits.max_bytes,
+            });
+        }
+        remove_any(target).map_err(self.io(format!("replacing {shown}")))?;
+        let mut out = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(target)
+            .map_err(self.io(format!("creating {shown}")))?;
+        let n = io::copy(&mut entry.take(size), &mut out)
+            .map_err(self.io(format!("writing {shown}")))?;
+        self.stats.bytes += n;
+        fs::set_permissions(target, fs::Permissions::from_mode(mode))
+            .map_err(self.io(format!("setting the mode of {shown}")))
+    }
+
+    /// A hard link to a regular file this image already unpacked.
+    fn hard_link<R: Read>(
+        &mut self,
+        entry: &tar::Entry<R>,
+        target: &Path,
+        shown: &str,
+    ) -> Result<(), UnpackError> {
+        let link = entry
+            .link_name()
+            .map_err(self.io(format!("reading the link of {shown}")))?
+            .map(|l| l.into_owned())
+            .unwrap_or_default();
+        let bad = |reason: &str| UnpackError::BadLink {
+            layer: self.layer,
+            path: shown.to_string(),
+            target: link.display().to_string(),
+            reason: reason.into(),
+        };
+        let lc = components(&link).ok_or_else(|| bad("`..` in the target"))?;
+        let (lname, lparent) = lc.split_last().ok_or_else(|| bad("empty target"))?;
+        let src = self
+            .resolve(lparent, false, shown)?
+            .map(|d| d.join(lname))
+            .ok_or_else(|| bad("target not in the image"))?;
+        match fs::symlink_metadata(&src) {
+            Ok(m) if m.file_type().is_file() => {}
+            Ok(_) => return Err(bad("target is not a regular file")),
+            Err(_) => return Err(bad("target not in the image")),
+        }
+        remove_any(target).map_err(self.io(format!("replacing {shown}")))?;
+        fs::hard_link(&src, target).map_err(self.io(format!("linking {shown}")))
+    }
+
+    /// The entry's owner (as root only); set-id bits, which chown clears, put back.
+    fn set_owner(
+        &self,
+        header: &tar::Header,
+        target: &Path,
+        mode: u32,
+        shown: &str,
+    ) -> Result<(), UnpackError> {
+        let uid = header.uid().ok().and_then(|u| u32::try_from(u).ok());
+        let gid = header.gid().ok().and_then(|g| u32::try_from(g).ok());
+        std::os::unix::fs::lchown(target, uid, gid)
+            .map_err(self.io(format!("setting the owner of {shown}")))?;
+        let is_link = header.entry_type() == tar::EntryType::Symlink;
+        if !is_link && mode & 0o6000 != 0 {
+            fs::set_permissions(target, fs::Permissions::from_mode(mode))
+                .map_err(self.io(format!("setting the mode of {shown}")))?;
         }
         Ok(())
     }
