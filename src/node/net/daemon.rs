@@ -15,6 +15,7 @@ use super::kernel::{Kernel, OverlayDevice, SyncMode, Underlay};
 use super::lease::{self, LeaseAttrs};
 use super::masq;
 use super::plan::{self, format_mac, WgPeer};
+use super::state::{Event, Machine, Next, State};
 use super::store::{Acquired, EtcdOptions, Store, StoreError};
 use base64::Engine as _;
 use ipnet::Ipv4Net;
@@ -23,9 +24,6 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::signal::unix::{signal, Signal, SignalKind};
-
-/// The longest wait between retries after an etcd or kernel failure.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -80,6 +78,7 @@ struct Daemon {
     /// The masquerading rule last applied (`Some(None)`: the table removed), for the log.
     masq_applied: Option<Option<String>>,
     logged_skips: Vec<StatusSkipped>,
+    machine: Machine,
     term: Signal,
     int: Signal,
 }
@@ -115,7 +114,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
     let mut d = Daemon {
         status: Status {
-            state: "starting".into(),
+            state: State::Starting.as_str().into(),
             pid: std::process::id(),
             underlay: Some(StatusUnderlay {
                 interface: underlay.name.clone(),
@@ -131,6 +130,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         wg_applied: None,
         masq_applied: None,
         logged_skips: Vec::new(),
+        machine: Machine::default(),
         term: signal(SignalKind::terminate())?,
         int: signal(SignalKind::interrupt())?,
     };
@@ -149,15 +149,17 @@ impl Daemon {
     }
 
     /// Record the daemon's state; logged only when it changes.
-    fn set_state(&mut self, state: &str, message: Option<String>) {
-        if self.status.state != state || self.status.message != message {
+    fn set_state(&mut self, state: State, message: Option<String>) {
+        let name = state.as_str();
+        if self.status.state != name || self.status.message != message {
             match (&message, state) {
-                (Some(m), "running") => tracing::info!("{m}"),
-                (Some(m), _) => tracing::error!("{state}: {m}"),
-                (None, _) => tracing::info!("{state}"),
+                (Some(m), State::Running) => tracing::info!("{m}"),
+                (Some(m), _) => tracing::error!("{name}: {m}"),
+                (None, _) => tracing::info!("{name}"),
             }
         }
-        self.status.state = state.to_string();
+        self.machine.state = state;
+        self.status.state = name.to_string();
         self.status.message = message;
         self.publish();
     }
@@ -171,71 +173,71 @@ impl Daemon {
         }
     }
 
+    /// Drives the state machine ([`Machine::on`]): does what it says next, and reports what
+    /// happened as the next event.
     async fn main_loop(&mut self) {
-        let mut backoff = Duration::from_secs(1);
         let mut store: Option<Store> = None;
+        let mut next = Next::Connect;
         loop {
-            if store.is_none() {
-                let connect = Store::connect(&self.opts.etcd);
-                let result = tokio::select! {
-                    r = connect => Some(r),
-                    _ = self.term.recv() => None,
-                    _ = self.int.recv() => None,
-                };
-                match result {
-                    None => return,
-                    Some(Ok(s)) => store = Some(s),
-                    Some(Err(e)) => {
-                        if self.etcd_unreachable(&e, &mut backoff).await {
-                            return;
+            let event = match next {
+                Next::Stop => return,
+                Next::Connect => {
+                    store = None;
+                    let connect = Store::connect(&self.opts.etcd);
+                    tokio::select! {
+                        r = connect => match r {
+                            Ok(s) => {
+                                store = Some(s);
+                                Event::Connected
+                            }
+                            Err(e) => Event::EtcdLost(crate::error::chain(&e)),
+                        },
+                        _ = self.term.recv() => Event::StopRequested,
+                        _ = self.int.recv() => Event::StopRequested,
+                    }
+                }
+                Next::Session => match store.as_mut() {
+                    None => Event::EtcdLost("no connection to etcd".into()),
+                    Some(s) => match self.session(s).await {
+                        Ok(Exit::Stop) => Event::StopRequested,
+                        Ok(Exit::Again) => Event::Again,
+                        Err(SessionError::Store(e)) => {
+                            store = None;
+                            Event::EtcdLost(crate::error::chain(&e))
                         }
+                        Err(SessionError::Config(m)) => Event::ConfigInvalid(m),
+                        Err(SessionError::Local(m)) => Event::KernelFailed(m),
+                    },
+                },
+                Next::WaitForConfig => match store.as_mut() {
+                    None => Event::EtcdLost("no connection to etcd".into()),
+                    Some(s) => {
+                        if self.wait_for_config_change(s).await {
+                            Event::StopRequested
+                        } else {
+                            Event::ConfigChanged
+                        }
+                    }
+                },
+                Next::Retry { after, reconnect } => {
+                    if self.sleep_or_stop(after).await {
+                        Event::StopRequested
+                    } else {
+                        next = if reconnect || store.is_none() {
+                            Next::Connect
+                        } else {
+                            Next::Session
+                        };
                         continue;
                     }
                 }
+            };
+            let t = self.machine.on(event, self.held.is_some());
+            if let Some((state, message)) = t.status {
+                self.set_state(state, message);
             }
-            let Some(s) = store.as_mut() else { continue };
-            match self.session(s).await {
-                Ok(Exit::Stop) => return,
-                Ok(Exit::Again) => backoff = Duration::from_secs(1),
-                Err(SessionError::Store(e)) => {
-                    store = None;
-                    if self.etcd_unreachable(&e, &mut backoff).await {
-                        return;
-                    }
-                }
-                Err(SessionError::Config(m)) => {
-                    // Wait for the config to change; nothing is torn down meanwhile.
-                    self.set_state("config-error", Some(m));
-                    if self.wait_for_config_change(s).await {
-                        return;
-                    }
-                }
-                Err(SessionError::Local(m)) => {
-                    self.set_state("kernel-error", Some(m));
-                    if self.sleep_or_stop(backoff).await {
-                        return;
-                    }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                }
-            }
+            next = t.next;
         }
-    }
-
-    /// Report that etcd cannot be reached (the kernel state stays), wait `backoff` and double
-    /// it up to 30 s. True when asked to stop meanwhile.
-    async fn etcd_unreachable(&mut self, e: &StoreError, backoff: &mut Duration) -> bool {
-        let note = if self.held.is_some() {
-            "; keeping the current routes"
-        } else {
-            ""
-        };
-        self.set_state(
-            "etcd-unreachable",
-            Some(format!("{}{note}; retrying", crate::error::chain(e))),
-        );
-        let stop = self.sleep_or_stop(*backoff).await;
-        *backoff = (*backoff * 2).min(MAX_BACKOFF);
-        stop
     }
 
     /// Block until the config key changes (or a stop signal: returns true). Keeps renewing the
@@ -600,7 +602,7 @@ impl Daemon {
                 changes.removed
             );
         }
-        self.set_state("running", Some(format!("{subnet}, {peers} peer(s)")));
+        self.set_state(State::Running, Some(format!("{subnet}, {peers} peer(s)")));
         Ok(())
     }
 }

@@ -9,4 +9,5 @@ pub mod kernel;
 pub mod lease;
 pub mod masq;
 pub mod plan;
+pub mod state;
 pub mod store;
