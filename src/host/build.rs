@@ -38,6 +38,9 @@ pub struct BuildOptions {
     /// Print the manifest as JSON when done (and no progress).
     #[arg(long)]
     pub json: bool,
+    /// Only load and check the definition (every layer, file and unit it names); build nothing.
+    #[arg(long)]
+    pub check: bool,
     /// No progress output (for builds run by other commands).
     #[arg(skip)]
     pub quiet: bool,
@@ -59,6 +62,7 @@ impl BuildOptions {
             repo: None,
             rebootstrap: false,
             json: false,
+            check: false,
             quiet: false,
             version: None,
             ignition: None,
@@ -68,6 +72,19 @@ impl BuildOptions {
 
 /// `keel build`: builds and prints a summary (or the manifest as JSON).
 pub fn command(opts: &BuildOptions) -> Result<()> {
+    if opts.check {
+        let def = Definition::load(&opts.definition)?;
+        println!(
+            "{}: valid ({} {}, {} packages, {} units, {} files)",
+            opts.definition.display(),
+            def.name,
+            def.version,
+            def.packages.len(),
+            def.units.len(),
+            def.files.len()
+        );
+        return Ok(());
+    }
     let m = build(opts)?;
     if opts.json {
         println!("{}", serde_json::to_string_pretty(&m)?);

@@ -940,6 +940,17 @@ retry-for = "30s"
         );
     }
 
+    /// The benchmarks' scenarios (bench/, run by scripts/bench) parse like the suite's.
+    #[test]
+    fn benchmark_scenarios_parse() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench");
+        let files = discover(&root).expect("discover bench/");
+        let names: Vec<String> = files.iter().flat_map(|f| f.test_names()).collect();
+        for want in ["bench.agent-overhead", "bench.cluster-net"] {
+            assert!(names.iter().any(|n| n == want), "{want} missing: {names:?}");
+        }
+    }
+
     #[test]
     fn shipped_tests_parse_and_cover_the_required_names() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("qemu-tests");
