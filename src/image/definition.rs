@@ -870,6 +870,16 @@ fn validate_dest(d: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The error of a missing definition names the file and says "No such file" once, also
+    /// when shown with its causes (as keel prints errors).
+    #[test]
+    fn a_missing_definition_says_so_once() {
+        let e = Definition::load(Path::new("images/does-not-exist.toml")).expect_err("missing");
+        let shown = format!("{:#}", anyhow::Error::from(e));
+        assert!(shown.contains("images/does-not-exist.toml"), "{shown}");
+        assert_eq!(shown.matches("No such file").count(), 1, "{shown}");
+    }
     use std::fs;
 
     /// A throwaway project with `images/`, `units/` and `configs/`.
