@@ -11,12 +11,12 @@ use super::config::{Backend, NetworkConfig};
 use super::files::{
     self, SavedLease, Status, StatusDevice, StatusLease, StatusPeer, StatusSkipped, StatusUnderlay,
 };
-use super::kernel::{Kernel, OverlayDevice, SyncMode, Underlay};
+use super::kernel::{Kernel, NetKernel, OverlayDevice, SyncMode, Underlay};
 use super::lease::{self, LeaseAttrs};
 use super::masq;
 use super::plan::{self, format_mac, WgPeer};
 use super::state::{Event, Machine, Next, State};
-use super::store::{Acquired, EtcdOptions, Store, StoreError};
+use super::store::{Acquired, EtcdOptions, LeaseStore, Store, StoreError, WatchChanges};
 use base64::Engine as _;
 use ipnet::Ipv4Net;
 use std::collections::{BTreeSet, HashSet};
@@ -68,9 +68,9 @@ struct Held {
     device: Option<OverlayDevice>,
 }
 
-struct Daemon {
+struct Daemon<K: NetKernel> {
     opts: Options,
-    kernel: Kernel,
+    kernel: K,
     underlay: Underlay,
     held: Option<Held>,
     status: Status,
@@ -112,35 +112,39 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             tracing::info!("enabled net.ipv4.ip_forward");
         }
     }
-    let mut d = Daemon {
-        status: Status {
-            state: State::Starting.as_str().into(),
-            pid: std::process::id(),
-            underlay: Some(StatusUnderlay {
-                interface: underlay.name.clone(),
-                address: underlay.addr,
-                mtu: underlay.mtu,
-            }),
-            ..Status::default()
-        },
-        opts,
-        kernel,
-        underlay,
-        held: None,
-        wg_applied: None,
-        masq_applied: None,
-        logged_skips: Vec::new(),
-        machine: Machine::default(),
-        term: signal(SignalKind::terminate())?,
-        int: signal(SignalKind::interrupt())?,
-    };
+    let mut d = Daemon::new(opts, kernel, underlay)?;
     d.publish();
     d.main_loop().await;
     tracing::info!("stopping; routes and devices stay in place");
     Ok(())
 }
 
-impl Daemon {
+impl<K: NetKernel> Daemon<K> {
+    fn new(opts: Options, kernel: K, underlay: Underlay) -> std::io::Result<Daemon<K>> {
+        Ok(Daemon {
+            status: Status {
+                state: State::Starting.as_str().into(),
+                pid: std::process::id(),
+                underlay: Some(StatusUnderlay {
+                    interface: underlay.name.clone(),
+                    address: underlay.addr,
+                    mtu: underlay.mtu,
+                }),
+                ..Status::default()
+            },
+            opts,
+            kernel,
+            underlay,
+            held: None,
+            wg_applied: None,
+            masq_applied: None,
+            logged_skips: Vec::new(),
+            machine: Machine::default(),
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
     fn publish(&mut self) {
         self.status.updated_unix = now();
         if let Err(e) = files::write_status(&self.opts.run_dir, &self.status) {
@@ -242,7 +246,7 @@ impl Daemon {
 
     /// Block until the config key changes (or a stop signal: returns true). Keeps renewing the
     /// lease held under the previous config so that peers keep their routes to this node.
-    async fn wait_for_config_change(&mut self, store: &mut Store) -> bool {
+    async fn wait_for_config_change<S: LeaseStore>(&mut self, store: &mut S) -> bool {
         let config_key = store.config_key();
         let mut watch = match store.watch(0).await {
             Ok(w) => w,
@@ -251,9 +255,9 @@ impl Daemon {
         let mut renew = tokio::time::interval(self.renew_interval());
         loop {
             tokio::select! {
-                msg = watch.message() => match msg {
+                msg = watch.next() => match msg {
                     Ok(Some(r)) => {
-                        if r.events().iter().any(|e| e.kv().map(|kv| kv.key() == config_key.as_bytes()).unwrap_or(false)) {
+                        if r.changes.iter().any(|c| c.key == config_key.as_bytes()) {
                             return false;
                         }
                     }
@@ -274,7 +278,7 @@ impl Daemon {
         (self.opts.lease_ttl / 3).max(Duration::from_secs(1))
     }
 
-    async fn session(&mut self, store: &mut Store) -> Result<Exit, SessionError> {
+    async fn session<S: LeaseStore>(&mut self, store: &mut S) -> Result<Exit, SessionError> {
         if let Some(boot) = &self.opts.bootstrap_config {
             if store.config().await?.is_none()
                 && store.put_if_absent(&store.config_key(), boot).await?
@@ -339,7 +343,8 @@ impl Daemon {
             .opts
             .ip_masq
             .then(|| masq::rule_for(&subnet, &config.network));
-        masq::apply(masq_rule.as_ref())
+        self.kernel
+            .apply_masq(masq_rule.as_ref())
             .map_err(|e| SessionError::Local(crate::error::chain(&e)))?;
         let described = masq_rule.as_ref().map(masq::MasqRule::describe);
         if self.masq_applied.as_ref() != Some(&described) {
@@ -404,26 +409,23 @@ impl Daemon {
                     }
                     self.publish();
                 }
-                msg = watch.message() => {
-                    let msg = msg.map_err(|e| StoreError::Other(format!("watch: {e}")))?;
-                    let Some(r) = msg else {
+                msg = watch.next() => {
+                    let Some(r) = msg? else {
                         return Err(StoreError::Other("etcd ended the watch".into()).into());
                     };
-                    if r.canceled() {
+                    if r.canceled {
                         return Ok(Exit::Again);
                     }
-                    let config_changed = r.events().iter().any(|e| {
-                        e.kv().map(|kv| kv.key() == config_key.as_bytes()).unwrap_or(false)
-                    });
+                    let config_changed = r.changes.iter().any(|c| c.key == config_key.as_bytes());
                     if config_changed {
                         tracing::info!("{config_key} changed");
                         return Ok(Exit::Again);
                     }
                     let own_key = lease::key(store.prefix(), &subnet);
-                    let own_deleted = r.events().iter().any(|e| {
-                        e.event_type() == etcd_client::EventType::Delete
-                            && e.kv().map(|kv| kv.key() == own_key.as_bytes()).unwrap_or(false)
-                    });
+                    let own_deleted = r
+                        .changes
+                        .iter()
+                        .any(|c| c.deleted && c.key == own_key.as_bytes());
                     if own_deleted {
                         tracing::warn!("{own_key} was deleted in etcd; taking the subnet again");
                         self.held = None;
@@ -481,9 +483,9 @@ impl Daemon {
         Ok((device, data))
     }
 
-    async fn acquire(
+    async fn acquire<S: LeaseStore>(
         &mut self,
-        store: &mut Store,
+        store: &mut S,
         config: &NetworkConfig,
         attrs: &LeaseAttrs,
         leases: &[lease::Lease],
@@ -537,7 +539,7 @@ impl Daemon {
         ))
     }
 
-    async fn resync(&mut self, store: &mut Store) -> Result<(), SessionError> {
+    async fn resync<S: LeaseStore>(&mut self, store: &mut S) -> Result<(), SessionError> {
         let list = store.leases().await?;
         let Some(held) = &self.held else {
             return Ok(());
@@ -604,5 +606,305 @@ impl Daemon {
         }
         self.set_state(State::Running, Some(format!("{subnet}, {peers} peer(s)")));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The daemon's decisions through its seams: a fake etcd and a fake kernel that records
+    //! every call.
+
+    use super::*;
+    use crate::node::net::kernel::{Changes, KernelError};
+    use crate::node::net::lease::Lease;
+    use crate::node::net::plan::Desired;
+    use crate::node::net::store::{KeyChange, LeaseList, WatchBatch};
+    use std::cell::RefCell;
+    use std::collections::VecDeque;
+
+    #[derive(Default)]
+    struct FakeKernel {
+        calls: RefCell<Vec<String>>,
+    }
+
+    impl FakeKernel {
+        fn log(&self, s: String) {
+            self.calls.borrow_mut().push(s);
+        }
+    }
+
+    type KResult<T> = std::result::Result<T, KernelError>;
+
+    impl NetKernel for FakeKernel {
+        async fn ensure_vxlan(&self, vni: u32, _: u16, _: &Underlay) -> KResult<OverlayDevice> {
+            self.log(format!("ensure_vxlan {vni}"));
+            Ok(OverlayDevice {
+                index: 7,
+                name: "flannel.1".into(),
+                mac: Some([2, 0, 0, 0, 0, 1]),
+                mtu: 1450,
+            })
+        }
+        async fn ensure_wireguard(
+            &self,
+            _: &[u8; 32],
+            _: u16,
+            _: &Underlay,
+        ) -> KResult<OverlayDevice> {
+            self.log("ensure_wireguard".into());
+            Err(KernelError::Other("not in these tests".into()))
+        }
+        async fn remove_other_devices(&self, keep: Option<&str>) -> KResult<Vec<String>> {
+            self.log(format!("remove_other_devices {keep:?}"));
+            Ok(vec![])
+        }
+        async fn ensure_address(&self, index: u32, addr: Ipv4Addr) -> KResult<Changes> {
+            self.log(format!("ensure_address {index} {addr}"));
+            Ok(Changes::default())
+        }
+        async fn sync(
+            &self,
+            desired: &Desired,
+            _: Option<&OverlayDevice>,
+            _: &Underlay,
+            mode: SyncMode,
+        ) -> KResult<Changes> {
+            let dsts: Vec<String> = desired.routes.iter().map(|r| r.dst.to_string()).collect();
+            self.log(format!("sync {mode:?} {}", dsts.join(",")));
+            Ok(Changes::default())
+        }
+        fn apply_masq(&self, rule: Option<&masq::MasqRule>) -> KResult<()> {
+            self.log(format!("apply_masq {}", rule.is_some()));
+            Ok(())
+        }
+    }
+
+    const PREFIX: &str = "/coreos.com/network";
+
+    /// etcd as the daemon sees it: the config, the lease lists it returns one after the other
+    /// (the last one again when they run out), watch batches, and renewals that fail after a
+    /// number of successes.
+    struct FakeStore {
+        config: Option<String>,
+        lease_lists: VecDeque<Vec<Lease>>,
+        batches: VecDeque<WatchBatch>,
+        renewals_ok: usize,
+    }
+
+    struct FakeWatch(VecDeque<WatchBatch>);
+
+    impl WatchChanges for FakeWatch {
+        async fn next(&mut self) -> std::result::Result<Option<WatchBatch>, StoreError> {
+            match self.0.pop_front() {
+                Some(b) => Ok(Some(b)),
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    impl LeaseStore for FakeStore {
+        type Watch = FakeWatch;
+        fn config_key(&self) -> String {
+            format!("{PREFIX}/config")
+        }
+        fn prefix(&self) -> &str {
+            PREFIX
+        }
+        async fn config(&mut self) -> std::result::Result<Option<String>, StoreError> {
+            Ok(self.config.clone())
+        }
+        async fn leases(&mut self) -> std::result::Result<LeaseList, StoreError> {
+            let leases = if self.lease_lists.len() > 1 {
+                self.lease_lists.pop_front().unwrap_or_default()
+            } else {
+                self.lease_lists.front().cloned().unwrap_or_default()
+            };
+            Ok(LeaseList {
+                leases,
+                invalid: vec![],
+                revision: 10,
+            })
+        }
+        async fn acquire(
+            &mut self,
+            _: &Ipv4Net,
+            _: &LeaseAttrs,
+            _: Duration,
+        ) -> std::result::Result<Acquired, StoreError> {
+            Ok(Acquired::Yes { lease_id: 0x42 })
+        }
+        async fn put_if_absent(
+            &mut self,
+            _: &str,
+            _: &str,
+        ) -> std::result::Result<bool, StoreError> {
+            Ok(false)
+        }
+        async fn renew(&mut self, _: i64) -> std::result::Result<i64, StoreError> {
+            if self.renewals_ok == 0 {
+                return Err(StoreError::Other("etcd went away".into()));
+            }
+            self.renewals_ok -= 1;
+            Ok(9)
+        }
+        async fn watch(&mut self, _: i64) -> std::result::Result<FakeWatch, StoreError> {
+            Ok(FakeWatch(std::mem::take(&mut self.batches)))
+        }
+    }
+
+    fn peer(n: u8) -> Lease {
+        Lease {
+            subnet: format!("10.5.{n}.0/24").parse().expect("subnet"),
+            attrs: LeaseAttrs {
+                public_ip: Ipv4Addr::new(192, 0, 2, n),
+                backend_type: "vxlan".into(),
+                backend_data: serde_json::json!({"VNI": 1, "VtepMAC": format!("02:00:00:00:00:{n:02x}")}),
+                hostname: None,
+            },
+        }
+    }
+
+    fn daemon(dir: &std::path::Path) -> Daemon<FakeKernel> {
+        let opts = Options {
+            etcd: EtcdOptions {
+                endpoints: vec!["http://127.0.0.1:1".into()],
+                ca_file: None,
+                cert_file: None,
+                key_file: None,
+                prefix: PREFIX.into(),
+            },
+            iface: None,
+            public_ip: None,
+            lease_ttl: Duration::from_secs(3),
+            resync: Duration::from_secs(3600),
+            state_dir: dir.join("state"),
+            run_dir: dir.join("run"),
+            subnet_env: dir.join("run/subnet.env"),
+            cni_conf: None,
+            bootstrap_config: None,
+            hostname: None,
+            ip_masq: true,
+        };
+        let underlay = Underlay {
+            index: 2,
+            name: "eth0".into(),
+            addr: Ipv4Addr::new(192, 0, 2, 1),
+            mtu: 1500,
+            net: Some("192.0.2.0/24".parse().expect("net")),
+        };
+        Daemon::new(opts, FakeKernel::default(), underlay).expect("daemon")
+    }
+
+    const VXLAN: &str = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#;
+
+    /// A new peer's lease makes the daemon program a route to it; when etcd then goes away the
+    /// session ends with a store error and the kernel is not touched again: the routes stay.
+    #[tokio::test]
+    async fn peers_are_followed_and_losing_etcd_keeps_the_routes() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let mut d = daemon(t.path());
+        let mut store = FakeStore {
+            config: Some(VXLAN.into()),
+            lease_lists: VecDeque::from(vec![vec![peer(2)], vec![peer(2)], vec![peer(2), peer(3)]]),
+            batches: VecDeque::from(vec![WatchBatch {
+                canceled: false,
+                changes: vec![KeyChange {
+                    key: format!("{PREFIX}/subnets/10.5.3.0-24").into_bytes(),
+                    deleted: false,
+                }],
+            }]),
+            renewals_ok: 0,
+        };
+        let r = d.session(&mut store).await;
+        assert!(
+            matches!(r, Err(SessionError::Store(_))),
+            "ends on the etcd error"
+        );
+        let calls = d.kernel.calls.borrow().clone();
+        let syncs: Vec<&String> = calls.iter().filter(|c| c.starts_with("sync")).collect();
+        assert_eq!(syncs.len(), 2, "{calls:?}");
+        assert!(syncs[0].ends_with(" 10.5.2.0/24"), "{calls:?}");
+        assert!(syncs[1].ends_with(" 10.5.2.0/24,10.5.3.0/24"), "{calls:?}");
+        assert_eq!(
+            calls.last(),
+            Some(syncs[1]),
+            "nothing touched the kernel after etcd went away: {calls:?}"
+        );
+        assert!(
+            d.held.is_some(),
+            "the lease is still held (its routes stay)"
+        );
+        // The state machine then says so and retries.
+        let tr = d
+            .machine
+            .on(Event::EtcdLost("etcd went away".into()), d.held.is_some());
+        assert_eq!(
+            tr.status,
+            Some((
+                State::EtcdUnreachable,
+                Some("etcd went away; keeping the current routes; retrying".into())
+            ))
+        );
+    }
+
+    /// A missing or invalid config in etcd is a config error, before anything touches the
+    /// kernel: the routes of a previous config stay.
+    #[tokio::test]
+    async fn a_bad_config_touches_nothing() {
+        for (case, config, want) in [
+            (
+                "missing",
+                None,
+                "no network config at /coreos.com/network/config",
+            ),
+            (
+                "not JSON",
+                Some("{"),
+                "in /coreos.com/network/config; fix it in etcd",
+            ),
+            (
+                "bad network",
+                Some(r#"{"Network":"10.5.0.0/33"}"#),
+                "Network",
+            ),
+        ] {
+            let t = tempfile::tempdir().expect("tempdir");
+            let mut d = daemon(t.path());
+            let mut store = FakeStore {
+                config: config.map(str::to_string),
+                lease_lists: VecDeque::new(),
+                batches: VecDeque::new(),
+                renewals_ok: 1,
+            };
+            match d.session(&mut store).await {
+                Err(SessionError::Config(m)) => assert!(m.contains(want), "{case}: {m}"),
+                Err(e) => panic!("{case}: not a config error: {e}"),
+                Ok(_) => panic!("{case}: the session ran"),
+            }
+            assert!(
+                d.kernel.calls.borrow().is_empty(),
+                "{case}: kernel untouched"
+            );
+        }
+    }
+
+    /// The config changing in etcd ends the session to start over with the new config.
+    #[tokio::test]
+    async fn a_config_change_starts_over() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let mut d = daemon(t.path());
+        let mut store = FakeStore {
+            config: Some(VXLAN.into()),
+            lease_lists: VecDeque::from(vec![vec![]]),
+            batches: VecDeque::from(vec![WatchBatch {
+                canceled: false,
+                changes: vec![KeyChange {
+                    key: format!("{PREFIX}/config").into_bytes(),
+                    deleted: false,
+                }],
+            }]),
+            renewals_ok: 10,
+        };
+        assert!(matches!(d.session(&mut store).await, Ok(Exit::Again)));
     }
 }

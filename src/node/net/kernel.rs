@@ -831,6 +831,74 @@ pub fn wg_public_key(private: &[u8; 32]) -> std::result::Result<[u8; 32], String
         .map_err(|_| "X25519 public key is not 32 bytes".to_string())
 }
 
+/// What keel-net asks of the kernel: the seam its daemon's decisions are tested through
+/// (`Kernel` is the netlink implementation). keel-net runs on a single-threaded runtime, so the
+/// futures need not be Send.
+#[allow(async_fn_in_trait)]
+pub trait NetKernel {
+    /// Create or keep the vxlan device.
+    async fn ensure_vxlan(&self, vni: u32, port: u16, underlay: &Underlay)
+        -> Result<OverlayDevice>;
+    /// Create or keep the WireGuard device with this key and port.
+    async fn ensure_wireguard(
+        &self,
+        private_key: &[u8; 32],
+        listen_port: u16,
+        underlay: &Underlay,
+    ) -> Result<OverlayDevice>;
+    /// Remove the overlay devices of other backends; their names.
+    async fn remove_other_devices(&self, keep: Option<&str>) -> Result<Vec<String>>;
+    /// Give the overlay device its address.
+    async fn ensure_address(&self, index: u32, addr: Ipv4Addr) -> Result<Changes>;
+    /// Make the kernel hold exactly the desired routes, FDB, ARP entries and peers.
+    async fn sync(
+        &self,
+        desired: &Desired,
+        overlay: Option<&OverlayDevice>,
+        underlay: &Underlay,
+        mode: SyncMode,
+    ) -> Result<Changes>;
+    /// Masquerade traffic leaving the overlay by `rule` (nftables), or remove the table.
+    fn apply_masq(&self, rule: Option<&super::masq::MasqRule>) -> Result<()>;
+}
+
+impl NetKernel for Kernel {
+    async fn ensure_vxlan(
+        &self,
+        vni: u32,
+        port: u16,
+        underlay: &Underlay,
+    ) -> Result<OverlayDevice> {
+        Kernel::ensure_vxlan(self, vni, port, underlay).await
+    }
+    async fn ensure_wireguard(
+        &self,
+        private_key: &[u8; 32],
+        listen_port: u16,
+        underlay: &Underlay,
+    ) -> Result<OverlayDevice> {
+        Kernel::ensure_wireguard(self, private_key, listen_port, underlay).await
+    }
+    async fn remove_other_devices(&self, keep: Option<&str>) -> Result<Vec<String>> {
+        Kernel::remove_other_devices(self, keep).await
+    }
+    async fn ensure_address(&self, index: u32, addr: Ipv4Addr) -> Result<Changes> {
+        Kernel::ensure_address(self, index, addr).await
+    }
+    async fn sync(
+        &self,
+        desired: &Desired,
+        overlay: Option<&OverlayDevice>,
+        underlay: &Underlay,
+        mode: SyncMode,
+    ) -> Result<Changes> {
+        Kernel::sync(self, desired, overlay, underlay, mode).await
+    }
+    fn apply_masq(&self, rule: Option<&super::masq::MasqRule>) -> Result<()> {
+        super::masq::apply(rule).map_err(|e| KernelError::Other(crate::error::chain(&e)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

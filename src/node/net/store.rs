@@ -281,3 +281,110 @@ impl Store {
             .map_err(self.err(format!("watching {prefix}")))
     }
 }
+
+/// One batch of changes a watch reports: whether etcd cancelled the watch, and the keys that
+/// were put or deleted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WatchBatch {
+    pub canceled: bool,
+    pub changes: Vec<KeyChange>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyChange {
+    pub key: Vec<u8>,
+    pub deleted: bool,
+}
+
+/// What keel-net needs from etcd (flannel's key layout): the seam its daemon's decisions are
+/// tested through. keel-net runs on a single-threaded runtime, so the futures need not be Send.
+#[allow(async_fn_in_trait)]
+pub trait LeaseStore {
+    type Watch: WatchChanges;
+    /// The network config's key (`PREFIX/config`).
+    fn config_key(&self) -> String;
+    /// The key prefix (`/coreos.com/network`).
+    fn prefix(&self) -> &str;
+    /// The network config's text, if there is one.
+    async fn config(&mut self) -> Result<Option<String>>;
+    /// Every lease under the prefix.
+    async fn leases(&mut self) -> Result<LeaseList>;
+    /// Take `subnet`, attached to a new etcd lease of `ttl`.
+    async fn acquire(
+        &mut self,
+        subnet: &Ipv4Net,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> Result<Acquired>;
+    /// Put `value` at `key` unless the key exists; whether it was put.
+    async fn put_if_absent(&mut self, key: &str, value: &str) -> Result<bool>;
+    /// Renew an etcd lease; its remaining TTL (0 or less: gone).
+    async fn renew(&mut self, lease_id: i64) -> Result<i64>;
+    /// Watch everything under the prefix from `revision` on.
+    async fn watch(&mut self, revision: i64) -> Result<Self::Watch>;
+}
+
+/// A watch's changes, batch by batch; `None` when etcd ended the watch.
+#[allow(async_fn_in_trait)]
+pub trait WatchChanges {
+    async fn next(&mut self) -> Result<Option<WatchBatch>>;
+}
+
+/// A watch on the real etcd.
+pub struct EtcdWatch(WatchStream);
+
+impl WatchChanges for EtcdWatch {
+    async fn next(&mut self) -> Result<Option<WatchBatch>> {
+        let msg = self
+            .0
+            .message()
+            .await
+            .map_err(|e| StoreError::Other(format!("watch: {e}")))?;
+        Ok(msg.map(|r| WatchBatch {
+            canceled: r.canceled(),
+            changes: r
+                .events()
+                .iter()
+                .filter_map(|e| {
+                    e.kv().map(|kv| KeyChange {
+                        key: kv.key().to_vec(),
+                        deleted: e.event_type() == etcd_client::EventType::Delete,
+                    })
+                })
+                .collect(),
+        }))
+    }
+}
+
+impl LeaseStore for Store {
+    type Watch = EtcdWatch;
+    fn config_key(&self) -> String {
+        Store::config_key(self)
+    }
+    fn prefix(&self) -> &str {
+        Store::prefix(self)
+    }
+    async fn config(&mut self) -> Result<Option<String>> {
+        Store::config(self).await
+    }
+    async fn leases(&mut self) -> Result<LeaseList> {
+        Store::leases(self).await
+    }
+    async fn acquire(
+        &mut self,
+        subnet: &Ipv4Net,
+        attrs: &LeaseAttrs,
+        ttl: Duration,
+    ) -> Result<Acquired> {
+        Store::acquire(self, subnet, attrs, ttl).await
+    }
+    async fn put_if_absent(&mut self, key: &str, value: &str) -> Result<bool> {
+        Store::put_if_absent(self, key, value).await
+    }
+    async fn renew(&mut self, lease_id: i64) -> Result<i64> {
+        Store::renew(self, lease_id).await
+    }
+    async fn watch(&mut self, revision: i64) -> Result<EtcdWatch> {
+        Store::watch(self, revision).await.map(EtcdWatch)
+    }
+}
