@@ -278,7 +278,20 @@ impl<K: NetKernel> Daemon<K> {
         (self.opts.lease_ttl / 3).max(Duration::from_secs(1))
     }
 
+    /// One session with a connected store: take (or keep) the lease and set the node up, then
+    /// follow the peers until something ends it.
     async fn session<S: LeaseStore>(&mut self, store: &mut S) -> Result<Exit, SessionError> {
+        let (subnet, revision) = self.establish(store).await?;
+        self.follow(store, subnet, revision).await
+    }
+
+    /// Reads the config, sets up the backend's device, takes or keeps the lease, and writes
+    /// what containers need (masquerading, subnet.env, the CNI config). Returns the subnet and
+    /// the store revision the lease list was read at.
+    async fn establish<S: LeaseStore>(
+        &mut self,
+        store: &mut S,
+    ) -> Result<(Ipv4Net, i64), SessionError> {
         if let Some(boot) = &self.opts.bootstrap_config {
             if store.config().await?.is_none()
                 && store.put_if_absent(&store.config_key(), boot).await?
@@ -386,8 +399,18 @@ impl<K: NetKernel> Daemon<K> {
             attrs,
             device,
         });
+        Ok((subnet, list.revision))
+    }
 
-        let mut watch = store.watch(list.revision + 1).await?;
+    /// Keeps the lease alive and the kernel in line with the peers' leases, until the config
+    /// changes, the lease is lost, etcd fails, or a stop is asked for.
+    async fn follow<S: LeaseStore>(
+        &mut self,
+        store: &mut S,
+        subnet: Ipv4Net,
+        revision: i64,
+    ) -> Result<Exit, SessionError> {
+        let mut watch = store.watch(revision + 1).await?;
         self.resync(store).await?;
         let mut renew = tokio::time::interval(self.renew_interval());
         renew.tick().await;
