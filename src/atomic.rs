@@ -32,7 +32,27 @@ pub fn write(path: &Path, contents: &[u8], mode: u32) -> Result<(), WriteError> 
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
+    // Directories made here are synced into their parents, so the new file's path survives a
+    // power cut as well as the file.
+    let mut missing = Vec::new();
+    let mut d = dir;
+    while !d.exists() {
+        missing.push(d.to_path_buf());
+        match d.parent() {
+            Some(p) if !p.as_os_str().is_empty() => d = p,
+            _ => break,
+        }
+    }
     std::fs::create_dir_all(dir).map_err(err("creating its directory"))?;
+    for m in &missing {
+        let parent = match m.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        std::fs::File::open(parent)
+            .and_then(|f| f.sync_all())
+            .map_err(err("syncing a directory it created"))?;
+    }
     let mut tmp = tempfile::Builder::new()
         .prefix(".keel-")
         .suffix(".tmp")

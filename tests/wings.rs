@@ -21,10 +21,14 @@ enum Wing {
 }
 
 impl Wing {
-    /// Whether code of this wing may import the top-level module `top`.
+    /// Whether code of this wing may import the top-level module `top`. Besides module names,
+    /// `top` is one of the ways around a path check: `*` (a glob of the crate root), `as` (the
+    /// crate under another name), `include!` and `#[path]` (another file's code compiled here);
+    /// only host code may use them.
     fn may_import(self, top: &str) -> bool {
         match (self, top) {
             (Wing::Host, _) => true,
+            (_, "*" | "as" | "include!" | "#[path]") => false,
             (Wing::Node, "host") => false,
             (Wing::Shared, "host" | "node") => false,
             _ => true,
@@ -74,11 +78,21 @@ fn is_path_sep(tokens: &[TokenTree], i: usize) -> bool {
     )
 }
 
+/// An identifier's name, raw identifiers (`r#host`) without their prefix.
 fn ident(t: Option<&TokenTree>) -> Option<String> {
     match t {
-        Some(TokenTree::Ident(i)) => Some(i.to_string()),
+        Some(TokenTree::Ident(i)) => Some(name(i)),
         _ => None,
     }
+}
+
+fn name(i: &proc_macro2::Ident) -> String {
+    let s = i.to_string();
+    s.strip_prefix("r#").map(str::to_string).unwrap_or(s)
+}
+
+fn is_punct(t: Option<&TokenTree>, c: char) -> bool {
+    matches!(t, Some(TokenTree::Punct(p)) if p.as_char() == c)
 }
 
 /// The first segment of every path in a `use` group (`{a::b, c, d::{e}}` gives a, c, d).
@@ -89,7 +103,7 @@ fn group_heads(g: &TokenStream) -> Vec<(String, usize)> {
     for t in &tokens {
         match t {
             TokenTree::Ident(i) if at_start => {
-                out.push((i.to_string(), i.span().start().line));
+                out.push((name(i), i.span().start().line));
                 at_start = false;
             }
             TokenTree::Punct(p) if p.as_char() == ',' => at_start = true,
@@ -120,12 +134,45 @@ fn scan(stream: TokenStream, module: &[String], found: &mut Vec<(String, usize)>
                 }
             }
             TokenTree::Ident(id)
+                if (id == "crate" || id == "keel")
+                    && (ident(tokens.get(i + 1)).as_deref() == Some("as")
+                        || (ident(tokens.get(i + 1)).as_deref() == Some("self")
+                            && ident(tokens.get(i + 2)).as_deref() == Some("as"))) =>
+            {
+                // `use crate as k;`, `extern crate self as k;`: the crate under another name.
+                found.push(("as".into(), id.span().start().line));
+            }
+            TokenTree::Ident(id) if id == "include" && is_punct(tokens.get(i + 1), '!') => {
+                found.push(("include!".into(), id.span().start().line));
+            }
+            TokenTree::Punct(p) if p.as_char() == '#' => {
+                // `#[path = "..."]` on a module: another file's code compiled here.
+                let at = if is_punct(tokens.get(i + 1), '!') {
+                    i + 2
+                } else {
+                    i + 1
+                };
+                if let Some(TokenTree::Group(g)) = tokens.get(at) {
+                    let inner: Vec<TokenTree> = g.stream().into_iter().collect();
+                    if g.delimiter() == Delimiter::Bracket
+                        && ident(inner.first()).as_deref() == Some("path")
+                        && is_punct(inner.get(1), '=')
+                    {
+                        found.push(("#[path]".into(), p.span().start().line));
+                    }
+                }
+            }
+            TokenTree::Ident(id)
                 if (id == "crate" || id == "keel") && is_path_sep(&tokens, i + 1) =>
             {
-                // The first segment after `crate::`, or each head of a `crate::{...}` group.
+                // The first segment after `crate::`, each head of a `crate::{...}` group, or a
+                // glob of the crate root.
                 match tokens.get(i + 3) {
                     Some(TokenTree::Ident(next)) => {
-                        found.push((next.to_string(), next.span().start().line));
+                        found.push((name(next), next.span().start().line));
+                    }
+                    Some(TokenTree::Punct(star)) if star.as_char() == '*' => {
+                        found.push(("*".into(), star.span().start().line));
                     }
                     Some(TokenTree::Group(g)) if g.delimiter() == Delimiter::Brace => {
                         found.extend(group_heads(&g.stream()));

@@ -371,10 +371,21 @@ impl Unpacker<'_> {
         create: bool,
         shown: &str,
     ) -> Result<Option<PathBuf>, UnpackError> {
-        resolve_in_root(self.root, comps, create).map_err(|e| UnpackError::Resolve {
-            layer: self.layer,
-            path: shown.into(),
-            reason: e.to_string(),
+        resolve_in_root(self.root, comps, create).map_err(|e| {
+            if e.raw_os_error().is_some() {
+                // The file system said no (full, read-only, ...): an I/O error, with its source.
+                UnpackError::Io {
+                    layer: self.layer,
+                    context: format!("resolving {shown}"),
+                    source: e,
+                }
+            } else {
+                UnpackError::Resolve {
+                    layer: self.layer,
+                    path: shown.into(),
+                    reason: e.to_string(),
+                }
+            }
         })
     }
 }

@@ -329,7 +329,9 @@ pub fn run(
         .collect();
     let stats = unpack::unpack(&rootfs, &files, opts.limits).map_err(unpack_refusal)?;
     // Checked before anything outside the staging directory changes.
-    let mut spec = runtime_spec(&verified, name, &rootfs)?;
+    // The image's own configuration (entrypoint, user, group): its errors are refusals.
+    let mut spec = runtime_spec(&verified, name, &rootfs)
+        .map_err(|e| anyhow::Error::from(Refusal(format!("{e:#}"))))?;
     let bundle = dir.join(name);
     if bundle.exists() {
         // A stopped container of the same name: its network was released when its unit

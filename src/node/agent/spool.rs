@@ -79,6 +79,17 @@ pub enum Disposition {
 struct Attempts {
     failed: u32,
     next: Instant,
+    /// Which file failed: an archive replaced under the same name starts with no failures.
+    identity: Option<Identity>,
+}
+
+/// A file's inode, size and modification time.
+type Identity = (u64, u64, i64, i64);
+
+fn identity(p: &Path) -> Option<Identity> {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(p).ok()?;
+    Some((m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
 }
 
 /// The spool and what the agent remembers between its looks at it.
@@ -114,7 +125,9 @@ impl Spool {
         now: Instant,
     ) -> (bool, Vec<Disposition>) {
         let archives = pending(&self.dir);
-        self.attempts.retain(|a, _| archives.contains(a));
+        // Forget archives that left the spool, and those replaced by a new file of the same name.
+        self.attempts
+            .retain(|a, t| archives.contains(a) && t.identity == identity(a));
         if archives.is_empty() {
             return (self.waiting, vec![]);
         }
@@ -154,6 +167,7 @@ impl Spool {
         now: Instant,
     ) -> Disposition {
         let name = containers::default_name(archive);
+        let before = identity(archive);
         let result = containers::run(
             root,
             archive,
@@ -216,6 +230,7 @@ impl Spool {
                     Attempts {
                         failed,
                         next: now + after,
+                        identity: before,
                     },
                 );
                 Disposition::Retry {
@@ -419,5 +434,42 @@ mod tests {
         );
         assert_eq!(out, vec![Disposition::Done(spool.dir.join("done/web.tar"))]);
         assert_eq!(units.started.borrow().len(), 1);
+    }
+
+    #[test]
+    fn a_replaced_archive_starts_with_no_failures() {
+        let (t, mut spool) = spool_with_signed_archive();
+        let units = FakeUnits::default();
+        units.fail.set(true);
+        let t0 = Instant::now();
+        spool.pass(t.path(), &MACHINE, &units, &NoNet, t0);
+        spool.pass(
+            t.path(),
+            &MACHINE,
+            &units,
+            &NoNet,
+            t0 + Duration::from_secs(10),
+        );
+        assert_eq!(units.attempts.get(), 2);
+        // A new version dropped in under the same name (write, then rename over the old one).
+        let tar = spool.dir.join("web.tar");
+        let part = spool.dir.join("web.tar.part");
+        fs::copy(&tar, &part).expect("copy");
+        fs::rename(&part, &tar).expect("rename");
+        let (_, out) = spool.pass(
+            t.path(),
+            &MACHINE,
+            &units,
+            &NoNet,
+            t0 + Duration::from_secs(11),
+        );
+        assert_eq!(
+            out,
+            vec![Disposition::Retry {
+                attempt: 1,
+                after: Duration::from_secs(10)
+            }],
+            "tried at once, counted from one"
+        );
     }
 }
