@@ -506,34 +506,14 @@ fn add_users<'a>(acc: &mut Accounts, plan: &'a Plan) -> Result<Vec<Home<'a>>, Ap
                     home.clone(),
                     shell,
                 ]);
-                acc.shadow.lines.push(vec![
-                    u.name.clone(),
-                    "!*".into(),
-                    String::new(),
-                    "0".into(),
-                    "99999".into(),
-                    "7".into(),
-                    String::new(),
-                    String::new(),
-                    String::new(),
-                ]);
+                acc.shadow.lines.push(shadow_entry(&u.name, "!*"));
                 (uid, gid, home)
             }
         };
         if let Some(h) = &u.password_hash {
             match acc.shadow.find(&u.name) {
                 Some(i) => acc.shadow.lines[i][1] = h.clone(),
-                None => acc.shadow.lines.push(vec![
-                    u.name.clone(),
-                    h.clone(),
-                    String::new(),
-                    "0".into(),
-                    "99999".into(),
-                    "7".into(),
-                    String::new(),
-                    String::new(),
-                    String::new(),
-                ]),
+                None => acc.shadow.lines.push(shadow_entry(&u.name, h)),
             }
         }
         for g in &u.groups {
@@ -560,6 +540,12 @@ fn add_users<'a>(acc: &mut Accounts, plan: &'a Plan) -> Result<Vec<Home<'a>>, Ap
         homes.push((u, uid, gid, home));
     }
     Ok(homes)
+}
+
+/// A new /etc/shadow line: the user, the password hash (`!*`: locked), no expiry.
+fn shadow_entry(name: &str, hash: &str) -> Vec<String> {
+    let fields = [name, hash, "", "0", "99999", "7", "", "", ""];
+    fields.iter().map(|f| f.to_string()).collect()
 }
 
 /// /etc/passwd, group and shadow, staged whole.
