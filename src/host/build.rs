@@ -9,10 +9,11 @@ use crate::host::render::{disk, initrd, uki, usr};
 use crate::host::store::{self, CommitRecord, Store};
 use crate::host::tools::{require_host_tool, run, HostTool, ToolsTree};
 use crate::image::{Definition, OutputFormat};
-use crate::manifest::{self, Artifact, Manifest, PartitionInfo, MANIFEST_FILE};
+use crate::manifest::{self, Artifact, Manifest, Package, PartitionInfo, MANIFEST_FILE};
+use crate::trust::Keys;
 use anyhow::{Context, Result};
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// SOURCE_DATE_EPOCH when the environment sets none: fixed, so builds are reproducible by default
@@ -261,8 +262,17 @@ fn read_text(p: &std::path::Path) -> Result<String> {
     fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
 }
 
-pub fn build(opts: &BuildOptions) -> Result<Manifest> {
-    let mut stages = Stages::new(opts.quiet || opts.json);
+/// What a build reads before it touches the store: the definition, the epoch, and the files the
+/// image carries that are checked up front (an embedded config, keys, the container policy).
+struct Inputs {
+    def: Definition,
+    epoch: u64,
+    ignition: Option<Vec<u8>>,
+    keys: Option<Keys>,
+    container_files: Option<overlay::ContainerFiles>,
+}
+
+fn load_inputs(opts: &BuildOptions, stages: &mut Stages) -> Result<Inputs> {
     let def = stages.run("load definition", || {
         let mut def = Definition::load(&opts.definition)?;
         if let Some(v) = &opts.version {
@@ -297,94 +307,324 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
         })?),
         None => None,
     };
-    let cache = Cache::from_env()?;
-    let repo_path = opts.repo.clone().unwrap_or_else(|| default_repo(&cache));
-    let store = Store::open_or_create(&repo_path)?;
-    let out = opts.out.clone().unwrap_or_else(|| default_out(&def.name));
-    fs::create_dir_all(&out)
-        .with_context(|| format!("creating output directory {}", out.display()))?;
-    let out = out
-        .canonicalize()
-        .with_context(|| format!("resolving {}", out.display()))?;
-    let pid = std::process::id();
-    let staging = out.join(format!(".keel-staging-{pid}"));
-    let work = cache.dir().join("work").join(format!("{}-{pid}", def.name));
-    cache::remove_path(&staging)?;
-    cache::remove_path(&work)?;
-    fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
-    fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
-    let _guards = (Scratch(staging.clone()), Scratch(work.clone()));
+    Ok(Inputs {
+        def,
+        epoch,
+        ignition,
+        keys,
+        container_files,
+    })
+}
 
-    let tools = stages.run("tools tree", || ToolsTree::ensure(&cache, &def.mirror))?;
+/// Where a build works: the store, the output directory, and two scratch directories (staging
+/// next to the outputs, work in the cache) removed however the build ends.
+struct Workspace {
+    cache: Cache,
+    store: Store,
+    out: PathBuf,
+    staging: PathBuf,
+    work: PathBuf,
+    _guards: (Scratch, Scratch),
+}
+
+impl Workspace {
+    fn create(opts: &BuildOptions, name: &str) -> Result<Workspace> {
+        let cache = Cache::from_env()?;
+        let repo_path = opts.repo.clone().unwrap_or_else(|| default_repo(&cache));
+        let store = Store::open_or_create(&repo_path)?;
+        let out = opts.out.clone().unwrap_or_else(|| default_out(name));
+        fs::create_dir_all(&out)
+            .with_context(|| format!("creating output directory {}", out.display()))?;
+        let out = out
+            .canonicalize()
+            .with_context(|| format!("resolving {}", out.display()))?;
+        let pid = std::process::id();
+        let staging = out.join(format!(".keel-staging-{pid}"));
+        let work = cache.dir().join("work").join(format!("{name}-{pid}"));
+        cache::remove_path(&staging)?;
+        cache::remove_path(&work)?;
+        fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
+        fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+        let _guards = (Scratch(staging.clone()), Scratch(work.clone()));
+        Ok(Workspace {
+            cache,
+            store,
+            out,
+            staging,
+            work,
+            _guards,
+        })
+    }
+}
+
+/// Base checkout + keel's content, committed as the image's /usr: the commit and its packages.
+fn compose_usr(
+    ws: &Workspace,
+    tools: &ToolsTree,
+    inputs: &Inputs,
+    base: &str,
+    kernel: &str,
+) -> Result<(String, Vec<Package>)> {
+    let def = &inputs.def;
+    let devino = ostree::RepoDevInoCache::new();
+    let tree = ws.work.join("usr-compose");
+    ws.store.checkout(base, &tree, Some(&devino))?;
+    let binaries = def.project_dir.join("target/release");
+    let db_crt = match &inputs.keys {
+        Some(k) => {
+            fs::read(&k.db_crt).with_context(|| format!("reading {}", k.db_crt.display()))?
+        }
+        None => Vec::new(),
+    };
+    let trust_files = inputs.keys.as_ref().map(|k| overlay::TrustFiles {
+        pcr_initrd_pub_pem: &k.pcr_initrd_pub_pem,
+        pcr_boot_pub_pem: &k.pcr_boot_pub_pem,
+        db_crt_pem: &db_crt,
+    });
+    overlay::apply(
+        &tree,
+        def,
+        &binaries,
+        trust_files.as_ref(),
+        inputs.container_files.as_ref(),
+    )?;
+    overlay::apply_presets(tools, &tree, &ws.work)?;
+    let status = fs::read_to_string(tree.join(usrify::DPKG_STATUS))
+        .context("reading the image's dpkg status")?;
+    let packages = dpkg::parse_status(&status);
+    let record = CommitRecord {
+        format: 1,
+        name: def.name.clone(),
+        version: def.version.clone(),
+        kernel: kernel.to_string(),
+        packages: packages.clone(),
+    };
+    let image_ref = store::image_ref(&def.name);
+    let parent = ws.store.resolve(&image_ref)?;
+    let subject = format!("{} {}", def.name, def.version);
+    let req = store::CommitRequest {
+        dir: &tree,
+        ref_: &image_ref,
+        parent: parent.as_deref(),
+        subject: &subject,
+        record: Some(&record),
+        time: inputs.epoch,
+    };
+    let commit = ws.store.commit_dir(&req, Some(&devino))?;
+    cache::remove_path(&tree)?;
+    Ok((commit, packages))
+}
+
+/// What a UKI is made of: the checked-out /usr (kernel, os-release), the kernel version, the
+/// initrd and the command line.
+struct UkiSources<'a> {
+    usr_tree: &'a Path,
+    kernel: &'a str,
+    initrd: &'a Path,
+    cmdline: &'a str,
+}
+
+/// The signed (or plain) UKI at `uki_out`. Returns the PCR 11 predictions of a signed one.
+fn make_uki(
+    ws: &Workspace,
+    tools: &ToolsTree,
+    keys: Option<&Keys>,
+    src: &UkiSources,
+    uki_out: &Path,
+) -> Result<Option<Vec<crate::trust::measure::PhasePrediction>>> {
+    let (usr_tree, kernel, initrd_path, cmdline) =
+        (src.usr_tree, src.kernel, src.initrd, src.cmdline);
+    let os_release = ws.work.join("os-release");
+    fs::copy(usr_tree.join("lib/os-release"), &os_release).context("copying os-release")?;
+    let kernel_file = ws.work.join("vmlinuz");
+    fs::copy(
+        usr_tree.join("lib/modules").join(kernel).join("vmlinuz"),
+        &kernel_file,
+    )
+    .context("copying the kernel")?;
+    let initrd_copy = ws.work.join("initrd.img");
+    fs::copy(initrd_path, &initrd_copy).context("copying the initrd")?;
+    let input = uki::UkiInput {
+        kernel: &kernel_file,
+        initrd: &initrd_copy,
+        os_release: &os_release,
+        kernel_version: kernel,
+        cmdline,
+    };
+    match keys {
+        Some(k) => uki::build_signed(tools, &input, k, &ws.work, uki_out).map(Some),
+        None => uki::build(tools, &input, uki_out).map(|_| None),
+    }
+}
+
+/// The usr image and its verity tree, as files in the work directory.
+struct UsrImage {
+    erofs: PathBuf,
+    verity: PathBuf,
+    root_hash: String,
+    content_id: String,
+}
+
+/// The ESP (UKI, loader, Secure Boot keys, an embedded config) and the GPT disk around it and
+/// the usr image, written to `raw`.
+fn disk_image(
+    ws: &Workspace,
+    tools: &ToolsTree,
+    inputs: &Inputs,
+    usr: &UsrImage,
+    uki_out: &Path,
+    raw: &Path,
+) -> Result<Vec<layout::PartitionDef>> {
+    let def = &inputs.def;
+    let esp = ws.work.join("esp");
+    disk::prepare_esp(
+        tools,
+        &esp,
+        uki_out,
+        &def.version,
+        inputs.epoch,
+        inputs.keys.as_ref(),
+    )?;
+    if let Some(cfg) = &inputs.ignition {
+        let dir = esp.join("keel");
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        fs::write(dir.join("config.ign"), cfg).context("writing keel/config.ign on the ESP")?;
+        disk::set_times(&esp, inputs.epoch)?;
+    }
+    let esp_s = esp.display().to_string();
+    let erofs_s = usr.erofs.display().to_string();
+    let verity_s = usr.verity.display().to_string();
+    let label = format!("{}_{}", def.name, def.version);
+    let parts = layout::partitions(&layout::LayoutInput {
+        label: &label,
+        esp_dir: &esp_s,
+        esp_bytes: def.esp_size.bytes(),
+        usr_image: &erofs_s,
+        usr_image_bytes: file_size(&usr.erofs)?,
+        verity_image: &verity_s,
+        verity_image_bytes: file_size(&usr.verity)?,
+        slot_bytes: def.usr_size.bytes(),
+        root_hash: &usr.root_hash,
+    })?;
+    let seed = usr::derived_uuid(&usr.content_id, "repart-seed");
+    disk::write_disk(tools, &parts, &ws.work.join("repart.d"), raw, &seed)?;
+    Ok(parts)
+}
+
+fn file_size(p: &Path) -> Result<u64> {
+    Ok(fs::metadata(p)
+        .with_context(|| format!("reading the size of {}", p.display()))?
+        .len())
+}
+
+/// The trust section of the manifest: PCR 11 predictions, key fingerprints, Secure Boot certs.
+fn trust_info(
+    def: &Definition,
+    keys: Option<&Keys>,
+    pcr11: Option<Vec<crate::trust::measure::PhasePrediction>>,
+) -> Result<Option<manifest::TrustInfo>> {
+    let (Some(k), Some(pcr11)) = (keys, pcr11) else {
+        return Ok(None);
+    };
+    Ok(Some(manifest::TrustInfo {
+        pcr11,
+        pcr_initrd_key: crate::trust::measure::key_fingerprint(&k.pcr_initrd)?,
+        pcr_boot_key: crate::trust::measure::key_fingerprint(&k.pcr_boot)?,
+        secure_boot_signed: true,
+        without_tpm: def
+            .trust
+            .as_ref()
+            .map(|t| t.without_tpm.as_str().to_string())
+            .unwrap_or_default(),
+        secure_boot: manifest::SecureBootCerts {
+            owner_guid: k.owner_guid.clone(),
+            pk: read_text(&k.pk_crt)?,
+            kek: read_text(&k.kek_crt)?,
+            db: read_text(&k.db_crt)?,
+        },
+    }))
+}
+
+/// sha256 and size of every file in `dir`, sorted by name (one thread per file).
+fn checksums(dir: &Path) -> Result<Vec<Artifact>> {
+    let mut names: Vec<String> = fs::read_dir(dir)?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()?;
+    names.sort();
+    let handles: Vec<_> = names
+        .iter()
+        .map(|n| {
+            let p = dir.join(n);
+            std::thread::spawn(move || manifest::digest_file(&p))
+        })
+        .collect();
+    let mut arts = Vec::new();
+    for (n, h) in names.iter().zip(handles) {
+        let (sha256, size) = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("checksum thread panicked"))??;
+        arts.push(Artifact {
+            file: n.clone(),
+            sha256,
+            size,
+        });
+    }
+    Ok(arts)
+}
+
+/// Writes the manifest into staging, then renames every artifact into the output directory and
+/// the manifest last: a reader never sees a manifest whose files are not all whole.
+fn publish(ws: &Workspace, manifest: &Manifest) -> Result<()> {
+    fs::write(
+        ws.staging.join(MANIFEST_FILE),
+        serde_json::to_string_pretty(manifest)? + "\n",
+    )
+    .context("writing manifest.json")?;
+    for a in &manifest.artifacts {
+        fs::rename(ws.staging.join(&a.file), ws.out.join(&a.file))
+            .with_context(|| format!("moving {} into {}", a.file, ws.out.display()))?;
+    }
+    fs::rename(ws.staging.join(MANIFEST_FILE), ws.out.join(MANIFEST_FILE))
+        .context("moving manifest.json into place")?;
+    Ok(())
+}
+
+pub fn build(opts: &BuildOptions) -> Result<Manifest> {
+    let mut stages = Stages::new(opts.quiet || opts.json);
+    let inputs = load_inputs(opts, &mut stages)?;
+    let (def, epoch) = (&inputs.def, inputs.epoch);
+    let ws = Workspace::create(opts, &def.name)?;
+
+    let tools = stages.run("tools tree", || ToolsTree::ensure(&ws.cache, &def.mirror))?;
     let tools = tools
-        .bind(&work)
-        .bind(&staging)
+        .bind(&ws.work)
+        .bind(&ws.staging)
         .env("SOURCE_DATE_EPOCH", &epoch.to_string());
 
     let (base, kernel) = stages.run("bootstrap", || {
-        ensure_base(&store, &cache, &def, epoch, opts.rebootstrap)
+        ensure_base(&ws.store, &ws.cache, def, epoch, opts.rebootstrap)
     })?;
-
-    // Compose: base checkout + keel's content, committed as the image's /usr.
     let (commit, packages) = stages.run("compose and commit /usr", || {
-        let devino = ostree::RepoDevInoCache::new();
-        let tree = work.join("usr-compose");
-        store.checkout(&base, &tree, Some(&devino))?;
-        let binaries = def.project_dir.join("target/release");
-        let db_crt = match &keys {
-            Some(k) => {
-                fs::read(&k.db_crt).with_context(|| format!("reading {}", k.db_crt.display()))?
-            }
-            None => Vec::new(),
-        };
-        let trust_files = keys.as_ref().map(|k| overlay::TrustFiles {
-            pcr_initrd_pub_pem: &k.pcr_initrd_pub_pem,
-            pcr_boot_pub_pem: &k.pcr_boot_pub_pem,
-            db_crt_pem: &db_crt,
-        });
-        overlay::apply(
-            &tree,
-            &def,
-            &binaries,
-            trust_files.as_ref(),
-            container_files.as_ref(),
-        )?;
-        overlay::apply_presets(&tools, &tree, &work)?;
-        let status = fs::read_to_string(tree.join(usrify::DPKG_STATUS))
-            .context("reading the image's dpkg status")?;
-        let packages = dpkg::parse_status(&status);
-        let record = CommitRecord {
-            format: 1,
-            name: def.name.clone(),
-            version: def.version.clone(),
-            kernel: kernel.clone(),
-            packages: packages.clone(),
-        };
-        let image_ref = store::image_ref(&def.name);
-        let parent = store.resolve(&image_ref)?;
-        let subject = format!("{} {}", def.name, def.version);
-        let req = store::CommitRequest {
-            dir: &tree,
-            ref_: &image_ref,
-            parent: parent.as_deref(),
-            subject: &subject,
-            record: Some(&record),
-            time: epoch,
-        };
-        let commit = store.commit_dir(&req, Some(&devino))?;
-        cache::remove_path(&tree)?;
-        Ok((commit, packages))
+        compose_usr(&ws, &tools, &inputs, &base, &kernel)
     })?;
     // Rendering depends only on the tree's content, not on the commit's parent or time.
-    let content_id = store.content_checksum(&commit)?;
+    let content_id = ws.store.content_checksum(&commit)?;
 
-    let usr_tree = work.join("usr-render");
-    let erofs = work.join("usr.erofs");
-    let verity = work.join("usr.verity");
-    stages.run("checkout /usr", || store.checkout(&commit, &usr_tree, None))?;
-    let root_hash = stages.run("erofs /usr and dm-verity", || {
+    let usr_tree = ws.work.join("usr-render");
+    stages.run("checkout /usr", || {
+        ws.store.checkout(&commit, &usr_tree, None)
+    })?;
+    let usr_image = stages.run("erofs /usr and dm-verity", || {
+        let erofs = ws.work.join("usr.erofs");
+        let verity = ws.work.join("usr.verity");
         usr::make_erofs(&tools, &usr_tree, &erofs, &content_id, epoch)?;
-        usr::make_verity(&tools, &erofs, &verity, &content_id)
+        let root_hash = usr::make_verity(&tools, &erofs, &verity, &content_id)?;
+        Ok(UsrImage {
+            erofs,
+            verity,
+            root_hash,
+            content_id: content_id.clone(),
+        })
     })?;
 
     // The image's own keel-agent also runs first-boot provisioning in the initrd.
@@ -395,9 +635,9 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
         .then(|| usr_tree.join("bin/keel-agent"));
     let initrd_path = stages.run("initrd", || {
         initrd::build(
-            &cache,
+            &ws.cache,
             &tools,
-            &work,
+            &ws.work,
             &initrd::InitrdInput {
                 suite: &def.suite,
                 mirror: &def.mirror,
@@ -411,69 +651,29 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
         )
     })?;
 
-    let cmdline = uki::cmdline(&root_hash, def.trust.is_some(), &def.kernel_cmdline);
-    let uki_out = staging.join(format!("{}.efi", def.name));
+    let cmdline = uki::cmdline(
+        &usr_image.root_hash,
+        def.trust.is_some(),
+        &def.kernel_cmdline,
+    );
+    let uki_out = ws.staging.join(format!("{}.efi", def.name));
     let pcr11 = stages.run("UKI", || {
-        let os_release = work.join("os-release");
-        fs::copy(usr_tree.join("lib/os-release"), &os_release).context("copying os-release")?;
-        let kernel_file = work.join("vmlinuz");
-        fs::copy(
-            usr_tree.join("lib/modules").join(&kernel).join("vmlinuz"),
-            &kernel_file,
-        )
-        .context("copying the kernel")?;
-        let initrd_copy = work.join("initrd.img");
-        fs::copy(&initrd_path, &initrd_copy).context("copying the initrd")?;
-        let input = uki::UkiInput {
-            kernel: &kernel_file,
-            initrd: &initrd_copy,
-            os_release: &os_release,
-            kernel_version: &kernel,
+        let sources = UkiSources {
+            usr_tree: &usr_tree,
+            kernel: &kernel,
+            initrd: &initrd_path,
             cmdline: &cmdline,
         };
-        match &keys {
-            Some(k) => uki::build_signed(&tools, &input, k, &work, &uki_out).map(Some),
-            None => uki::build(&tools, &input, &uki_out).map(|_| None),
-        }
+        make_uki(&ws, &tools, inputs.keys.as_ref(), &sources, &uki_out)
     })?;
     cache::remove_path(&usr_tree)?;
 
-    let raw = staging.join(format!("{}.raw", def.name));
-    let usr_fs_bytes = fs::metadata(&erofs)
-        .context("reading the erofs size")?
-        .len();
+    let raw = ws.staging.join(format!("{}.raw", def.name));
     let parts = stages.run("disk image", || {
-        let esp = work.join("esp");
-        disk::prepare_esp(&tools, &esp, &uki_out, &def.version, epoch, keys.as_ref())?;
-        if let Some(cfg) = &ignition {
-            let dir = esp.join("keel");
-            fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            fs::write(dir.join("config.ign"), cfg).context("writing keel/config.ign on the ESP")?;
-            disk::set_times(&esp, epoch)?;
-        }
-        let esp_s = esp.display().to_string();
-        let erofs_s = erofs.display().to_string();
-        let verity_s = verity.display().to_string();
-        let label = format!("{}_{}", def.name, def.version);
-        let parts = layout::partitions(&layout::LayoutInput {
-            label: &label,
-            esp_dir: &esp_s,
-            esp_bytes: def.esp_size.bytes(),
-            usr_image: &erofs_s,
-            usr_image_bytes: usr_fs_bytes,
-            verity_image: &verity_s,
-            verity_image_bytes: fs::metadata(&verity)
-                .context("reading the verity size")?
-                .len(),
-            slot_bytes: def.usr_size.bytes(),
-            root_hash: &root_hash,
-        })?;
-        let seed = usr::derived_uuid(&content_id, "repart-seed");
-        disk::write_disk(&tools, &parts, &work.join("repart.d"), &raw, &seed)?;
-        Ok(parts)
+        disk_image(&ws, &tools, &inputs, &usr_image, &uki_out, &raw)
     })?;
     if def.formats.contains(&OutputFormat::Qcow2) {
-        let qcow2 = staging.join(format!("{}.qcow2", def.name));
+        let qcow2 = ws.staging.join(format!("{}.qcow2", def.name));
         stages.run("qcow2", || disk::to_qcow2(&tools, &raw, &qcow2))?;
     }
     if !def.formats.contains(&OutputFormat::Raw) {
@@ -486,13 +686,13 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
         version: def.version.clone(),
         description: def.description.clone(),
         definition: opts.definition.display().to_string(),
-        ostree_commit: commit.clone(),
-        ostree_base_commit: base.clone(),
-        ostree_repo: store.path().display().to_string(),
-        usr_root_hash: root_hash.clone(),
-        usr_filesystem_bytes: usr_fs_bytes,
+        ostree_commit: commit,
+        ostree_base_commit: base,
+        ostree_repo: ws.store.path().display().to_string(),
+        usr_root_hash: usr_image.root_hash.clone(),
+        usr_filesystem_bytes: file_size(&usr_image.erofs)?,
         cmdline,
-        kernel: kernel.clone(),
+        kernel,
         source_date_epoch: epoch,
         uki: crate::disk::uki::uki_file_name(&def.version),
         partitions: parts
@@ -505,68 +705,12 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
             })
             .collect(),
         packages,
-        trust: match (&keys, pcr11) {
-            (Some(k), Some(pcr11)) => Some(manifest::TrustInfo {
-                pcr11,
-                pcr_initrd_key: crate::trust::measure::key_fingerprint(&k.pcr_initrd)?,
-                pcr_boot_key: crate::trust::measure::key_fingerprint(&k.pcr_boot)?,
-                secure_boot_signed: true,
-                without_tpm: def
-                    .trust
-                    .as_ref()
-                    .map(|t| t.without_tpm.as_str().to_string())
-                    .unwrap_or_default(),
-                secure_boot: manifest::SecureBootCerts {
-                    owner_guid: k.owner_guid.clone(),
-                    pk: read_text(&k.pk_crt)?,
-                    kek: read_text(&k.kek_crt)?,
-                    db: read_text(&k.db_crt)?,
-                },
-            }),
-            _ => None,
-        },
+        trust: trust_info(def, inputs.keys.as_ref(), pcr11)?,
         artifacts: Vec::new(),
         timings: Vec::new(),
     };
-    let files = stages.run("checksums", || {
-        let mut names: Vec<String> = fs::read_dir(&staging)?
-            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
-            .collect::<Result<_, _>>()?;
-        names.sort();
-        let handles: Vec<_> = names
-            .iter()
-            .map(|n| {
-                let p = staging.join(n);
-                std::thread::spawn(move || manifest::digest_file(&p))
-            })
-            .collect();
-        let mut arts = Vec::new();
-        for (n, h) in names.iter().zip(handles) {
-            let (sha256, size) = h
-                .join()
-                .map_err(|_| anyhow::anyhow!("checksum thread panicked"))??;
-            arts.push(Artifact {
-                file: n.clone(),
-                sha256,
-                size,
-            });
-        }
-        Ok(arts)
-    })?;
-    manifest.artifacts = files;
+    manifest.artifacts = stages.run("checksums", || checksums(&ws.staging))?;
     manifest.timings = stages.timings.clone();
-    fs::write(
-        staging.join(MANIFEST_FILE),
-        serde_json::to_string_pretty(&manifest)? + "\n",
-    )
-    .context("writing manifest.json")?;
-
-    // Publish: every artifact is whole; rename into place, the manifest last.
-    for a in &manifest.artifacts {
-        fs::rename(staging.join(&a.file), out.join(&a.file))
-            .with_context(|| format!("moving {} into {}", a.file, out.display()))?;
-    }
-    fs::rename(staging.join(MANIFEST_FILE), out.join(MANIFEST_FILE))
-        .context("moving manifest.json into place")?;
+    publish(&ws, &manifest)?;
     Ok(manifest)
 }

@@ -5,6 +5,7 @@
 
 use super::initrd_prune;
 use crate::host::cache::{self, Cache};
+use crate::host::compose::overlay::replace_file;
 use crate::host::tools::{require_host_tool, run, HostTool, ToolsTree};
 use crate::image::WithoutTpm;
 use anyhow::{Context, Result};
@@ -356,13 +357,18 @@ pub struct InitrdInput<'a> {
 }
 
 /// Builds (or takes from the cache) the compressed initrd for an image; returns its path.
-pub fn build(
-    cache: &Cache,
-    tools: &ToolsTree,
-    work: &Path,
-    input: &InitrdInput,
-) -> Result<PathBuf> {
-    let (base, base_key) = ensure_base(cache, input.suite, input.mirror, input.epoch)?;
+/// What goes into an initrd besides the base tree, read from the image's /usr.
+struct Sources {
+    moddir: PathBuf,
+    /// Module files (paths under the module directory) the initrd carries.
+    modules: Vec<String>,
+    os_release: String,
+    agent: Option<Vec<u8>>,
+    /// The cache key of the finished initrd.
+    key: String,
+}
+
+fn sources(input: &InitrdInput, base_key: String) -> Result<Sources> {
     let moddir = input.usr.join("lib/modules").join(input.kernel_version);
     let dep = fs::read_to_string(moddir.join("modules.dep"))
         .with_context(|| format!("reading {}/modules.dep", moddir.display()))?;
@@ -427,49 +433,50 @@ pub fn build(
                 )
             })
             .unwrap_or_default(),
-        agent_digest.clone(),
+        agent_digest,
         PROVISION_UNIT.into(),
         PRUNE_FORMAT.into(),
         initrd_prune::INITRD_PROGRAMS.join(","),
         initrd_prune::INITRD_SYSTEMD_UNUSED.join(","),
         initrd_prune::INITRD_DATA_UNUSED.join(","),
     ]);
-    let entry = cache.entry("initrd", &key).join("initrd.cpio.zst");
-    if entry.exists() {
-        return Ok(entry);
-    }
-    let tree = work.join("initrd-tree");
-    cache::remove_path(&tree)?;
-    run(Command::new("cp").arg("-a").arg(&base).arg(&tree))
-        .context("copying the initrd base tree")?;
+    Ok(Sources {
+        moddir,
+        modules: files,
+        os_release: osr,
+        agent,
+        key,
+    })
+}
 
-    let target_moddir = tree.join("usr/lib/modules").join(input.kernel_version);
+/// The kernel modules the initrd carries, their index files, and the list loaded before udev.
+fn install_modules(tree: &Path, src: &Sources, kernel_version: &str) -> Result<()> {
+    let target_moddir = tree.join("usr/lib/modules").join(kernel_version);
     cache::remove_path(&tree.join("usr/lib/modules"))?;
     fs::create_dir_all(&target_moddir)
         .with_context(|| format!("creating {}", target_moddir.display()))?;
-    for f in &files {
+    for f in &src.modules {
         let dst = target_moddir.join(f);
         if let Some(p) = dst.parent() {
             fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
         }
-        fs::copy(moddir.join(f), &dst).with_context(|| format!("copying module {f}"))?;
+        fs::copy(src.moddir.join(f), &dst).with_context(|| format!("copying module {f}"))?;
     }
     for f in [
         "modules.builtin",
         "modules.builtin.modinfo",
         "modules.order",
     ] {
-        if moddir.join(f).exists() {
-            fs::copy(moddir.join(f), target_moddir.join(f))
+        if src.moddir.join(f).exists() {
+            fs::copy(src.moddir.join(f), target_moddir.join(f))
                 .with_context(|| format!("copying {f}"))?;
         }
     }
-    fs::write(tree.join("etc/initrd-release"), &osr).context("writing initrd-release")?;
     // Load the disk and /usr modules as soon as systemd starts, instead of when udev's coldplug
     // reaches the devices (seconds later under emulation).
-    let early = early_modules(&files);
+    let early = early_modules(&src.modules);
     if !early.is_empty() {
-        crate::host::compose::overlay::replace_file(
+        replace_file(
             &tree.join("etc/modules-load.d/keel-early.conf"),
             format!(
                 "# keel: disk and /usr modules, loaded before udev coldplug\n{}\n",
@@ -479,23 +486,27 @@ pub fn build(
             0o644,
         )?;
     }
+    Ok(())
+}
+
+/// Keel's part of the initrd: release file, /init, the /etc set-up unit, masks, and (when the
+/// image has them) first-boot provisioning and the sealed root.
+fn install_keel(tree: &Path, src: &Sources, sealed: Option<WithoutTpm>) -> Result<()> {
+    fs::write(tree.join("etc/initrd-release"), &src.os_release)
+        .context("writing initrd-release")?;
     fs::write(tree.join("etc/machine-id"), "").context("writing machine-id")?;
     cache::remove_path(&tree.join("init"))?;
     symlink("usr/lib/systemd/systemd", tree.join("init")).context("linking /init")?;
     let keel_lib = tree.join("usr/lib/keel");
     fs::create_dir_all(&keel_lib).context("creating usr/lib/keel")?;
-    crate::host::compose::overlay::replace_file(
-        &keel_lib.join("etc-setup"),
-        ETC_SETUP.as_bytes(),
-        0o755,
-    )?;
+    replace_file(&keel_lib.join("etc-setup"), ETC_SETUP.as_bytes(), 0o755)?;
     let masks = tree.join("etc/systemd/system");
     fs::create_dir_all(&masks).context("creating etc/systemd/system")?;
     for unit in INITRD_MASKED {
         symlink("/dev/null", masks.join(unit)).with_context(|| format!("masking {unit}"))?;
     }
     let units = tree.join("usr/lib/systemd/system");
-    crate::host::compose::overlay::replace_file(
+    replace_file(
         &units.join("keel-etc-setup.service"),
         ETC_SETUP_UNIT.as_bytes(),
         0o644,
@@ -507,9 +518,9 @@ pub fn build(
         wants.join("keel-etc-setup.service"),
     )
     .context("enabling keel-etc-setup")?;
-    if let Some(a) = &agent {
-        crate::host::compose::overlay::replace_file(&tree.join("usr/bin/keel-agent"), a, 0o755)?;
-        crate::host::compose::overlay::replace_file(
+    if let Some(a) = &src.agent {
+        replace_file(&tree.join("usr/bin/keel-agent"), a, 0o755)?;
+        replace_file(
             &units.join("keel-provision.service"),
             PROVISION_UNIT.as_bytes(),
             0o644,
@@ -520,43 +531,35 @@ pub fn build(
         )
         .context("enabling keel-provision")?;
     }
-    if let Some(without_tpm) = input.sealed {
-        crate::host::compose::overlay::replace_file(
+    if let Some(without_tpm) = sealed {
+        replace_file(
             &keel_lib.join("root-init"),
             ROOT_INIT
                 .replace("@WITHOUT_TPM@", without_tpm.as_str())
                 .as_bytes(),
             0o755,
         )?;
-        crate::host::compose::overlay::replace_file(
+        replace_file(
             &units.join("keel-root-init.service"),
             ROOT_INIT_UNIT.as_bytes(),
             0o644,
         )?;
-        crate::host::compose::overlay::replace_file(
+        replace_file(
             &units.join("systemd-cryptsetup@root.service.d/10-keel.conf"),
             CRYPTSETUP_DROPIN.as_bytes(),
             0o644,
         )?;
-        crate::host::compose::overlay::replace_file(
+        replace_file(
             &tree.join("etc/crypttab"),
             crypttab(without_tpm).as_bytes(),
             0o644,
         )?;
     }
+    Ok(())
+}
 
-    let mut programs = initrd_prune::INITRD_PROGRAMS.to_vec();
-    if agent.is_some() {
-        programs.push("keel-agent");
-    }
-    let pruned = initrd_prune::prune(&tree, &programs).context("pruning the initrd tree")?;
-    tracing::info!(
-        files = pruned.files,
-        mib = pruned.bytes / (1 << 20),
-        libraries = ?pruned.libraries,
-        "initrd: removed what it never runs"
-    );
-
+/// depmod, then the tree as a reproducible zstd cpio in `work`.
+fn pack(tools: &ToolsTree, work: &Path, tree: &Path, input: &InitrdInput) -> Result<PathBuf> {
     let tools = tools
         .clone()
         .bind(work)
@@ -564,7 +567,7 @@ pub fn build(
     run(tools
         .command("depmod")?
         .arg("-b")
-        .arg(&tree)
+        .arg(tree)
         .arg(input.kernel_version))
     .context("running depmod for the initrd")?;
     let out = work.join("initrd.cpio.zst");
@@ -576,6 +579,41 @@ pub fn build(
         out = out.display()
     );
     run(tools.command("sh")?.arg("-c").arg(script)).context("packing the initrd")?;
+    Ok(out)
+}
+
+pub fn build(
+    cache: &Cache,
+    tools: &ToolsTree,
+    work: &Path,
+    input: &InitrdInput,
+) -> Result<PathBuf> {
+    let (base, base_key) = ensure_base(cache, input.suite, input.mirror, input.epoch)?;
+    let src = sources(input, base_key)?;
+    let entry = cache.entry("initrd", &src.key).join("initrd.cpio.zst");
+    if entry.exists() {
+        return Ok(entry);
+    }
+    let tree = work.join("initrd-tree");
+    cache::remove_path(&tree)?;
+    run(Command::new("cp").arg("-a").arg(&base).arg(&tree))
+        .context("copying the initrd base tree")?;
+    install_modules(&tree, &src, input.kernel_version)?;
+    install_keel(&tree, &src, input.sealed)?;
+
+    let mut programs = initrd_prune::INITRD_PROGRAMS.to_vec();
+    if src.agent.is_some() {
+        programs.push("keel-agent");
+    }
+    let pruned = initrd_prune::prune(&tree, &programs).context("pruning the initrd tree")?;
+    tracing::info!(
+        files = pruned.files,
+        mib = pruned.bytes / (1 << 20),
+        libraries = ?pruned.libraries,
+        "initrd: removed what it never runs"
+    );
+
+    let out = pack(tools, work, &tree, input)?;
     cache::remove_path(&tree)?;
     if let Some(p) = entry.parent() {
         fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
