@@ -2,7 +2,7 @@
 //! its arguments are defined and its code runs.
 
 use crate::host::{
-    boot, build, cluster, container, history, ignition, inspect, keys, testing, tools,
+    bench, boot, build, cluster, container, history, ignition, inspect, keys, testing, tools,
 };
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -49,6 +49,10 @@ pub enum Commands {
     /// Put an Ignition config on a built image's ESP (keel/config.ign), like
     /// `coreos-installer iso customize`; the built image is changed in place.
     EmbedConfig(ignition::EmbedArgs),
+    /// Read what scripts/bench recorded (manifests, disk images, console logs, benchmark output)
+    /// and print its numbers as key=value lines.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Internal: print the tools tree's path (bootstrapping it when missing), for scripts.
     #[command(name = "__tools-path", hide = true)]
     ToolsPath,
@@ -71,6 +75,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Commands::Ignition(c) => ignition::command(c),
         Commands::Cluster(c) => cluster::command(c),
         Commands::EmbedConfig(a) => ignition::embed(&a.image, &a.config),
+        Commands::Bench(c) => bench::command(c),
         Commands::ToolsPath => tools::print_path(),
         Commands::Sandbox(a) => tools::sandbox::command(a),
     }

@@ -1,6 +1,7 @@
 //! Code that runs on the operator's or build machine: the `keel` command (build, inspect, boot,
 //! test, keys, containers, cluster configs). It may use everything else in the crate.
 
+pub mod bench;
 pub mod boot;
 pub mod build;
 pub mod cache;

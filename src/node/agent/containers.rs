@@ -195,7 +195,7 @@ pub fn default_name(image: &Path) -> String {
 }
 
 /// How long each phase of a run took, in milliseconds.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct Timings {
     pub gate_ms: f64,
     pub verify_ms: f64,
