@@ -207,6 +207,7 @@ pub fn boot(opts: &BootOptions) -> Result<()> {
         nets: vec![NetSpec::User {
             forwards: opts.forwards.clone(),
         }],
+        incoming: false,
     };
     match &opts.console {
         None => eprintln!(

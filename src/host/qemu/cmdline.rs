@@ -67,6 +67,9 @@ pub struct VmSpec {
     pub qmp_socket: Option<PathBuf>,
     pub ignition: Option<PathBuf>,
     pub nets: Vec<NetSpec>,
+    /// Wait for a saved machine state (`-incoming defer`, then QMP migrate-incoming) instead of
+    /// booting.
+    pub incoming: bool,
 }
 
 impl VmSpec {
@@ -178,6 +181,10 @@ impl VmSpec {
             push("-fw_cfg".into());
             push(format!("name=opt/com.coreos/config,file={}", ign.display()));
         }
+        if self.incoming {
+            push("-incoming".into());
+            push("defer".into());
+        }
         for (i, n) in self.nets.iter().enumerate() {
             match n {
                 NetSpec::User { forwards } => {
@@ -235,6 +242,7 @@ mod tests {
                     mac: node_mac(0),
                 },
             ],
+            incoming: false,
         }
     }
 

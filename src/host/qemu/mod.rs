@@ -7,6 +7,7 @@ pub mod cmdline;
 pub mod firmware;
 pub mod qga;
 pub mod qmp;
+pub mod snapshot;
 pub mod switch;
 pub mod vm;
 

@@ -9,6 +9,11 @@ use std::time::Duration;
 
 /// Sends one QMP command and returns its `return` value.
 pub fn command(socket: &Path, cmd: &str) -> Result<Value> {
+    execute(socket, cmd, None)
+}
+
+/// Sends one QMP command with arguments and returns its `return` value.
+pub fn execute(socket: &Path, cmd: &str, args: Option<Value>) -> Result<Value> {
     let stream = UnixStream::connect(socket)
         .with_context(|| format!("connecting to QMP at {}", socket.display()))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -19,7 +24,11 @@ pub fn command(socket: &Path, cmd: &str) -> Result<Value> {
         .read_line(&mut line)
         .context("reading the QMP greeting")?;
     for c in ["qmp_capabilities", cmd] {
-        w.write_all(format!("{}\n", json!({"execute": c})).as_bytes())?;
+        let msg = match (&args, c == cmd) {
+            (Some(a), true) => json!({"execute": c, "arguments": a}),
+            _ => json!({"execute": c}),
+        };
+        w.write_all(format!("{msg}\n").as_bytes())?;
         loop {
             line.clear();
             if reader.read_line(&mut line)? == 0 {

@@ -202,6 +202,17 @@ impl Vm {
         }
     }
 
+    /// Waits until QEMU's control socket exists (before QMP commands to a machine that is not
+    /// running yet, e.g. one waiting for a saved state).
+    pub fn wait_for_qmp(&mut self) -> Result<()> {
+        let sock = self
+            .spec
+            .qmp_socket
+            .clone()
+            .context("this machine has no QMP socket")?;
+        wait_for_path(&sock, &mut self.qemu, "QEMU", Duration::from_secs(30))
+    }
+
     /// Stops QEMU and swtpm (hard power-off).
     pub fn kill(&mut self) {
         stop(&mut self.qemu, Duration::from_secs(5));

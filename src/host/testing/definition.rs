@@ -564,6 +564,14 @@ pub struct TestSpec {
     pub setup: Option<String>,
     pub node: Vec<NodeConfig>,
     pub step: Vec<Step>,
+    /// Start from a state another file saved (its node, running, as it was when saved) instead
+    /// of booting the image for the first time.
+    pub start: Option<String>,
+    /// After the last step, when every test passed, save the running node under this name for
+    /// the files that `start` from it.
+    pub saves: Option<String>,
+    /// Run alone: no other scenario's VMs share the machine meanwhile (timings, many nodes).
+    pub exclusive: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -587,6 +595,10 @@ struct RawTestFile {
     #[serde(default)]
     node: Vec<NodeConfig>,
     step: Vec<RawStep>,
+    start: Option<String>,
+    saves: Option<String>,
+    #[serde(default)]
+    exclusive: bool,
 }
 
 fn default_nodes() -> usize {
@@ -671,6 +683,7 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile> {
     if spec.step.is_empty() {
         bail!("{}: a test needs at least one [[step]]", path.display());
     }
+    check_states(path, &spec)?;
     for (k, c) in spec.node.iter().enumerate() {
         if c.esp_ignition.is_some() && !c.raw_disk {
             bail!(
@@ -744,12 +757,87 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile> {
         setup: spec.setup,
         node: spec.node,
         step: steps,
+        start: spec.start,
+        saves: spec.saves,
+        exclusive: spec.exclusive,
     };
     Ok(TestFile {
         path: path.to_path_buf(),
         scenario,
         spec,
     })
+}
+
+/// A saved state is one default node (no `[[node]]` table, no switch): the node a file that
+/// starts from it gets is exactly the one that was saved.
+fn check_states(path: &Path, spec: &RawTestFile) -> Result<()> {
+    for (key, name) in [("saves", &spec.saves), ("start", &spec.start)] {
+        let Some(name) = name else { continue };
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            bail!(
+                "{}: {key} = {name:?}: a state name is letters, digits and dashes",
+                path.display()
+            );
+        }
+        if spec.nodes != 1 || !spec.node.is_empty() || spec.network {
+            bail!(
+                "{}: {key} = \"{name}\" needs one default node: remove `nodes`, `network` and \
+                 the [[node]] tables (a saved state is a single node with the default settings)",
+                path.display()
+            );
+        }
+    }
+    if spec.start.is_some() && spec.saves.is_some() {
+        bail!(
+            "{}: a file either starts from a state or saves one, not both",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Every `start` names a state exactly one file `saves`.
+fn check_state_links(files: &[TestFile]) -> Result<()> {
+    let mut savers: std::collections::BTreeMap<&str, &Path> = std::collections::BTreeMap::new();
+    for f in files {
+        if let Some(n) = &f.spec.saves {
+            if let Some(other) = savers.insert(n, &f.path) {
+                bail!(
+                    "state {n} is saved by both {} and {}",
+                    other.display(),
+                    f.path.display()
+                );
+            }
+        }
+    }
+    for f in files {
+        if let Some(n) = &f.spec.start {
+            if !savers.contains_key(n.as_str()) {
+                bail!(
+                    "{}: start = \"{n}\", but no test file saves a state of that name (saves = \"{n}\")",
+                    f.path.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The files `filters` select, plus the files that save the states they start from (run first).
+pub fn select(files: Vec<TestFile>, filters: &[String]) -> Vec<TestFile> {
+    let chosen: Vec<bool> = files.iter().map(|f| f.matches(filters)).collect();
+    let needed: Vec<String> = files
+        .iter()
+        .zip(&chosen)
+        .filter(|(_, c)| **c)
+        .filter_map(|(f, _)| f.spec.start.clone())
+        .collect();
+    files
+        .into_iter()
+        .zip(chosen)
+        .filter(|(f, c)| *c || f.spec.saves.as_ref().is_some_and(|s| needed.contains(s)))
+        .map(|(f, _)| f)
+        .collect()
 }
 
 /// All test files under `dir` (recursively), sorted by path.
@@ -775,6 +863,7 @@ pub fn discover(dir: &Path) -> Result<Vec<TestFile>> {
             }
         }
     }
+    check_state_links(&out)?;
     Ok(out)
 }
 
@@ -850,6 +939,48 @@ retry-for = "30s"
             n.tpm && !n.raw_disk && !n.secure_boot,
             "default node: TPM, overlay, no SB"
         );
+    }
+
+    #[test]
+    fn saved_states_link_savers_and_starters() {
+        let saver = GOOD.replace("tags = [\"boot\"]", "saves = \"booted\"");
+        let starter = |name: &str| {
+            format!(
+                "description = \"d\"\ntimeout = \"5m\"\nstart = \"{name}\"\n[[step]]\ntest = \"agent.x\"\nrun = \"true\"\n"
+            )
+        };
+        let a = parse(Path::new("a.toml"), &saver).expect("saver");
+        let b = parse(Path::new("b.toml"), &starter("booted")).expect("starter");
+        assert_eq!(a.spec.saves.as_deref(), Some("booted"));
+        assert_eq!(b.spec.start.as_deref(), Some("booted"));
+        check_state_links(&[a.clone(), b.clone()]).expect("linked");
+        // Selecting the starter brings its saver along, ahead of it (file order kept).
+        let picked = select(vec![a.clone(), b.clone()], &["agent".to_string()]);
+        let names: Vec<&str> = picked.iter().map(|f| f.scenario.as_str()).collect();
+        assert_eq!(names, vec!["a", "b"]);
+        let only_a = select(vec![a.clone(), b.clone()], &["boot".to_string()]);
+        assert_eq!(only_a.len(), 1);
+
+        let orphan = parse(Path::new("c.toml"), &starter("other")).expect("parses alone");
+        let e = check_state_links(&[a.clone(), orphan]).expect_err("unknown state");
+        assert!(format!("{e:#}").contains("no test file saves"), "{e:#}");
+        let twice = parse(Path::new("d.toml"), &saver).expect("second saver");
+        let e = check_state_links(&[a, twice]).expect_err("two savers");
+        assert!(format!("{e:#}").contains("saved by both"), "{e:#}");
+
+        // A state is one default node.
+        let e = parse(
+            Path::new("e.toml"),
+            &format!("{}[[node]]\nmemory-mib = 1024\n", starter("booted")),
+        )
+        .expect_err("node table");
+        assert!(format!("{e:#}").contains("one default node"), "{e:#}");
+        let e = parse(
+            Path::new("f.toml"),
+            &starter("booted").replace("start =", "nodes = 2\nstart ="),
+        )
+        .expect_err("two nodes");
+        assert!(format!("{e:#}").contains("one default node"), "{e:#}");
     }
 
     #[test]

@@ -3,9 +3,11 @@
 //! node's console and journal.
 
 pub mod definition;
+pub mod lanes;
 pub mod report;
 pub mod runner;
 pub mod tamper;
+pub mod timing;
 
 use crate::host::cache::Cache;
 use crate::manifest::Manifest;
@@ -32,6 +34,13 @@ pub struct TestArgs {
     pub results: Option<PathBuf>,
     #[arg(long, value_parser = ["kvm", "tcg"])]
     pub accel: Option<String>,
+    /// Scenarios run side by side (default: 2 on a machine with two or more cores); each VM gets
+    /// the machine's cores divided by this many vCPUs, at least one.
+    #[arg(long)]
+    pub jobs: Option<usize>,
+    /// Print the suite's wall time against this many minutes, and the slowest scenarios.
+    #[arg(long)]
+    pub budget: Option<u64>,
 }
 
 /// `keel test`: builds (or finds) the image, runs the selected tests, prints the summary line;
@@ -62,9 +71,10 @@ pub fn command(args: &TestArgs) -> Result<()> {
     Ok(())
 }
 
-/// Runs the tests `args` selects against the build in `image_dir`; writes `report.json` into
-/// `results` after each scenario.
+/// Runs the tests `args` selects against the build in `image_dir`; writes `report.json` (in
+/// the files' order) and `timings.json` into `results` after each scenario.
 pub fn run(args: &TestArgs, image_dir: &Path, results: &Path) -> Result<Vec<TestResult>> {
+    let started = std::time::Instant::now();
     let manifest = Manifest::find(image_dir)?;
     let raw = image_dir.join(format!("{}.raw", manifest.name));
     if !raw.exists() {
@@ -74,10 +84,10 @@ pub fn run(args: &TestArgs, image_dir: &Path, results: &Path) -> Result<Vec<Test
             manifest.name
         );
     }
-    let files: Vec<_> = definition::discover(&args.tests)?
-        .into_iter()
-        .filter(|f| f.matches(&args.filters))
-        .collect();
+    let files = queue(definition::select(
+        definition::discover(&args.tests)?,
+        &args.filters,
+    ));
     if files.is_empty() {
         bail!(
             "no test in {} matches {:?}",
@@ -88,8 +98,18 @@ pub fn run(args: &TestArgs, image_dir: &Path, results: &Path) -> Result<Vec<Test
     prepare_results(results)?;
     let choice = crate::host::qemu::accel::choose(args.accel.as_deref())?;
     tracing::info!(accel = %choice.accel, "{}", choice.reason);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let lanes = args.jobs.unwrap_or(if cores >= 2 { 2 } else { 1 }).max(1);
+    let cpus = u32::try_from((cores / lanes).max(1)).unwrap_or(1);
+    eprintln!(
+        "keel test: {} scenario(s), {lanes} side by side, {cpus} vCPU(s) per VM ({})",
+        files.len(),
+        choice.accel
+    );
     let cache = Cache::from_env()?;
     let interrupted = crate::host::qemu::interrupt_flag()?;
+    let states = std::sync::Mutex::new(std::collections::BTreeMap::new());
+    let build_lock = std::sync::Mutex::new(());
     let ctx = runner::RunContext {
         manifest: &manifest,
         raw,
@@ -97,40 +117,142 @@ pub fn run(args: &TestArgs, image_dir: &Path, results: &Path) -> Result<Vec<Test
         accel: choice.accel.clone(),
         interrupted,
         cache: &cache,
+        cpus,
+        states: &states,
+        build_lock: &build_lock,
     };
-    let mut all: Vec<TestResult> = Vec::new();
-    for f in &files {
+    let jobs: Vec<lanes::Job> = files
+        .iter()
+        .map(|f| lanes::Job {
+            exclusive: f.spec.exclusive,
+            needs: f.spec.start.clone(),
+            saves: f.spec.saves.clone(),
+        })
+        .collect();
+    let finished: std::sync::Mutex<Vec<Option<Outcome>>> =
+        std::sync::Mutex::new(vec![None; files.len()]);
+    let outcomes = lanes::run(
+        &jobs,
+        lanes,
+        interrupted,
+        |j, lane| scenario_outcome(&ctx, &files[j], lane),
+        |j, lane, (tests, times)| {
+            print_scenario(&files[j], lane, tests);
+            if let Ok(mut f) = finished.lock() {
+                f[j] = Some((tests.clone(), times.clone()));
+                let done: Vec<_> = f.iter().flatten().cloned().collect();
+                let all: Vec<TestResult> = done.iter().flat_map(|(t, _)| t.clone()).collect();
+                let times: Vec<_> = done.into_iter().map(|(_, t)| t).collect();
+                if let Err(e) =
+                    write_report(results, &all).and_then(|_| write_times(results, &times))
+                {
+                    tracing::warn!("could not write the report: {e:#}");
+                }
+            }
+        },
+    );
+    let mut all = Vec::new();
+    let mut times = Vec::new();
+    for (tests, t) in outcomes.into_iter().flatten() {
+        all.extend(tests);
+        times.push(t);
+    }
+    eprint!("{}", timing::table(&times));
+    if let Some(minutes) = args.budget {
         eprintln!(
-            "== {} ({}): {}",
-            f.scenario,
-            f.test_names().join(", "),
-            f.spec.description
+            "{}",
+            timing::budget_line(
+                started.elapsed(),
+                std::time::Duration::from_secs(minutes * 60),
+                &times
+            )
         );
-        let outcome = runner::run_scenario(&ctx, f)
-            .with_context(|| format!("running {}", f.path.display()))?;
-        for r in &outcome {
-            let mark = match r.result {
-                report::Outcome::Pass => "PASS",
-                report::Outcome::Fail => "FAIL",
-                report::Outcome::Skip => "SKIP",
-            };
-            eprintln!(
-                "   {mark} {} ({:.0}s){}",
-                r.name,
-                r.duration_s,
-                r.reason
-                    .as_deref()
-                    .map(|w| format!(": {w}"))
-                    .unwrap_or_default()
-            );
-        }
-        all.extend(outcome);
-        write_report(results, &all)?;
-        if interrupted.load(std::sync::atomic::Ordering::SeqCst) {
-            break;
-        }
     }
     Ok(all)
+}
+
+/// A scenario's test results and times.
+type Outcome = (Vec<TestResult>, timing::ScenarioTimes);
+
+/// The order scenarios are taken in: those that run alone first (they use the whole machine
+/// before the lanes fill), then those that save a state (others wait for them), then the rest in
+/// file order.
+fn queue(mut files: Vec<definition::TestFile>) -> Vec<definition::TestFile> {
+    files.sort_by_key(|f| (!f.spec.exclusive, f.spec.saves.is_none()));
+    files
+}
+
+/// One scenario's results and times; a scenario that could not run at all fails each of its
+/// tests with the reason.
+fn scenario_outcome(
+    ctx: &runner::RunContext,
+    file: &definition::TestFile,
+    lane: usize,
+) -> (Vec<TestResult>, timing::ScenarioTimes) {
+    eprintln!(
+        "== {} ({}): {} [lane {}]",
+        file.scenario,
+        file.test_names().join(", "),
+        file.spec.description,
+        lane + 1
+    );
+    match runner::run_scenario(ctx, file) {
+        Ok(mut run) => {
+            run.times.lane = lane;
+            (run.results, run.times)
+        }
+        Err(e) => {
+            let why = format!("running {}: {e:#}", file.path.display());
+            let tests = file
+                .test_names()
+                .into_iter()
+                .map(|name| TestResult {
+                    name,
+                    result: report::Outcome::Fail,
+                    duration_s: 0.0,
+                    reason: Some(why.clone()),
+                    scenario: file.path.display().to_string(),
+                    timings: Default::default(),
+                })
+                .collect();
+            let times = timing::ScenarioTimes {
+                scenario: file.scenario.clone(),
+                lane,
+                ..Default::default()
+            };
+            (tests, times)
+        }
+    }
+}
+
+/// A scenario's lines, printed together when it ends.
+fn print_scenario(file: &definition::TestFile, lane: usize, tests: &[TestResult]) {
+    let mut out = format!("== {} done [lane {}]\n", file.scenario, lane + 1);
+    for r in tests {
+        let mark = match r.result {
+            report::Outcome::Pass => "PASS",
+            report::Outcome::Fail => "FAIL",
+            report::Outcome::Skip => "SKIP",
+        };
+        out.push_str(&format!(
+            "   {mark} {} ({:.0}s){}\n",
+            r.name,
+            r.duration_s,
+            r.reason
+                .as_deref()
+                .map(|w| format!(": {w}"))
+                .unwrap_or_default()
+        ));
+    }
+    eprint!("{out}");
+}
+
+fn write_times(dir: &Path, times: &[timing::ScenarioTimes]) -> Result<()> {
+    Ok(crate::atomic::write_json(
+        &dir.join("timings.json"),
+        &times,
+        0o644,
+    )?)
 }
 
 const REPORT_FILE: &str = "report.json";

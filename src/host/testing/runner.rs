@@ -1,9 +1,11 @@
-//! Runs test scenarios against a built image: fresh overlay and TPM per node, steps through the
-//! guest agent, host-side actions, implicit checks, consoles and journals saved per node.
+//! Runs test scenarios against a built image: fresh overlay and TPM per node (or a saved, running
+//! node restored copy-on-write), steps through the guest agent, host-side actions, implicit
+//! checks, consoles and journals saved per node, and where the scenario's time went.
 
 use super::definition::{expand, Command, NodeSel, Step, StepKind, TestFile, UkiEdit};
 use super::report::{self, Outcome, TestResult};
 use super::tamper;
+use super::timing::{BootWatch, ScenarioTimes};
 use crate::disk::esp::{Esp, UKI_DIR};
 use crate::host::cache::Cache;
 use crate::host::qemu::cmdline::{node_mac, Firmware, NetSpec, VmSpec};
@@ -17,6 +19,7 @@ use std::collections::BTreeMap;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Extra virtual disk beyond the image, for the root partition made on first boot.
@@ -32,6 +35,7 @@ pub const CONSOLE_FAILURES: &[&str] = &[
     "Failed to start ",
 ];
 
+/// What every scenario of a run shares.
 pub struct RunContext<'a> {
     pub manifest: &'a Manifest,
     pub raw: PathBuf,
@@ -39,6 +43,29 @@ pub struct RunContext<'a> {
     pub accel: String,
     pub interrupted: &'a AtomicBool,
     pub cache: &'a Cache,
+    /// vCPUs per VM (1 when scenarios run side by side on two cores).
+    pub cpus: u32,
+    /// Running nodes saved by one scenario for others to start from.
+    pub states: &'a Mutex<BTreeMap<String, std::result::Result<SavedState, String>>>,
+    /// Image builds in steps run one at a time (they share the store and the cache).
+    pub build_lock: &'a Mutex<()>,
+}
+
+/// A running node saved after a scenario: its disk as it was at the save (never written again),
+/// firmware variables, and the machine's state (RAM, devices, TPM).
+#[derive(Debug, Clone)]
+pub struct SavedState {
+    pub disk: PathBuf,
+    pub vars: PathBuf,
+    pub machine: PathBuf,
+    pub boot_id: String,
+    /// What the node's VM was started with; a restored one gets the same.
+    pub spec: VmSpec,
+}
+
+/// The state a scenario `saves` lives under the results directory, apart from any scenario's.
+pub fn state_dir(results: &Path, name: &str) -> PathBuf {
+    results.join("saved-states").join(name)
 }
 
 struct Node {
@@ -53,6 +80,7 @@ struct Node {
     /// The directory of the test file (relative paths in steps).
     test_dir: PathBuf,
     memory_mib: u32,
+    cpus: u32,
     nets: Vec<NetSpec>,
     vm: Option<Vm>,
     boots: usize,
@@ -71,6 +99,8 @@ struct Node {
     /// when the connection closes (a guest busy probing SATA ports at a passphrase prompt lost
     /// the end of a recovery key that way).
     console_in: Option<UnixStream>,
+    /// The current boot, followed on the console until the guest agent answers.
+    watch: Option<BootWatch>,
 }
 
 impl Node {
@@ -79,7 +109,7 @@ impl Node {
             name: format!("node{}", self.index),
             accel: accel.to_string(),
             memory_mib: self.memory_mib,
-            cpus: 2,
+            cpus: self.cpus,
             firmware: self.firmware.clone(),
             vars: self.vars.clone(),
             disk: self.overlay.clone(),
@@ -90,20 +120,42 @@ impl Node {
             qmp_socket: Some(self.qmp_socket.clone()),
             ignition: self.ignition.clone(),
             nets: self.nets.clone(),
+            incoming: false,
         }
     }
 
-    fn start(&mut self, accel: &str) -> Result<()> {
+    /// Starts the VM: a boot, or with `saved`, a machine that waits for that state.
+    fn launch(&mut self, accel: &str, saved: bool) -> Result<()> {
         self.boots += 1;
         let console = self
             .dir
             .join(format!("node{}.boot{}.console.log", self.index, self.boots));
         self.consoles.push(console.clone());
         self.console_in = None;
-        let vm = Vm::start(self.spec(accel, console), &self.tpm)?;
+        let spec = VmSpec {
+            incoming: saved,
+            ..self.spec(accel, console)
+        };
+        let vm = Vm::start(spec, &self.tpm)?;
         self.vm = Some(vm);
         self.started = Instant::now();
+        self.watch = Some(BootWatch::new(self.started, 0));
         Ok(())
+    }
+
+    fn start(&mut self, accel: &str) -> Result<()> {
+        self.launch(accel, false)
+    }
+
+    /// A boot of the running machine (reboot, reset) begins now: follow it from here on.
+    fn rebooting(&mut self) {
+        let from = self
+            .consoles
+            .last()
+            .map(|c| console_text(c).len())
+            .unwrap_or(0);
+        self.started = Instant::now();
+        self.watch = Some(BootWatch::new(self.started, from));
     }
 
     fn qga(&self) -> Qga {
@@ -116,6 +168,7 @@ impl Node {
 
     fn power_off(&mut self) {
         self.console_in = None;
+        self.watch = None;
         if let Some(mut vm) = self.vm.take() {
             vm.kill();
         }
@@ -142,7 +195,6 @@ struct TestState {
     timings: BTreeMap<String, f64>,
 }
 
-/// Seconds rounded to a tenth, as reported.
 fn tenths(secs: f64) -> f64 {
     (secs * 10.0).round() / 10.0
 }
@@ -257,9 +309,15 @@ fn run_host(
     Ok((r, verdict))
 }
 
-/// Waits for the guest agent to answer with a boot ID other than `old_boot`. Gives up early
-/// when the current boot's console shows a panic or emergency mode (nothing will answer then).
-fn wait_boot(node: &Node, old_boot: Option<&str>, deadline: Instant) -> Result<String> {
+/// Waits for the guest agent to answer with a boot ID other than `old_boot`, following the boot
+/// on the console, and adds the boot to `times`. Gives up early when the current boot's console
+/// shows a panic or emergency mode (nothing will answer then).
+fn wait_boot(
+    node: &mut Node,
+    old_boot: Option<&str>,
+    deadline: Instant,
+    times: &mut ScenarioTimes,
+) -> Result<String> {
     let qga = node.qga();
     loop {
         if Instant::now() > deadline {
@@ -267,6 +325,9 @@ fn wait_boot(node: &Node, old_boot: Option<&str>, deadline: Instant) -> Result<S
         }
         if let Some(console) = node.consoles.last() {
             let text = console_text(console);
+            if let Some(w) = node.watch.as_mut() {
+                w.observe(&text, Instant::now());
+            }
             if let Some(line) = text
                 .lines()
                 .find(|l| l.contains("Kernel panic") || l.contains("You are in emergency mode"))
@@ -279,14 +340,17 @@ fn wait_boot(node: &Node, old_boot: Option<&str>, deadline: Instant) -> Result<S
                 );
             }
         }
-        if qga.ping(Duration::from_secs(3)) {
+        if qga.ping(Duration::from_secs(2)) {
             if let Ok(id) = qga.boot_id() {
                 if old_boot != Some(id.as_str()) {
+                    if let Some(w) = node.watch.take() {
+                        times.add_boot(&w.finish(Instant::now()));
+                    }
                     return Ok(id);
                 }
             }
         }
-        std::thread::sleep(Duration::from_secs(2));
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
 
@@ -314,29 +378,46 @@ fn slot_a_offset(raw: &Path, root_hash: &str) -> Result<u64> {
     Ok(data.offset)
 }
 
-fn action(
-    ctx: &RunContext,
-    node: &mut Node,
-    step: &Step,
-    vars: &BTreeMap<String, String>,
+/// What a step's action works with besides its node.
+struct Env<'e, 'c> {
+    ctx: &'e RunContext<'c>,
+    vars: &'e BTreeMap<String, String>,
     deadline: Instant,
-) -> Result<()> {
+    times: &'e mut ScenarioTimes,
+}
+
+fn action(env: &mut Env, node: &mut Node, step: &Step) -> Result<()> {
     match &step.kind {
         StepKind::Run(_) | StepKind::Host(_) => Ok(()),
+        StepKind::Reboot
+        | StepKind::Reset
+        | StepKind::PowerOff
+        | StepKind::Start { .. }
+        | StepKind::Type { .. } => power_action(env, node, &step.kind),
+        StepKind::TamperUki(_)
+        | StepKind::RestoreUki
+        | StepKind::TamperUsr { .. }
+        | StepKind::InstallUpdate { .. } => disk_action(env, node, &step.kind),
+        StepKind::SetIgnition { .. } | StepKind::ClearIgnition | StepKind::Push { .. } => {
+            config_action(env, node, &step.kind)
+        }
+    }
+}
+
+/// Reboot, reset, power-off, start, typing on the console.
+fn power_action(env: &mut Env, node: &mut Node, kind: &StepKind) -> Result<()> {
+    let reboot_deadline = env.deadline.min(Instant::now() + REBOOT_TIMEOUT);
+    match kind {
         StepKind::Reboot => {
             let old = node
                 .qga()
                 .boot_id()
                 .context("reading boot ID before reboot")?;
+            node.rebooting();
             // The command may not return: the agent goes down with the system.
             let _ = node.qga().sh("systemctl reboot", Duration::from_secs(10));
-            let new = wait_boot(
-                node,
-                Some(&old),
-                deadline.min(Instant::now() + REBOOT_TIMEOUT),
-            )?;
+            let new = wait_boot(node, Some(&old), reboot_deadline, env.times)?;
             tracing::info!(node = node.index, boot_id = %new, "rebooted");
-            node.started = Instant::now();
             Ok(())
         }
         StepKind::Reset => {
@@ -344,13 +425,9 @@ fn action(
                 .qga()
                 .boot_id()
                 .context("reading boot ID before reset")?;
+            node.rebooting();
             crate::host::qemu::qmp::command(&node.qmp_socket, "system_reset")?;
-            wait_boot(
-                node,
-                Some(&old),
-                deadline.min(Instant::now() + REBOOT_TIMEOUT),
-            )?;
-            node.started = Instant::now();
+            wait_boot(node, Some(&old), reboot_deadline, env.times)?;
             Ok(())
         }
         StepKind::PowerOff => {
@@ -365,39 +442,42 @@ fn action(
             if node.running() {
                 bail!("node{} is already running", node.index);
             }
-            node.start(&ctx.accel)?;
+            node.start(&env.ctx.accel)?;
             let limit = Instant::now() + timeout.map(|t| t.0).unwrap_or(REBOOT_TIMEOUT);
             if want.is_empty() {
-                return wait_boot(node, None, limit.min(deadline)).map(|_| ());
+                return wait_boot(node, None, limit.min(env.deadline), env.times).map(|_| ());
             }
             let console = node.consoles.last().cloned().context("no console")?;
             node.expected_failures.push(console.clone());
             let want = want
                 .iter()
-                .map(|c| expand(c, vars))
+                .map(|c| expand(c, env.vars))
                 .collect::<Result<Vec<_>>>()?;
             let never = never
                 .iter()
-                .map(|c| expand(c, vars))
+                .map(|c| expand(c, env.vars))
                 .collect::<Result<Vec<_>>>()?;
-            wait_console(
-                node,
-                &console,
-                (&want, &never),
-                limit.min(deadline),
-                ctx.interrupted,
-            )
+            let limit = limit.min(env.deadline);
+            wait_console(node, &console, (&want, &never), limit, env)
         }
         StepKind::Type { text } => {
             if !node.running() {
                 bail!("node{} is not running: nothing to type into", node.index);
             }
-            let text = expand(text, vars)?;
+            let text = expand(text, env.vars)?;
             node.type_text(&text)
                 .with_context(|| format!("typing into node{}'s console", node.index))
         }
+        other => bail!("{} is not a power action", other.name()),
+    }
+}
+
+/// Changes to a powered-off node's disk: the UKI, an A/B update, /usr on disk.
+fn disk_action(env: &mut Env, node: &mut Node, kind: &StepKind) -> Result<()> {
+    let ctx = env.ctx;
+    require_off(node, kind.name())?;
+    match kind {
         StepKind::TamperUki(edit) => {
-            require_off(node, "tamper-uki")?;
             let esp = Esp::open(&node.overlay, true)?;
             let name = esp.find_uki(&ctx.manifest.version)?;
             let original = esp.read(&format!("{UKI_DIR}/{name}"))?;
@@ -418,7 +498,6 @@ fn action(
             Ok(())
         }
         StepKind::RestoreUki => {
-            require_off(node, "restore-uki")?;
             let (_, data) = node
                 .saved_uki
                 .take()
@@ -433,40 +512,79 @@ fn action(
         StepKind::InstallUpdate {
             version,
             definition,
-        } => {
-            require_off(node, "install-update")?;
-            let version = &expand(version, vars)?;
-            let out = node.dir.join(format!("update-{version}"));
-            let definition = match definition {
-                Some(d) => node.test_dir.join(d),
-                None => PathBuf::from(&ctx.manifest.definition),
-            };
-            let m = crate::host::build::build(&crate::host::build::BuildOptions {
-                out: Some(out.clone()),
-                quiet: true,
-                version: Some(version.to_string()),
-                ..crate::host::build::BuildOptions::of(definition.clone())
-            })
-            .with_context(|| format!("building {} as version {version}", definition.display()))?;
-            let uki = std::fs::read(out.join(format!("{}.efi", m.name)))
-                .context("reading the update's UKI")?;
-            crate::disk::slot::install(
-                &node.overlay,
-                &crate::disk::slot::Release {
-                    raw: &out.join(format!("{}.raw", m.name)),
-                    root_hash: &m.usr_root_hash,
-                    label: &format!("{}_{}", m.name, m.version),
-                    uki_name: &crate::disk::uki::uki_file_name(&m.version),
-                    uki: &uki,
-                },
-            )?;
+        } => install_update(env, node, version, definition.as_deref()),
+        StepKind::TamperUsr { path } => {
+            let path = path.as_str();
+            let tools = ToolsTree::ensure(ctx.cache, crate::image::DEFAULT_MIRROR)?;
+            let offset = slot_a_offset(&ctx.raw, &ctx.manifest.usr_root_hash)?;
+            let at = tamper::tamper(&tools, &ctx.raw, offset, path, &node.overlay)?;
             tracing::info!(
                 node = node.index,
-                version,
-                "installed the update into slot B"
+                path,
+                at,
+                "overwrote {} bytes of usr slot A",
+                tamper::LEN
             );
             Ok(())
         }
+        other => bail!("{} is not a disk action", other.name()),
+    }
+}
+
+/// Builds `definition` (default: the image under test) as `version`, one build at a time, and
+/// writes it into the node's empty usr slot.
+fn install_update(
+    env: &mut Env,
+    node: &mut Node,
+    version: &str,
+    definition: Option<&Path>,
+) -> Result<()> {
+    let version = &expand(version, env.vars)?;
+    let out = node.dir.join(format!("update-{version}"));
+    let definition = match definition {
+        Some(d) => node.test_dir.join(d),
+        None => PathBuf::from(&env.ctx.manifest.definition),
+    };
+    let started = Instant::now();
+    let built = {
+        let _one_at_a_time = env
+            .ctx
+            .build_lock
+            .lock()
+            .map_err(|_| anyhow::anyhow!("another scenario's build panicked"))?;
+        crate::host::build::build(&crate::host::build::BuildOptions {
+            out: Some(out.clone()),
+            quiet: true,
+            version: Some(version.to_string()),
+            ..crate::host::build::BuildOptions::of(definition.clone())
+        })
+    };
+    env.times.build_s += started.elapsed().as_secs_f64();
+    let m =
+        built.with_context(|| format!("building {} as version {version}", definition.display()))?;
+    let uki =
+        std::fs::read(out.join(format!("{}.efi", m.name))).context("reading the update's UKI")?;
+    crate::disk::slot::install(
+        &node.overlay,
+        &crate::disk::slot::Release {
+            raw: &out.join(format!("{}.raw", m.name)),
+            root_hash: &m.usr_root_hash,
+            label: &format!("{}_{}", m.name, m.version),
+            uki_name: &crate::disk::uki::uki_file_name(&m.version),
+            uki: &uki,
+        },
+    )?;
+    tracing::info!(
+        node = node.index,
+        version,
+        "installed the update into slot B"
+    );
+    Ok(())
+}
+
+/// The node's Ignition config (for its next start) and files pushed into it.
+fn config_action(env: &mut Env, node: &mut Node, kind: &StepKind) -> Result<()> {
+    match kind {
         StepKind::SetIgnition { ignition } => {
             require_off(node, "set-ignition")?;
             let p = node.test_dir.join(ignition);
@@ -485,37 +603,18 @@ fn action(
             if !node.running() {
                 bail!("push: node{} is not running", node.index);
             }
-            let src = expand(source, vars)?;
-            let dest = expand(dest, vars)?;
+            let src = expand(source, env.vars)?;
+            let dest = expand(dest, env.vars)?;
             let data = std::fs::read(&src).with_context(|| format!("push: reading {src}"))?;
             node.qga()
                 .write_file(&dest, &data, Duration::from_secs(60))
                 .with_context(|| format!("push: writing {dest} in node{}", node.index))?;
             Ok(())
         }
-        StepKind::TamperUsr { path } => {
-            if node.running() {
-                bail!("tamper-usr needs node{} powered off (add an action = \"power-off\" step first)", node.index);
-            }
-            let path = path.as_str();
-            let tools = ToolsTree::ensure(ctx.cache, crate::image::DEFAULT_MIRROR)?;
-            let offset = slot_a_offset(&ctx.raw, &ctx.manifest.usr_root_hash)?;
-            let at = tamper::tamper(&tools, &ctx.raw, offset, path, &node.overlay)?;
-            tracing::info!(
-                node = node.index,
-                path,
-                at,
-                "overwrote {} bytes of usr slot A",
-                tamper::LEN
-            );
-            Ok(())
-        }
+        other => bail!("{} is not a config action", other.name()),
     }
 }
 
-/// Connects to a VM's console socket for typing. QEMU also sends the console's output to this
-/// connection: a thread reads and discards it (QEMU logs it to the console file), so that output
-/// never waits for a reader; it ends when QEMU closes the connection.
 fn open_console_input(sock: &Path) -> Result<UnixStream> {
     let stream =
         UnixStream::connect(sock).with_context(|| format!("connecting to {}", sock.display()))?;
@@ -578,24 +677,31 @@ fn console_text(console: &Path) -> String {
     ))
 }
 
-/// Waits until the console shows every string of `want`; fails on any of `never`.
+/// Waits until the console shows every string of `want`; fails on any of `never`. The boot it
+/// watches ends there (for the timings).
 fn wait_console(
     node: &mut Node,
     console: &Path,
     (want, never): (&[String], &[String]),
     deadline: Instant,
-    interrupted: &AtomicBool,
+    env: &mut Env,
 ) -> Result<()> {
     loop {
-        if interrupted.load(Ordering::SeqCst) {
+        if env.ctx.interrupted.load(Ordering::SeqCst) {
             bail!("interrupted");
         }
         let text = console_text(console);
+        if let Some(w) = node.watch.as_mut() {
+            w.observe(&text, Instant::now());
+        }
         if let Some(bad) = never.iter().find(|n| text.contains(n.as_str())) {
             bail!("node{} console shows `{bad}`", node.index);
         }
         let missing: Vec<&String> = want.iter().filter(|w| !text.contains(w.as_str())).collect();
         if missing.is_empty() {
+            if let Some(w) = node.watch.take() {
+                env.times.add_boot(&w.finish(Instant::now()));
+            }
             return Ok(());
         }
         if Instant::now() > deadline || !node.running() {
@@ -611,6 +717,7 @@ fn wait_console(
     }
 }
 
+/// Failed units and console problems on every running node.
 /// Failed units and console problems on every running node.
 fn implicit_checks(nodes: &mut [Node]) -> Option<String> {
     for n in nodes.iter_mut() {
@@ -670,30 +777,44 @@ fn collect_journals(nodes: &mut [Node]) {
     }
 }
 
+/// One scenario's run: its machines, its tests' states, its variables and its clock.
+struct Scenario<'s, 'c> {
+    ctx: &'s RunContext<'c>,
+    file: &'s TestFile,
+    vars: BTreeMap<String, String>,
+    nodes: Vec<Node>,
+    tests: BTreeMap<String, TestState>,
+    deadline: Instant,
+    aborted: Option<String>,
+    times: ScenarioTimes,
+    _switch: Option<Switch>,
+}
+
+/// What a scenario's run gives back: a result per named test and where its time went.
+pub struct ScenarioRun {
+    pub results: Vec<TestResult>,
+    pub times: ScenarioTimes,
+}
+
 /// Runs one test file; returns a result per named test in it.
-pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>> {
-    let dir = ctx.results.join(&file.scenario);
-    // A results directory used before still holds that run's consoles; QEMU appends to a
-    // console log, and the console checks would read the old boot's text. Start empty.
-    crate::host::cache::remove_path(&dir)?;
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let names = file.test_names();
-    let mut state: BTreeMap<String, TestState> = names
-        .iter()
-        .map(|n| {
-            (
-                n.clone(),
-                TestState {
-                    started: None,
-                    finished: None,
-                    failed: None,
-                    ran: false,
-                    timings: BTreeMap::new(),
-                },
-            )
-        })
-        .collect();
-    let deadline = Instant::now() + file.spec.timeout.0;
+pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<ScenarioRun> {
+    let started = Instant::now();
+    let mut sc = Scenario::prepare(ctx, file)?;
+    sc.start_nodes();
+    for si in 0..file.spec.step.len() {
+        sc.run_step(si)?;
+    }
+    sc.finish()?;
+    sc.times.wall_s = started.elapsed().as_secs_f64();
+    Ok(ScenarioRun {
+        results: sc.results(),
+        times: sc.times,
+    })
+}
+
+/// The templates every step may use: the image, the work directory, keel, keys, tools, the
+/// build's PCR 11 predictions.
+fn scenario_vars(ctx: &RunContext, dir: &Path) -> Result<BTreeMap<String, String>> {
     let mut vars: BTreeMap<String, String> = BTreeMap::new();
     vars.insert("usr_root_hash".into(), ctx.manifest.usr_root_hash.clone());
     vars.insert("image_name".into(), ctx.manifest.name.clone());
@@ -726,265 +847,506 @@ pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<Vec<TestResult>
             p.sha256.clone(),
         );
     }
+    Ok(vars)
+}
 
-    let switch = if file.spec.network || file.spec.nodes > 1 {
-        Some(Switch::start(&dir)?)
+/// Runs the file's `setup` command on the host.
+fn run_setup(setup: &str, vars: &BTreeMap<String, String>) -> Result<()> {
+    let cmd = expand(setup, vars)?;
+    tracing::info!("setup: {cmd}");
+    let out = std::process::Command::new("sh")
+        .args(["-c", &cmd])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .with_context(|| format!("running the setup command `{cmd}`"))?;
+    if !out.status.success() {
+        bail!(
+            "setup command `{cmd}` failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Node `i` (1-based) of `file`: its directory, disk (an overlay of the image, a raw copy, or
+/// an overlay of a saved state's disk), firmware variables and networks.
+fn make_node(
+    ctx: &RunContext,
+    file: &TestFile,
+    dir: &Path,
+    i: usize,
+    vars: &BTreeMap<String, String>,
+    switch: Option<&Switch>,
+) -> Result<Node> {
+    // Absolute: host steps get the node's disk as `{disk}`.
+    let ndir = std::path::absolute(dir.join(format!("node{i}")))
+        .with_context(|| format!("resolving {}", dir.display()))?;
+    std::fs::create_dir_all(&ndir).with_context(|| format!("creating {}", ndir.display()))?;
+    let test_dir = file.path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let cfg = file.node_config(i - 1);
+    let size = virtual_size(&ctx.raw)? + ROOT_SPACE;
+    let overlay = if cfg.raw_disk {
+        let raw = ndir.join("disk.raw");
+        sparse_copy(&ctx.raw, &raw, size)?;
+        if let Some(c) = &cfg.esp_ignition {
+            let p = test_dir.join(c);
+            let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+            crate::disk::esp::write_file(&raw, crate::node::provision::source::ESP_PATH, &bytes)?;
+        }
+        raw
     } else {
-        None
+        ndir.join("disk.qcow2")
     };
-    if let Some(setup) = &file.spec.setup {
-        let cmd = expand(setup, &vars)?;
-        tracing::info!("setup: {cmd}");
-        let out = std::process::Command::new("sh")
-            .args(["-c", &cmd])
-            .stdin(std::process::Stdio::null())
-            .output()
-            .with_context(|| format!("running the setup command `{cmd}`"))?;
-        if !out.status.success() {
-            bail!(
-                "setup command `{cmd}` failed ({}): {}{}",
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+    let (firmware, vars_fd) =
+        crate::host::boot::firmware_for(Some(ctx.manifest), cfg.secure_boot, &ndir)?;
+    if !cfg.raw_disk {
+        match saved_state(ctx, file)? {
+            Some(s) => {
+                create_overlay(&s.disk, &overlay, size)?;
+                std::fs::copy(&s.vars, &vars_fd)
+                    .with_context(|| format!("copying {}", s.vars.display()))?;
+            }
+            None => create_overlay(&ctx.raw, &overlay, size)?,
         }
     }
-    let size = virtual_size(&ctx.raw)? + ROOT_SPACE;
-    let mut nodes: Vec<Node> = Vec::new();
-    for i in 1..=file.spec.nodes {
-        // Absolute: host steps get the node's disk as `{disk}`.
-        let ndir = std::path::absolute(dir.join(format!("node{i}")))
-            .with_context(|| format!("resolving {}", dir.display()))?;
-        std::fs::create_dir_all(&ndir).with_context(|| format!("creating {}", ndir.display()))?;
-        let cfg = file.node_config(i - 1);
-        let overlay = if cfg.raw_disk {
-            let raw = ndir.join("disk.raw");
-            sparse_copy(&ctx.raw, &raw, size)?;
-            if let Some(c) = &cfg.esp_ignition {
-                let p = file.path.parent().unwrap_or(Path::new(".")).join(c);
-                let bytes =
-                    std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
-                crate::disk::esp::write_file(
-                    &raw,
-                    crate::node::provision::source::ESP_PATH,
-                    &bytes,
-                )?;
-            }
-            raw
-        } else {
-            let overlay = ndir.join("disk.qcow2");
-            create_overlay(&ctx.raw, &overlay, size)?;
-            overlay
-        };
-        let (firmware, vars_fd) =
-            crate::host::boot::firmware_for(Some(ctx.manifest), cfg.secure_boot, &ndir)?;
-        let ignition = match cfg.ignition {
-            Some(p) => {
-                let p = expand(&p.display().to_string(), &vars)?;
-                Some(file.path.parent().unwrap_or(Path::new(".")).join(p))
-            }
-            None => None,
-        };
-        let mut nets = vec![NetSpec::User { forwards: vec![] }];
-        if let Some(sw) = &switch {
-            nets.push(NetSpec::Vde {
-                switch: sw.socket.clone(),
-                mac: node_mac(i - 1),
-            });
-        }
-        nodes.push(Node {
-            index: i,
-            dir: ndir.clone(),
-            overlay,
-            vars: vars_fd,
-            tpm: ndir.join("tpm"),
-            qga_socket: ndir.join("qga.sock"),
-            qmp_socket: ndir.join("qmp.sock"),
-            ignition,
-            test_dir: file.path.parent().unwrap_or(Path::new(".")).to_path_buf(),
-            memory_mib: cfg.memory_mib.unwrap_or(2048),
-            nets,
-            vm: None,
-            boots: 0,
-            started: Instant::now(),
-            consoles: Vec::new(),
-            expected_failures: Vec::new(),
-            firmware,
-            tpm_enabled: cfg.tpm,
-            autostart: cfg.autostart,
-            saved_uki: None,
-            console_in: None,
+    let ignition = match cfg.ignition {
+        Some(p) => Some(test_dir.join(expand(&p.display().to_string(), vars)?)),
+        None => None,
+    };
+    let mut nets = vec![NetSpec::User { forwards: vec![] }];
+    if let Some(sw) = switch {
+        nets.push(NetSpec::Vde {
+            switch: sw.socket.clone(),
+            mac: node_mac(i - 1),
         });
     }
-    let mut aborted: Option<String> = None;
-    for n in nodes.iter_mut().filter(|n| n.autostart) {
-        if let Err(e) = n.start(&ctx.accel) {
-            aborted = Some(format!("starting node{}: {e:#}", n.index));
-            break;
-        }
+    Ok(Node {
+        index: i,
+        dir: ndir.clone(),
+        overlay,
+        vars: vars_fd,
+        tpm: ndir.join("tpm"),
+        qga_socket: ndir.join("qga.sock"),
+        qmp_socket: ndir.join("qmp.sock"),
+        ignition,
+        test_dir,
+        memory_mib: cfg.memory_mib.unwrap_or(2048),
+        cpus: ctx.cpus,
+        nets,
+        vm: None,
+        boots: 0,
+        started: Instant::now(),
+        consoles: Vec::new(),
+        expected_failures: Vec::new(),
+        firmware,
+        tpm_enabled: cfg.tpm,
+        autostart: cfg.autostart,
+        saved_uki: None,
+        console_in: None,
+        watch: None,
+    })
+}
+
+/// The saved state a file starts from, if it names one; an error when it was not saved.
+fn saved_state(ctx: &RunContext, file: &TestFile) -> Result<Option<SavedState>> {
+    let Some(name) = &file.spec.start else {
+        return Ok(None);
+    };
+    let states = ctx
+        .states
+        .lock()
+        .map_err(|_| anyhow::anyhow!("a scenario panicked while saving a state"))?;
+    match states.get(name) {
+        Some(Ok(s)) => Ok(Some(s.clone())),
+        Some(Err(why)) => bail!("state {name} was not saved: {why}"),
+        None => bail!("state {name} was not saved (its scenario did not run first)"),
     }
-    if aborted.is_none() {
-        for n in nodes.iter().filter(|n| n.autostart) {
-            if let Err(e) = wait_boot(n, None, deadline) {
-                aborted = Some(format!("{e:#}"));
-                break;
+}
+
+impl<'s, 'c> Scenario<'s, 'c> {
+    fn prepare(ctx: &'s RunContext<'c>, file: &'s TestFile) -> Result<Self> {
+        let started = Instant::now();
+        let dir = ctx.results.join(&file.scenario);
+        // A results directory used before still holds that run's consoles; QEMU appends to a
+        // console log, and the console checks would read the old boot's text. Start empty.
+        crate::host::cache::remove_path(&dir)?;
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let tests = file
+            .test_names()
+            .into_iter()
+            .map(|n| {
+                let st = TestState {
+                    started: None,
+                    finished: None,
+                    failed: None,
+                    ran: false,
+                    timings: BTreeMap::new(),
+                };
+                (n, st)
+            })
+            .collect();
+        let deadline = Instant::now() + file.spec.timeout.0;
+        let mut vars = scenario_vars(ctx, &dir)?;
+        // {state_boot_id}: the boot the saved state a file starts from was saved in.
+        if let Ok(Some(s)) = saved_state(ctx, file) {
+            vars.insert("state_boot_id".into(), s.boot_id);
+        }
+        let switch = if file.spec.network || file.spec.nodes > 1 {
+            Some(Switch::start(&dir)?)
+        } else {
+            None
+        };
+        if let Some(setup) = &file.spec.setup {
+            run_setup(setup, &vars)?;
+        }
+        let nodes = (1..=file.spec.nodes)
+            .map(|i| make_node(ctx, file, &dir, i, &vars, switch.as_ref()))
+            .collect::<Result<Vec<_>>>()?;
+        let times = ScenarioTimes {
+            scenario: file.scenario.clone(),
+            setup_s: started.elapsed().as_secs_f64(),
+            ..Default::default()
+        };
+        Ok(Scenario {
+            ctx,
+            file,
+            vars,
+            nodes,
+            tests,
+            deadline,
+            aborted: None,
+            times,
+            _switch: switch,
+        })
+    }
+
+    /// Starts the nodes that start with the scenario and waits for each to answer: boots, or
+    /// restores of the saved state the file starts from.
+    fn start_nodes(&mut self) {
+        let accel = self.ctx.accel.clone();
+        let restore = match saved_state(self.ctx, self.file) {
+            Ok(s) => s,
+            Err(e) => {
+                self.aborted = Some(format!("{e:#}"));
+                return;
+            }
+        };
+        for n in self.nodes.iter_mut().filter(|n| n.autostart) {
+            let started = match &restore {
+                Some(s) => restore_node(n, &accel, s),
+                None => n.start(&accel),
+            };
+            if let Err(e) = started {
+                self.aborted = Some(format!("starting node{}: {e:#}", n.index));
+                return;
+            }
+        }
+        for n in self.nodes.iter_mut().filter(|n| n.autostart) {
+            if let Err(e) = wait_boot(n, None, self.deadline, &mut self.times) {
+                self.aborted = Some(format!("{e:#}"));
+                return;
+            }
+            if restore.is_some() {
+                self.times.restores += 1;
+                self.times.restore_s += n.started.elapsed().as_secs_f64();
+                set_guest_clock(n);
             }
         }
     }
 
-    let steps: &[Step] = &file.spec.step;
-    for (si, step) in steps.iter().enumerate() {
-        if ctx.interrupted.load(Ordering::SeqCst) {
-            aborted.get_or_insert_with(|| "interrupted".into());
+    fn run_step(&mut self, si: usize) -> Result<()> {
+        let file = self.file;
+        let steps = &file.spec.step;
+        let step = &steps[si];
+        if self.ctx.interrupted.load(Ordering::SeqCst) {
+            self.aborted.get_or_insert_with(|| "interrupted".into());
         }
-        let st = state
+        let st = self
+            .tests
             .get_mut(&step.test)
             .context("step of an unknown test")?;
         st.started.get_or_insert_with(Instant::now);
         st.ran = true;
-        if let Some(why) = &aborted {
+        if let Some(why) = &self.aborted {
             st.failed.get_or_insert_with(|| format!("not run: {why}"));
-            continue;
+            return Ok(());
         }
         if st.failed.is_some() {
-            continue;
+            return Ok(());
         }
-        if Instant::now() > deadline {
-            aborted = Some(format!(
+        if Instant::now() > self.deadline {
+            let why = format!(
                 "scenario timeout of {}s reached at step {}",
-                file.spec.timeout.0.as_secs(),
+                self.file.spec.timeout.0.as_secs(),
                 si + 1
-            ));
-            st.failed = aborted.clone();
-            continue;
+            );
+            st.failed = Some(why.clone());
+            self.aborted = Some(why);
+            return Ok(());
         }
-        let targets: Vec<usize> = match step.node {
-            NodeSel::One(k) => vec![k - 1],
-            NodeSel::All => (0..nodes.len()).collect(),
-        };
         match &step.kind {
             StepKind::Run(c) | StepKind::Host(c) => {
                 tracing::info!(test = %step.test, step = si + 1, "{}", c.command)
             }
             kind => tracing::info!(test = %step.test, step = si + 1, "{}", kind.name()),
         }
+        let step_started = Instant::now();
+        let nested_before = self.times.boot_s + self.times.build_s;
+        let targets: Vec<usize> = match step.node {
+            NodeSel::One(k) => vec![k - 1],
+            NodeSel::All => (0..self.nodes.len()).collect(),
+        };
         for t in targets {
-            let node = &mut nodes[t];
-            vars.insert("node".into(), node.index.to_string());
-            vars.insert("mac".into(), node_mac(node.index - 1));
-            vars.insert("disk".into(), node.overlay.display().to_string());
-            let save = |vars: &mut BTreeMap<String, String>, c: &Command, r: &ExecResult| {
-                if let Some(name) = &c.save {
-                    vars.insert(name.clone(), r.stdout.trim().to_string());
-                }
-            };
-            let outcome: Result<Option<String>> = match &step.kind {
-                StepKind::Host(c) => run_host(c, &vars).map(|(r, verdict)| {
-                    if verdict.is_none() {
-                        save(&mut vars, c, &r);
-                    }
-                    verdict
-                }),
-                StepKind::Run(_) if !node.running() => {
-                    Ok(Some(format!("node{} is not running", node.index)))
-                }
-                StepKind::Run(c) => run_command(node, c, &vars, deadline).map(|(r, verdict)| {
-                    if verdict.is_none() {
-                        save(&mut vars, c, &r);
-                    }
-                    verdict
-                }),
-                _ => action(ctx, node, step, &vars, deadline).map(|_| None),
-            };
-            let command = match &step.kind {
-                StepKind::Run(c) | StepKind::Host(c) => Some(c),
-                _ => None,
-            };
-            let st = state.get_mut(&step.test).context("unknown test")?;
-            match outcome {
-                Ok(None) => {
-                    if let Some(m) = command.and_then(|c| c.mark.as_ref()) {
-                        st.timings
-                            .insert(m.clone(), tenths(node.started.elapsed().as_secs_f64()));
-                    }
-                    if matches!(&step.kind, StepKind::Run(c) if c.command.contains("is-system-running"))
-                    {
-                        if let Ok(r) = node
-                            .qga()
-                            .sh("systemd-analyze time", Duration::from_secs(60))
-                        {
-                            for (k, v) in report::parse_startup(&r.stdout) {
-                                st.timings.entry(k).or_insert(v);
-                            }
-                            let wall = tenths(node.started.elapsed().as_secs_f64());
-                            if let Some(total) = st.timings.get("total").copied() {
-                                // Firmware and boot loader, which systemd-analyze does not see
-                                // under OVMF: QEMU start to ready, minus what it does see.
-                                st.timings
-                                    .entry("before_kernel_approx".into())
-                                    .or_insert(tenths(wall - total));
-                            }
-                            st.timings.entry("ready_wall".into()).or_insert(wall);
-                        }
-                    }
-                }
-                Ok(Some(why)) => {
-                    st.failed = Some(format!("step {}: {why}", si + 1));
-                    break;
-                }
-                Err(e) => {
-                    // A failed action leaves the machines in an unknown state: stop here.
-                    let why = format!("step {} ({}) failed: {e:#}", si + 1, step.kind.name());
-                    st.failed = Some(why.clone());
-                    aborted = Some(why);
-                    break;
-                }
+            if !self.step_on_node(si, t)? {
+                break;
             }
         }
-        if let Some(st) = state.get_mut(&step.test) {
+        let nested = self.times.boot_s + self.times.build_s - nested_before;
+        self.times.steps_s += (step_started.elapsed().as_secs_f64() - nested).max(0.0);
+        if let Some(st) = self.tests.get_mut(&step.test) {
             st.finished = Some(Instant::now());
         }
         // After a test's last step: the implicit checks.
         let last_of_test = !steps[si + 1..].iter().any(|s| s.test == step.test);
-        if last_of_test && aborted.is_none() && !file.spec.allow_failures.contains(&step.test) {
-            let st = state.get_mut(&step.test).context("unknown test")?;
+        if last_of_test
+            && self.aborted.is_none()
+            && !self.file.spec.allow_failures.contains(&step.test)
+        {
+            let st = self.tests.get_mut(&step.test).context("unknown test")?;
             if st.failed.is_none() {
-                if let Some(p) = implicit_checks(&mut nodes) {
+                if let Some(p) = implicit_checks(&mut self.nodes) {
                     st.failed = Some(format!("implicit check: {p}"));
                 }
             }
         }
+        Ok(())
     }
-    collect_journals(&mut nodes);
-    for n in nodes.iter_mut() {
-        n.power_off();
-        let _ = std::fs::remove_file(&n.overlay);
-    }
-    drop(switch);
 
-    Ok(names
-        .iter()
-        .map(|name| {
-            let st = &state[name];
-            TestResult {
-                name: name.clone(),
-                result: if st.failed.is_some() {
-                    Outcome::Fail
-                } else if st.ran {
-                    Outcome::Pass
-                } else {
-                    Outcome::Skip
-                },
-                duration_s: match (st.started, st.finished) {
-                    (Some(s), Some(f)) => tenths((f - s).as_secs_f64()),
-                    _ => 0.0,
-                },
-                reason: st.failed.clone(),
-                scenario: file.path.display().to_string(),
-                timings: st.timings.clone(),
+    /// Runs step `si` on node `t`; false when the step failed there (the rest of its nodes are
+    /// skipped).
+    fn step_on_node(&mut self, si: usize, t: usize) -> Result<bool> {
+        let file = self.file;
+        let step = &file.spec.step[si];
+        let node = &mut self.nodes[t];
+        self.vars.insert("node".into(), node.index.to_string());
+        self.vars.insert("mac".into(), node_mac(node.index - 1));
+        self.vars
+            .insert("disk".into(), node.overlay.display().to_string());
+        let vars = &mut self.vars;
+        let save = |vars: &mut BTreeMap<String, String>, c: &Command, r: &ExecResult| {
+            if let Some(name) = &c.save {
+                vars.insert(name.clone(), r.stdout.trim().to_string());
             }
-        })
-        .collect())
+        };
+        let outcome: Result<Option<String>> = match &step.kind {
+            StepKind::Host(c) => run_host(c, vars).map(|(r, verdict)| {
+                if verdict.is_none() {
+                    save(vars, c, &r);
+                }
+                verdict
+            }),
+            StepKind::Run(_) if !node.running() => {
+                Ok(Some(format!("node{} is not running", node.index)))
+            }
+            StepKind::Run(c) => run_command(node, c, vars, self.deadline).map(|(r, verdict)| {
+                if verdict.is_none() {
+                    save(vars, c, &r);
+                }
+                verdict
+            }),
+            _ => {
+                let mut env = Env {
+                    ctx: self.ctx,
+                    vars,
+                    deadline: self.deadline,
+                    times: &mut self.times,
+                };
+                action(&mut env, node, step).map(|_| None)
+            }
+        };
+        let st = self.tests.get_mut(&step.test).context("unknown test")?;
+        match outcome {
+            Ok(None) => {
+                record_timings(st, node, &step.kind);
+                Ok(true)
+            }
+            Ok(Some(why)) => {
+                st.failed = Some(format!("step {}: {why}", si + 1));
+                Ok(false)
+            }
+            Err(e) => {
+                // A failed action leaves the machines in an unknown state: stop here.
+                let why = format!("step {} ({}) failed: {e:#}", si + 1, step.kind.name());
+                st.failed = Some(why.clone());
+                self.aborted = Some(why);
+                Ok(false)
+            }
+        }
+    }
+
+    /// Journals, then the saved state when the file saves one and all went well, then power-off.
+    fn finish(&mut self) -> Result<()> {
+        let started = Instant::now();
+        collect_journals(&mut self.nodes);
+        let all_passed = self.aborted.is_none() && self.tests.values().all(|t| t.failed.is_none());
+        if let Some(name) = &self.file.spec.saves {
+            let t = Instant::now();
+            let saved = if all_passed {
+                save_node(&mut self.nodes[0], &state_dir(self.ctx.results, name))
+                    .map_err(|e| format!("{e:#}"))
+            } else {
+                Err(format!("a test of {} failed", self.file.path.display()))
+            };
+            if let Err(why) = &saved {
+                tracing::warn!(state = %name, "not saved: {why}");
+            }
+            self.ctx
+                .states
+                .lock()
+                .map_err(|_| anyhow::anyhow!("a scenario panicked while saving a state"))?
+                .insert(name.clone(), saved);
+            self.times.save_s = t.elapsed().as_secs_f64();
+        }
+        for n in self.nodes.iter_mut() {
+            n.power_off();
+            // A saved node's disk has moved into the state's directory.
+            let _ = std::fs::remove_file(&n.overlay);
+        }
+        self._switch = None;
+        self.times.teardown_s = started.elapsed().as_secs_f64() - self.times.save_s;
+        Ok(())
+    }
+
+    fn results(&self) -> Vec<TestResult> {
+        self.file
+            .test_names()
+            .iter()
+            .map(|name| {
+                let st = &self.tests[name];
+                TestResult {
+                    name: name.clone(),
+                    result: if st.failed.is_some() {
+                        Outcome::Fail
+                    } else if st.ran {
+                        Outcome::Pass
+                    } else {
+                        Outcome::Skip
+                    },
+                    duration_s: match (st.started, st.finished) {
+                        (Some(s), Some(f)) => tenths((f - s).as_secs_f64()),
+                        _ => 0.0,
+                    },
+                    reason: st.failed.clone(),
+                    scenario: self.file.path.display().to_string(),
+                    timings: st.timings.clone(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// A passed step's timings: its `mark`, and after `systemctl is-system-running`, the boot's
+/// phases as systemd saw them.
+fn record_timings(st: &mut TestState, node: &Node, kind: &StepKind) {
+    let command = match kind {
+        StepKind::Run(c) | StepKind::Host(c) => Some(c),
+        _ => None,
+    };
+    if let Some(m) = command.and_then(|c| c.mark.as_ref()) {
+        st.timings
+            .insert(m.clone(), tenths(node.started.elapsed().as_secs_f64()));
+    }
+    if !matches!(kind, StepKind::Run(c) if c.command.contains("is-system-running")) {
+        return;
+    }
+    if let Ok(r) = node
+        .qga()
+        .sh("systemd-analyze time", Duration::from_secs(60))
+    {
+        for (k, v) in report::parse_startup(&r.stdout) {
+            st.timings.entry(k).or_insert(v);
+        }
+        let wall = tenths(node.started.elapsed().as_secs_f64());
+        if let Some(total) = st.timings.get("total").copied() {
+            // Firmware and boot loader, which systemd-analyze does not see under OVMF: QEMU
+            // start to ready, minus what it does see.
+            st.timings
+                .entry("before_kernel_approx".into())
+                .or_insert(tenths(wall - total));
+        }
+        st.timings.entry("ready_wall".into()).or_insert(wall);
+    }
+}
+
+/// The guest's clock after a restore still says when the state was saved: set it to now.
+fn set_guest_clock(node: &Node) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let set = node.qga().call(
+        "guest-set-time",
+        serde_json::json!({ "time": now as u64 }),
+        Duration::from_secs(10),
+    );
+    if let Err(e) = set {
+        tracing::warn!(
+            node = node.index,
+            "could not set the restored guest's clock: {e:#}"
+        );
+    }
+}
+
+/// Starts `node` from a saved state: a fresh swtpm (the state carries the TPM's), QEMU waiting
+/// for the state, the state loaded.
+fn restore_node(node: &mut Node, accel: &str, s: &SavedState) -> Result<()> {
+    node.launch(accel, true)?;
+    // Not a boot: the time until the agent answers is the restore's.
+    node.watch = None;
+    let vm = node.vm.as_mut().context("the VM just started")?;
+    vm.wait_for_qmp()?;
+    crate::host::qemu::snapshot::restore(&node.qmp_socket, &s.machine)?;
+    Ok(())
+}
+
+/// Saves the running node: the machine's state next to its disk and firmware variables, which
+/// are moved (not copied) into `dir`; the node is off afterwards.
+fn save_node(node: &mut Node, dir: &Path) -> Result<SavedState> {
+    if !node.running() {
+        bail!("node{} is not running", node.index);
+    }
+    let boot_id = node.qga().boot_id().context("reading the boot ID")?;
+    // What the guest has written is on the disk before the disk is frozen.
+    node.qga()
+        .sh("sync", Duration::from_secs(60))
+        .context("sync in the guest")?;
+    crate::host::cache::remove_path(dir)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = std::path::absolute(dir).with_context(|| format!("resolving {}", dir.display()))?;
+    let machine = dir.join("machine.state");
+    crate::host::qemu::snapshot::save(&node.qmp_socket, &machine)?;
+    let spec = node
+        .vm
+        .as_ref()
+        .map(|v| v.spec.clone())
+        .context("the node's VM")?;
+    let _ = crate::host::qemu::qmp::command(&node.qmp_socket, "quit");
+    node.power_off();
+    let disk = dir.join("disk.qcow2");
+    let vars = dir.join("OVMF_VARS.fd");
+    std::fs::rename(&node.overlay, &disk)
+        .with_context(|| format!("moving {} to {}", node.overlay.display(), disk.display()))?;
+    std::fs::copy(&node.vars, &vars).with_context(|| format!("copying {}", node.vars.display()))?;
+    tracing::info!(state = %dir.display(), "saved the running node");
+    Ok(SavedState {
+        disk,
+        vars,
+        machine,
+        boot_id,
+        spec,
+    })
 }
 
 #[cfg(test)]
