@@ -309,6 +309,19 @@ fn run_host(
     Ok((r, verdict))
 }
 
+/// `wait_boot`, with the host time it took counted as time spent waiting for boots.
+fn wait_boot_counted(
+    node: &mut Node,
+    old_boot: Option<&str>,
+    deadline: Instant,
+    times: &mut ScenarioTimes,
+) -> Result<String> {
+    let t = Instant::now();
+    let r = wait_boot(node, old_boot, deadline, times);
+    times.boot_s += t.elapsed().as_secs_f64();
+    r
+}
+
 /// Waits for the guest agent to answer with a boot ID other than `old_boot`, following the boot
 /// on the console, and adds the boot to `times`. Gives up early when the current boot's console
 /// shows a panic or emergency mode (nothing will answer then).
@@ -416,7 +429,7 @@ fn power_action(env: &mut Env, node: &mut Node, kind: &StepKind) -> Result<()> {
             node.rebooting();
             // The command may not return: the agent goes down with the system.
             let _ = node.qga().sh("systemctl reboot", Duration::from_secs(10));
-            let new = wait_boot(node, Some(&old), reboot_deadline, env.times)?;
+            let new = wait_boot_counted(node, Some(&old), reboot_deadline, env.times)?;
             tracing::info!(node = node.index, boot_id = %new, "rebooted");
             Ok(())
         }
@@ -427,7 +440,7 @@ fn power_action(env: &mut Env, node: &mut Node, kind: &StepKind) -> Result<()> {
                 .context("reading boot ID before reset")?;
             node.rebooting();
             crate::host::qemu::qmp::command(&node.qmp_socket, "system_reset")?;
-            wait_boot(node, Some(&old), reboot_deadline, env.times)?;
+            wait_boot_counted(node, Some(&old), reboot_deadline, env.times)?;
             Ok(())
         }
         StepKind::PowerOff => {
@@ -445,7 +458,8 @@ fn power_action(env: &mut Env, node: &mut Node, kind: &StepKind) -> Result<()> {
             node.start(&env.ctx.accel)?;
             let limit = Instant::now() + timeout.map(|t| t.0).unwrap_or(REBOOT_TIMEOUT);
             if want.is_empty() {
-                return wait_boot(node, None, limit.min(env.deadline), env.times).map(|_| ());
+                return wait_boot_counted(node, None, limit.min(env.deadline), env.times)
+                    .map(|_| ());
             }
             let console = node.consoles.last().cloned().context("no console")?;
             node.expected_failures.push(console.clone());
@@ -458,7 +472,10 @@ fn power_action(env: &mut Env, node: &mut Node, kind: &StepKind) -> Result<()> {
                 .map(|c| expand(c, env.vars))
                 .collect::<Result<Vec<_>>>()?;
             let limit = limit.min(env.deadline);
-            wait_console(node, &console, (&want, &never), limit, env)
+            let t = Instant::now();
+            let r = wait_console(node, &console, (&want, &never), limit, env);
+            env.times.boot_s += t.elapsed().as_secs_f64();
+            r
         }
         StepKind::Type { text } => {
             if !node.running() {
@@ -1044,14 +1061,18 @@ impl<'s, 'c> Scenario<'s, 'c> {
             }
         }
         for n in self.nodes.iter_mut().filter(|n| n.autostart) {
-            if let Err(e) = wait_boot(n, None, self.deadline, &mut self.times) {
-                self.aborted = Some(format!("{e:#}"));
-                return;
-            }
-            if restore.is_some() {
+            let answered = if restore.is_some() {
+                let r = wait_boot(n, None, self.deadline, &mut self.times);
                 self.times.restores += 1;
                 self.times.restore_s += n.started.elapsed().as_secs_f64();
                 set_guest_clock(n);
+                r
+            } else {
+                wait_boot_counted(n, None, self.deadline, &mut self.times)
+            };
+            if let Err(e) = answered {
+                self.aborted = Some(format!("{e:#}"));
+                return;
             }
         }
     }
