@@ -100,7 +100,7 @@ pub fn run(args: &TestArgs, image_dir: &Path, results: &Path) -> Result<Vec<Test
     tracing::info!(accel = %choice.accel, "{}", choice.reason);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     // Two vCPUs per VM: under TCG on this project's 2-core machine a 1-vCPU VM booted about
-    // 1.7 times slower than a 2-vCPU one, so two 1-vCPU lanes side by side gained nothing
+    // 1.5 times slower than a 2-vCPU one, and two 1-vCPU lanes side by side gained nothing
     // (docs/testing.md). One lane per two cores, then.
     let lanes = args.jobs.unwrap_or((cores / 2).max(1)).max(1);
     let cpus = u32::try_from((cores / lanes).max(1)).unwrap_or(1);
