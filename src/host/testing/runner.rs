@@ -59,8 +59,6 @@ pub struct SavedState {
     pub vars: PathBuf,
     pub machine: PathBuf,
     pub boot_id: String,
-    /// What the node's VM was started with; a restored one gets the same.
-    pub spec: VmSpec,
 }
 
 /// The state a scenario `saves` lives under the results directory, apart from any scenario's.
@@ -1354,11 +1352,6 @@ fn save_node(node: &mut Node, dir: &Path) -> Result<SavedState> {
     let dir = std::path::absolute(dir).with_context(|| format!("resolving {}", dir.display()))?;
     let machine = dir.join("machine.state");
     crate::host::qemu::snapshot::save(&node.qmp_socket, &machine)?;
-    let spec = node
-        .vm
-        .as_ref()
-        .map(|v| v.spec.clone())
-        .context("the node's VM")?;
     let _ = crate::host::qemu::qmp::command(&node.qmp_socket, "quit");
     node.power_off();
     let disk = dir.join("disk.qcow2");
@@ -1372,7 +1365,6 @@ fn save_node(node: &mut Node, dir: &Path) -> Result<SavedState> {
         vars,
         machine,
         boot_id,
-        spec,
     })
 }
 
