@@ -411,15 +411,35 @@ fn build_minimal_image_end_to_end() {
         fs::read(&raw).expect("raw") == raw_before,
         "a refused config changed the image"
     );
+    // Without a signature (or --unsigned) keel refuses: trusted images apply only signed ESP
+    // configs. minimal has no [trust], so it takes an unsigned one.
+    let o = keel()
+        .arg("embed-config")
+        .arg(&emb)
+        .arg(&good)
+        .output()
+        .expect("run");
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--unsigned"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     ok(
         keel()
             .arg("embed-config")
             .arg(&emb)
             .arg(&good)
+            .arg("--unsigned")
             .output()
             .expect("run"),
         "keel embed-config",
     );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(&raw).expect("raw").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "an image holding a config is its owner's only");
+    }
     let esp_start = parts[0]["start"].as_u64().expect("start") * 512;
     let shown = ok(
         in_tools(

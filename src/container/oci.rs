@@ -594,6 +594,62 @@ pub fn extract_archive(archive: &Path, dest: &Path, max_bytes: u64) -> Result<La
     Layout::open(dest)
 }
 
+/// Copies a layout directory into `dest` (a private directory), taking only `oci-layout`,
+/// `index.json` and `blobs/sha256/<hex>` regular files (links are not followed), at most
+/// `max_bytes` in all. What is verified and unpacked afterwards is this copy: a writer of the
+/// source directory can no longer swap a blob between the check of its digest and its use.
+pub fn copy_layout(src: &Path, dest: &Path, max_bytes: u64) -> Result<Layout, OciError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::create_dir_all(dest.join("blobs/sha256"))
+        .map_err(io(format!("creating {}", dest.display())))?;
+    let bad = |reason: String| OciError::Layout {
+        path: src.into(),
+        reason,
+    };
+    let mut names = vec!["oci-layout".to_string(), "index.json".to_string()];
+    for e in fs::read_dir(src.join("blobs/sha256"))
+        .map_err(io(format!("listing {}/blobs/sha256", src.display())))?
+    {
+        let e = e.map_err(io(format!("listing {}/blobs/sha256", src.display())))?;
+        let hex = e.file_name().to_string_lossy().into_owned();
+        if digest_hex(&format!("sha256:{hex}")).is_some() {
+            names.push(format!("blobs/sha256/{hex}"));
+        }
+    }
+    let mut total: u64 = 0;
+    for name in names {
+        let from = src.join(&name);
+        let f = match fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&from)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && name == "oci-layout" => continue,
+            Err(e) => {
+                return Err(bad(format!(
+                    "`{name}` cannot be opened as a plain file: {e}"
+                )))
+            }
+        };
+        let meta = f
+            .metadata()
+            .map_err(io(format!("reading {}", from.display())))?;
+        if !meta.is_file() {
+            return Err(bad(format!("`{name}` is not a regular file")));
+        }
+        total = total.saturating_add(meta.len());
+        if total > max_bytes {
+            return Err(bad(format!("larger than the {max_bytes} bytes allowed")));
+        }
+        let target = dest.join(&name);
+        let mut out =
+            fs::File::create(&target).map_err(io(format!("creating {}", target.display())))?;
+        std::io::copy(&mut f.take(meta.len()), &mut out).map_err(io(format!("copying {name}")))?;
+    }
+    Layout::open(dest)
+}
+
 /// Writes a layout directory as an oci-archive tar (entries in a stable order).
 pub fn write_archive(layout: &Layout, archive: &Path) -> Result<(), OciError> {
     let dir = archive.parent().unwrap_or(Path::new("."));

@@ -24,6 +24,8 @@ pub const POLICY_FILE: &str = "policy.json";
 pub const IMAGE_MACHINES: &str = "machines.json";
 /// The enrolled-machines list delivered to a node after it was built.
 pub const NODE_MACHINES: &str = "var/lib/keel/machines.json";
+/// The highest list serial a node has accepted (in the sealed root): a list never goes back.
+pub const HIGH_WATER: &str = "var/lib/keel/machines.high-water";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -34,6 +36,9 @@ pub struct Policy {
     pub require_trusted_boot: bool,
     /// Refuse to run anything when no enrolled-machines list is present.
     pub require_enrolled_machines: bool,
+    /// The cluster this image is for: an enrolled-machines list must name it.
+    #[serde(default)]
+    pub cluster: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,7 +102,11 @@ pub struct Machine {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Machines {
-    /// Raised on every change; a node never goes back to a lower serial than its image's list.
+    /// The cluster the list is for (the image policy's `cluster`); a node of another cluster
+    /// refuses it.
+    #[serde(default)]
+    pub cluster: String,
+    /// Raised on every change; a node never goes back to a lower serial than one it accepted.
     pub serial: u64,
     pub machines: Vec<Machine>,
 }
@@ -219,6 +228,56 @@ pub fn effective_machines(
     Ok(best)
 }
 
+/// Checks the governing list against the highest serial this node accepted before and the
+/// image's cluster, and records a higher serial. An older list (a revoked machine restored), a
+/// list that vanished after one was in force, or a list for another cluster is an error.
+pub fn check_list(
+    root: &Path,
+    loaded: &LoadedPolicy,
+    list: Option<(&Machines, &Path)>,
+) -> Result<(), String> {
+    let hw_path = root.join(HIGH_WATER);
+    let seen: u64 = match fs::read_to_string(&hw_path) {
+        Ok(t) => t.trim().parse().map_err(|e| {
+            format!(
+                "{}: not a serial ({e}); restore it or reinstall the node",
+                hw_path.display()
+            )
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(format!("reading {}: {e}", hw_path.display())),
+    };
+    let Some((m, from)) = list else {
+        if seen > 0 {
+            return Err(format!(
+                "an enrolled-machines list with serial {seen} was in force on this node and now there is none ({}); put the newest list back",
+                root.join(NODE_MACHINES).display()
+            ));
+        }
+        return Ok(());
+    };
+    if m.cluster != loaded.policy.cluster {
+        return Err(format!(
+            "the enrolled-machines list {} is for cluster `{}`, this image is for `{}`",
+            from.display(),
+            m.cluster,
+            loaded.policy.cluster
+        ));
+    }
+    if m.serial < seen {
+        return Err(format!(
+            "the enrolled-machines list {} has serial {}, older than serial {seen} which this node accepted before: a list never goes back (put the newest list back)",
+            from.display(),
+            m.serial
+        ));
+    }
+    if m.serial > seen {
+        crate::atomic::write(&hw_path, format!("{}\n", m.serial).as_bytes(), 0o600)
+            .map_err(|e| format!("recording the list's serial: {}", crate::error::chain(&e)))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,6 +301,7 @@ mod tests {
             keys: vec!["ops.pub.pem".into()],
             require_trusted_boot: true,
             require_enrolled_machines: false,
+            cluster: "test".into(),
         }
     }
 

@@ -135,7 +135,7 @@ impl Unpacker<'_> {
             Compression::None => Box::new(io::BufReader::new(f)),
             Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(io::BufReader::new(f))),
         };
-        let mut archive = tar::Archive::new(reader);
+        let mut archive = tar::Archive::new(ExtensionCap::new(reader));
         let entries = archive
             .entries()
             .map_err(self.io("reading the layer as tar".into()))?;
@@ -258,6 +258,17 @@ impl Unpacker<'_> {
         if name == OPAQUE {
             self.clear_lower(&dir)
                 .map_err(self.io(format!("applying {shown}")))?;
+        } else if hidden_name.is_empty()
+            || hidden_name == "."
+            || hidden_name == ".."
+            || hidden_name.contains('/')
+        {
+            // `.wh..` would hide the directory itself and `.wh...` its parent: above the root
+            // at the top of a layer.
+            return Err(UnpackError::PathEscape {
+                layer: self.layer,
+                path: shown.to_string(),
+            });
         } else {
             let hidden = dir.join(hidden_name);
             if !self.created.contains(&hidden) {
@@ -387,6 +398,99 @@ impl Unpacker<'_> {
                 }
             }
         })
+    }
+}
+
+/// The largest GNU long-name/long-link or PAX extension header a layer may carry: the tar
+/// crate reads their data into memory, so a layer could otherwise claim gigabytes for one name.
+pub const MAX_EXTENSION_HEADER: u64 = 1 << 20;
+
+/// Reads a tar stream through, following its 512-byte headers, and fails when an extension
+/// header (types `L`, `K`, `x`, `g`) announces more than [`MAX_EXTENSION_HEADER`] bytes.
+struct ExtensionCap<R> {
+    inner: R,
+    /// Stream offset of the next header, and of the data read so far.
+    next_header: u64,
+    pos: u64,
+    header: Vec<u8>,
+}
+
+impl<R: Read> ExtensionCap<R> {
+    fn new(inner: R) -> Self {
+        ExtensionCap {
+            inner,
+            next_header: 0,
+            pos: 0,
+            header: Vec::with_capacity(512),
+        }
+    }
+
+    /// A header's size field: octal text, or base-256 when the high bit of the first byte is set.
+    fn size(field: &[u8]) -> Option<u64> {
+        if field.first().is_some_and(|b| b & 0x80 != 0) {
+            let mut n: u64 = u64::from(field[0] & 0x7f);
+            for b in &field[1..] {
+                n = n.checked_mul(256)?.checked_add(u64::from(*b))?;
+            }
+            return Some(n);
+        }
+        let text: String = field
+            .iter()
+            .map(|b| *b as char)
+            .filter(|c| *c != '\0' && *c != ' ')
+            .collect();
+        if text.is_empty() {
+            return Some(0);
+        }
+        u64::from_str_radix(&text, 8).ok()
+    }
+
+    fn header_done(&mut self) -> io::Result<()> {
+        let h = std::mem::take(&mut self.header);
+        if h.iter().all(|b| *b == 0) {
+            self.next_header += 512;
+            return Ok(());
+        }
+        let size = Self::size(&h[124..136]).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a tar header with an unreadable size",
+            )
+        })?;
+        if matches!(h[156], b'L' | b'K' | b'x' | b'g') && size > MAX_EXTENSION_HEADER {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "a tar extension header (type {}) of {size} bytes; at most {MAX_EXTENSION_HEADER} are read",
+                    h[156] as char
+                ),
+            ));
+        }
+        self.next_header += 512 + size.div_ceil(512) * 512;
+        Ok(())
+    }
+}
+
+impl<R: Read> Read for ExtensionCap<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let mut i = 0;
+        while i < n {
+            let at = self.pos + i as u64;
+            if at < self.next_header {
+                let skip = (self.next_header - at).min((n - i) as u64) as usize;
+                i += skip;
+                continue;
+            }
+            let take = (512 - self.header.len()).min(n - i);
+            self.header.extend_from_slice(&buf[i..i + take]);
+            i += take;
+            if self.header.len() == 512 {
+                self.header_done()?;
+            }
+        }
+        self.pos += n as u64;
+        Ok(n)
     }
 }
 
@@ -550,6 +654,96 @@ mod tests {
             .collect();
         let r = unpack(&root, &files, limits);
         (t, r)
+    }
+
+    /// Review L2: a whiteout named `.wh...` (hiding `..`) or `.wh..` at the top of a layer
+    /// would remove the directory above the root; refused, nothing outside the root touched.
+    #[test]
+    fn whiteouts_of_dot_and_dot_dot_are_refused() {
+        for name in [".wh...", ".wh..", "etc/.wh..."] {
+            let (t, r) = run(
+                vec![Tar::new().dir("etc/").file(name, b"")],
+                Limits::default(),
+            );
+            fs::write(t.path().join("sibling"), "x").expect("sibling");
+            assert!(
+                matches!(r, Err(UnpackError::PathEscape { .. })),
+                "{name}: {r:?}"
+            );
+            assert!(t.path().join("root").is_dir(), "{name}: root removed");
+        }
+        // And through unpack itself, with a sibling present before the layer is applied.
+        let t = tempfile::tempdir().expect("tmp");
+        let root = t.path().join("rootfs");
+        fs::create_dir(&root).expect("root");
+        fs::write(t.path().join("sibling"), "x").expect("sibling");
+        let layer = Tar::new().file(".wh...", b"").write(t.path(), "l.tar");
+        let r = unpack(
+            &root,
+            &[LayerFile {
+                path: &layer,
+                compression: Compression::None,
+            }],
+            Limits::default(),
+        );
+        assert!(r.is_err(), "{r:?}");
+        assert!(t.path().join("sibling").exists() && root.is_dir());
+    }
+
+    /// Review L5: a GNU long-name header announcing more than [`MAX_EXTENSION_HEADER`] bytes is
+    /// refused before the tar crate buffers it; a long name of ordinary length unpacks.
+    #[test]
+    fn huge_long_name_headers_are_refused() {
+        let long = format!(
+            "d/{}/{}/{}",
+            "a".repeat(100),
+            "b".repeat(100),
+            "c".repeat(100)
+        );
+        let mut ok = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(1);
+        h.set_mode(0o644);
+        ok.append_data(&mut h, &long, &b"x"[..]).expect("append");
+        let t = tempfile::tempdir().expect("tmp");
+        let root = t.path().join("root");
+        fs::create_dir(&root).expect("root");
+        let p = t.path().join("ok.tar");
+        fs::write(&p, ok.into_inner().expect("tar")).expect("write");
+        let files = [LayerFile {
+            path: &p,
+            compression: Compression::None,
+        }];
+        unpack(&root, &files, Limits::default()).expect("a 302-byte name");
+        assert!(root.join(&long).is_file());
+        // A 'L' header of 2 MiB.
+        let mut raw = Vec::new();
+        let mut l = tar::Header::new_gnu();
+        l.as_old_mut().name[..13].copy_from_slice(b"././@LongLink");
+        l.set_entry_type(tar::EntryType::GNULongName);
+        l.set_size(2 << 20);
+        l.set_mode(0o644);
+        l.set_cksum();
+        raw.extend_from_slice(l.as_bytes());
+        raw.extend(std::iter::repeat_n(b'a', 2 << 20));
+        raw.extend(std::iter::repeat_n(0u8, 1024));
+        let p = t.path().join("huge.tar");
+        fs::write(&p, raw).expect("write");
+        let root2 = t.path().join("root2");
+        fs::create_dir(&root2).expect("root");
+        let e = unpack(
+            &root2,
+            &[LayerFile {
+                path: &p,
+                compression: Compression::None,
+            }],
+            Limits::default(),
+        )
+        .expect_err("refused");
+        assert!(
+            crate::error::chain(&e).contains("extension header"),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -227,6 +227,26 @@ impl Esp {
         Ok(())
     }
 
+    /// Removes the file `path` (`dir/name`); a missing file is not an error.
+    pub fn remove(&self, path: &str) -> Result<()> {
+        let mut dir = self.fs.root_dir();
+        let (dirs, name) = path.rsplit_once('/').unwrap_or(("", path));
+        for d in dirs.split('/').filter(|d| !d.is_empty()) {
+            dir = match dir.open_dir(d) {
+                Ok(x) => x,
+                Err(_) => return Ok(()),
+            };
+        }
+        match dir.remove(name) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(anyhow::anyhow!(
+                "removing {path} on the ESP of {}: {e}",
+                self.image
+            )),
+        }
+    }
+
     /// Writes the file system's metadata back and closes it.
     pub fn close(self) -> Result<()> {
         let image = self.image;

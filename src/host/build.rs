@@ -208,7 +208,9 @@ fn ensure_base(
 fn container_files(
     c: &crate::image::ContainerSettings,
     trust: Option<&crate::image::TrustSettings>,
+    image_name: &str,
 ) -> Result<overlay::ContainerFiles> {
+    let cluster = c.cluster.clone().unwrap_or_else(|| image_name.to_string());
     use crate::container::{policy, signature::TrustedKey};
     let mut paths = c.keys.clone();
     if paths.is_empty() {
@@ -238,6 +240,13 @@ fn container_files(
         Some(m) => {
             let list = policy::read_signed(m, &trusted)?
                 .with_context(|| format!("{}: no such file", m.display()))?;
+            if list.cluster != cluster {
+                anyhow::bail!(
+                    "{}: the enrolled-machines list is for cluster `{}`, the image for `{cluster}` ([containers] cluster)",
+                    m.display(),
+                    list.cluster
+                );
+            }
             tracing::debug!(serial = list.serial, "shipping the enrolled-machines list");
             Some((
                 fs::read(m).with_context(|| format!("reading {}", m.display()))?,
@@ -250,6 +259,7 @@ fn container_files(
         keys: keys.iter().map(|(n, _)| n.clone()).collect(),
         require_trusted_boot: c.require_trusted_boot,
         require_enrolled_machines: c.require_enrolled_machines,
+        cluster,
     };
     Ok(overlay::ContainerFiles {
         policy_json: serde_json::to_vec_pretty(&policy)?,
@@ -302,7 +312,7 @@ fn load_inputs(opts: &BuildOptions, stages: &mut Stages) -> Result<Inputs> {
     };
     let container_files = match &def.containers {
         Some(c) => Some(stages.run("container policy", || {
-            container_files(c, def.trust.as_ref())
+            container_files(c, def.trust.as_ref(), &def.name)
                 .with_context(|| format!("[containers] of {}", def.path.display()))
         })?),
         None => None,
@@ -379,6 +389,7 @@ fn compose_usr(
     let trust_files = inputs.keys.as_ref().map(|k| overlay::TrustFiles {
         pcr_initrd_pub_pem: &k.pcr_initrd_pub_pem,
         pcr_boot_pub_pem: &k.pcr_boot_pub_pem,
+        recovery_pub_pem: &k.recovery_pub_pem,
         db_crt_pem: &db_crt,
     });
     overlay::apply(
@@ -489,6 +500,16 @@ fn disk_image(
         let dir = esp.join("keel");
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         fs::write(dir.join("config.ign"), cfg).context("writing keel/config.ign on the ESP")?;
+        // Signed with the operator's container-signing key, which the node's policy trusts.
+        if let Some(k) = &inputs.keys {
+            let key = crate::trust::keys::container_key(&k.dir)?;
+            let sig = crate::container::signature::sign(
+                &crate::node::provision::source::signed_payload(cfg),
+                &key,
+            )?;
+            fs::write(dir.join("config.ign.sig"), format!("{sig}\n"))
+                .context("writing keel/config.ign.sig on the ESP")?;
+        }
         disk::set_times(&esp, inputs.epoch)?;
     }
     let esp_s = esp.display().to_string();
@@ -574,13 +595,20 @@ fn checksums(dir: &Path) -> Result<Vec<Artifact>> {
 
 /// Writes the manifest into staging, then renames every artifact into the output directory and
 /// the manifest last: a reader never sees a manifest whose files are not all whole.
-fn publish(ws: &Workspace, manifest: &Manifest) -> Result<()> {
+/// Moves the outputs into place; with `private` (an embedded Ignition config, which may carry
+/// secrets) the disk images are readable by their owner only.
+fn publish(ws: &Workspace, manifest: &Manifest, private: bool) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     fs::write(
         ws.staging.join(MANIFEST_FILE),
         serde_json::to_string_pretty(manifest)? + "\n",
     )
     .context("writing manifest.json")?;
     for a in &manifest.artifacts {
+        if private && (a.file.ends_with(".raw") || a.file.ends_with(".qcow2")) {
+            fs::set_permissions(ws.staging.join(&a.file), fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("making {} private", a.file))?;
+        }
         fs::rename(ws.staging.join(&a.file), ws.out.join(&a.file))
             .with_context(|| format!("moving {} into {}", a.file, ws.out.display()))?;
     }
@@ -711,6 +739,6 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
     };
     manifest.artifacts = stages.run("checksums", || checksums(&ws.staging))?;
     manifest.timings = stages.timings.clone();
-    publish(&ws, &manifest)?;
+    publish(&ws, &manifest, inputs.ignition.is_some())?;
     Ok(manifest)
 }

@@ -74,7 +74,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Commands::Machines(c) => container::machines(c),
         Commands::Ignition(c) => ignition::command(c),
         Commands::Cluster(c) => cluster::command(c),
-        Commands::EmbedConfig(a) => ignition::embed(&a.image, &a.config),
+        Commands::EmbedConfig(a) => ignition::embed(&a),
         Commands::Bench(c) => bench::command(c),
         Commands::ToolsPath => tools::print_path(),
         Commands::Sandbox(a) => tools::sandbox::command(a),

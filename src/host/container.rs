@@ -80,6 +80,10 @@ pub enum MachinesCommand {
         /// sha256:<hex>, as `keel-agent ek-hash` prints it.
         #[arg(long)]
         ek: String,
+        /// The cluster the list is for (the image's `[containers] cluster`, by default its
+        /// name); needed when the list is new, checked when it exists.
+        #[arg(long)]
+        cluster: Option<String>,
     },
     /// Remove a machine by name or EK hash and sign the list again.
     Remove {
@@ -196,9 +200,23 @@ pub fn machines(c: MachinesCommand) -> Result<()> {
             key,
             name,
             ek,
+            cluster,
         } => {
             let k = private_key(&key)?;
             let mut m = load_own(&list, &k)?;
+            match (&cluster, m.cluster.is_empty()) {
+                (None, true) => anyhow::bail!(
+                    "{}: a new list needs --cluster NAME (the image's [containers] cluster, by default the image's name): nodes refuse a list for another cluster",
+                    list.display()
+                ),
+                (Some(c), true) => m.cluster = c.clone(),
+                (Some(c), false) if *c != m.cluster => anyhow::bail!(
+                    "{}: the list is for cluster `{}`, not `{c}`",
+                    list.display(),
+                    m.cluster
+                ),
+                _ => {}
+            }
             m.add(&name, &ek).map_err(anyhow::Error::msg)?;
             policy::write_signed(&list, &m, &k)?;
             println!(
@@ -224,7 +242,7 @@ pub fn machines(c: MachinesCommand) -> Result<()> {
             let keys = public_keys(&[public])?;
             let m = policy::read_signed(&list, &keys)?
                 .with_context(|| format!("{}: no such file", list.display()))?;
-            println!("serial {}", m.serial);
+            println!("cluster {}, serial {}", m.cluster, m.serial);
             for x in &m.machines {
                 println!("{:<24} {}", x.name, x.ek_sha256);
             }

@@ -24,6 +24,56 @@ pub struct EmbedArgs {
     /// A .raw image or a build output directory.
     pub image: PathBuf,
     pub config: PathBuf,
+    /// Sign the config with this container-signing key (PEM, ECDSA P-256): trusted images
+    /// apply an ESP config only when a key of their policy signed it. Without it, CONFIG.sig
+    /// (made by `keel cluster init --key`) is used when it is there.
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// Embed the config without a signature (for images built with
+    /// [trust] unsigned-esp-configs = true, or without [trust]).
+    #[arg(long, conflicts_with = "key")]
+    pub unsigned: bool,
+}
+
+/// The signature to put next to an embedded config: made with `key`, or read from CONFIG.sig.
+fn embed_signature(a: &EmbedArgs, bytes: &[u8]) -> Result<Option<String>> {
+    use crate::node::provision::source::signed_payload;
+    if a.unsigned {
+        return Ok(None);
+    }
+    if let Some(k) = &a.key {
+        let pem = fs::read(k).with_context(|| format!("reading {}", k.display()))?;
+        let key = openssl::pkey::PKey::private_key_from_pem(&pem)
+            .with_context(|| format!("{}: not a PEM private key", k.display()))?;
+        return Ok(Some(crate::container::signature::sign(
+            &signed_payload(bytes),
+            &key,
+        )?));
+    }
+    let beside = crate::container::policy::sig_path(&a.config);
+    match fs::read_to_string(&beside) {
+        Ok(s) => Ok(Some(s.trim().to_string())),
+        Err(_) => anyhow::bail!(
+            "{}: no signature: pass --key KEYDIR/container-signing.key (trusted images apply only signed ESP configs), or --unsigned for an image that allows unsigned ones",
+            a.config.display()
+        ),
+    }
+}
+
+/// Signs `config` for an ESP ([`crate::node::provision::source::signed_payload`]) and writes
+/// `CONFIG.sig` (what `keel cluster init --key` gives each node's config).
+pub fn write_config_signature(
+    config: &Path,
+    bytes: &[u8],
+    key: &openssl::pkey::PKey<openssl::pkey::Private>,
+) -> Result<()> {
+    let sig = crate::container::signature::sign(
+        &crate::node::provision::source::signed_payload(bytes),
+        key,
+    )?;
+    let p = crate::container::policy::sig_path(config);
+    crate::atomic::write(&p, format!("{sig}\n").as_bytes(), 0o600)
+        .map_err(|e| anyhow::anyhow!("{}", crate::error::chain(&e)))
 }
 
 /// `keel ignition …`.
@@ -42,7 +92,9 @@ pub fn command(c: IgnitionCommand) -> Result<()> {
     }
 }
 
-pub fn embed(image: &Path, config: &Path) -> Result<()> {
+pub fn embed(a: &EmbedArgs) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let (image, config) = (&a.image, &a.config);
     let bytes = fs::read(config).with_context(|| format!("reading {}", config.display()))?;
     let plan = crate::node::provision::config::parse(&bytes)
         .with_context(|| config.display().to_string())?;
@@ -54,12 +106,30 @@ pub fn embed(image: &Path, config: &Path) -> Result<()> {
             raw.display()
         );
     }
+    let sig = embed_signature(a, &bytes)?;
+    // The disk now carries the config (and whatever secrets it holds): its owner's only.
+    fs::set_permissions(raw, fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("making {} private", raw.display()))?;
     crate::disk::esp::write_file(raw, crate::node::provision::source::ESP_PATH, &bytes)?;
+    match &sig {
+        Some(s) => crate::disk::esp::write_file(
+            raw,
+            crate::node::provision::source::ESP_SIG_PATH,
+            format!("{s}\n").as_bytes(),
+        )?,
+        None => {
+            // A signature left from an earlier config would not match this one.
+            let esp = crate::disk::esp::Esp::open(raw, true)?;
+            let _ = esp.remove(crate::node::provision::source::ESP_SIG_PATH);
+            esp.close()?;
+        }
+    }
     println!(
-        "wrote {} on the ESP of {} (config sha256 {})",
+        "wrote {} on the ESP of {} (config sha256 {}, {})",
         crate::node::provision::source::ESP_PATH,
         raw.display(),
-        plan.sha256
+        plan.sha256,
+        if sig.is_some() { "signed" } else { "unsigned" }
     );
     let (Some(dir), Some(mut m)) = (resolved.dir, resolved.manifest) else {
         return Ok(());
@@ -70,6 +140,8 @@ pub fn embed(image: &Path, config: &Path) -> Result<()> {
         let tools =
             crate::host::tools::ToolsTree::ensure(&cache, crate::image::DEFAULT_MIRROR)?.bind(&dir);
         crate::host::render::disk::to_qcow2(&tools, raw, &qcow2)?;
+        fs::set_permissions(&qcow2, fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("making {} private", qcow2.display()))?;
         println!("made {} again", qcow2.display());
     }
     for a in &mut m.artifacts {

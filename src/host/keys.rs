@@ -16,6 +16,17 @@ pub enum KeysCommand {
     },
     /// Add the container-signing key (ECDSA P-256) to a key directory made before keel had it.
     AddContainerKey { dir: PathBuf },
+    /// Add the recovery escrow key (RSA-3072) to a key directory made before keel had it.
+    AddRecoveryKey { dir: PathBuf },
+    /// Decrypt a node's escrowed recovery key (its /var/lib/keel/recovery-key.escrow) with the
+    /// key directory's recovery key, and print it.
+    Recover {
+        /// The key directory.
+        #[arg(long)]
+        keys: PathBuf,
+        /// The escrow file copied from the node.
+        file: PathBuf,
+    },
 }
 
 /// `keel keys …`.
@@ -27,6 +38,22 @@ pub fn command(c: KeysCommand) -> Result<()> {
                 "created keys in {}: keep the *.key files secret (mode 0600); name the directory in an image definition as [trust] keys = \"...\"",
                 dir.display()
             );
+        }
+        KeysCommand::AddRecoveryKey { dir } => {
+            if crate::trust::keys::ensure_recovery_key(&dir)? {
+                println!("created {}/recovery.key and .pub.pem", dir.display());
+            } else {
+                println!("{} already has a recovery key; kept it", dir.display());
+            }
+        }
+        KeysCommand::Recover { keys, file } => {
+            use anyhow::Context;
+            let k = crate::trust::keys::recovery_key(&keys)?;
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let secret = crate::trust::escrow::open(&k, &text)
+                .with_context(|| format!("decrypting {}", file.display()))?;
+            println!("{secret}");
         }
         KeysCommand::AddContainerKey { dir } => {
             if crate::trust::keys::ensure_container_key(&dir)? {

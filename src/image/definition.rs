@@ -92,6 +92,7 @@ struct RawTrust {
     keys: Option<Spanned<String>>,
     generate_keys: Option<bool>,
     without_tpm: Option<WithoutTpm>,
+    unsigned_esp_configs: Option<bool>,
 }
 
 /// Trusted boot settings: signing keys and the sealed root partition.
@@ -102,6 +103,8 @@ pub struct TrustSettings {
     /// Create the key directory when missing (development images only).
     pub generate_keys: bool,
     pub without_tpm: WithoutTpm,
+    /// Apply an Ignition config found on the ESP without the operator's signature.
+    pub unsigned_esp_configs: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,6 +114,7 @@ struct RawContainers {
     require_trusted_boot: Option<bool>,
     require_enrolled_machines: Option<bool>,
     machines: Option<Spanned<String>>,
+    cluster: Option<String>,
 }
 
 /// The container policy the image carries for keel-agent (docs/containers.md).
@@ -123,6 +127,9 @@ pub struct ContainerSettings {
     pub require_enrolled_machines: bool,
     /// A signed enrolled-machines list to ship in the image (its `.sig` beside it).
     pub machines: Option<PathBuf>,
+    /// The cluster the image is for; enrolled-machines lists must name it (default: the
+    /// image's name).
+    pub cluster: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -701,6 +708,7 @@ fn merge_trust(def: &mut Definition, layer: &Layer) -> Result<(), DefinitionErro
             keys: PathBuf::new(),
             generate_keys: false,
             without_tpm: WithoutTpm::Refuse,
+            unsigned_esp_configs: false,
         });
         if let Some(k) = &t.keys {
             if k.get_ref().is_empty() {
@@ -718,6 +726,9 @@ fn merge_trust(def: &mut Definition, layer: &Layer) -> Result<(), DefinitionErro
         }
         if let Some(w) = t.without_tpm {
             settings.without_tpm = w;
+        }
+        if let Some(u) = t.unsigned_esp_configs {
+            settings.unsigned_esp_configs = u;
         }
         if settings.keys.as_os_str().is_empty() {
             return Err(invalid(path, text, 0..0, "trust.keys", "missing: a [trust] table must name the key directory (keys = \"DIR\", relative to this file)".into()));
@@ -737,6 +748,7 @@ fn merge_containers(def: &mut Definition, layer: &Layer) -> Result<(), Definitio
             require_trusted_boot: true,
             require_enrolled_machines: false,
             machines: None,
+            cluster: None,
         });
         if let Some(keys) = &c.keys {
             settings.keys = keys.iter().map(|k| dir.join(k.get_ref())).collect();
@@ -749,6 +761,9 @@ fn merge_containers(def: &mut Definition, layer: &Layer) -> Result<(), Definitio
         }
         if let Some(m) = &c.machines {
             settings.machines = Some(dir.join(m.get_ref()));
+        }
+        if let Some(n) = &c.cluster {
+            settings.cluster = Some(n.clone());
         }
         def.containers = Some(settings);
     }

@@ -35,7 +35,14 @@ pub mod file {
     /// ECDSA P-256 key that signs container images and enrolled-machine lists (cosign's scheme).
     pub const CONTAINER_KEY: &str = "container-signing.key";
     pub const CONTAINER_PUB: &str = "container-signing.pub.pem";
+    /// RSA key the first boot encrypts the root volume's recovery key to (RSA-OAEP, SHA-256):
+    /// the node keeps only the ciphertext; the operator decrypts it with `keel keys recover`.
+    pub const RECOVERY_KEY: &str = "recovery.key";
+    pub const RECOVERY_PUB: &str = "recovery.pub.pem";
 }
+
+/// Size of the recovery escrow key (decrypting needs no firmware or TPM support).
+const RECOVERY_BITS: u32 = 3072;
 
 const CERT_DAYS: u32 = 3650;
 const RSA_BITS: u32 = 2048;
@@ -71,6 +78,8 @@ pub struct Keys {
     pub pcr_initrd_pub_pem: Vec<u8>,
     pub pcr_boot: PKey<Private>,
     pub pcr_boot_pub_pem: Vec<u8>,
+    /// The recovery escrow key's public half (shipped under /usr).
+    pub recovery_pub_pem: Vec<u8>,
 }
 
 fn rsa_key() -> Result<PKey<Private>, KeyError> {
@@ -233,6 +242,7 @@ pub fn init(dir: &Path, label: &str) -> Result<(), KeyError> {
             write_file(&staging.join(pub_file), &key.public_key_to_pem()?, 0o644)?;
         }
         write_container_key(&staging)?;
+        write_recovery_key(&staging)?;
         write_file(
             &staging.join(file::OWNER),
             format!("{}\n", random_guid()?).as_bytes(),
@@ -261,6 +271,41 @@ fn write_container_key(dir: &Path) -> Result<(), KeyError> {
         &key.public_key_to_pem()?,
         0o644,
     )
+}
+
+fn write_recovery_key(dir: &Path) -> Result<(), KeyError> {
+    let key = PKey::from_rsa(Rsa::generate(RECOVERY_BITS)?)?;
+    write_file(
+        &dir.join(file::RECOVERY_KEY),
+        &key.private_key_to_pem_pkcs8()?,
+        0o600,
+    )?;
+    write_file(
+        &dir.join(file::RECOVERY_PUB),
+        &key.public_key_to_pem()?,
+        0o644,
+    )
+}
+
+/// Adds the recovery escrow key to a key directory made before it existed; returns whether it
+/// was created (an existing key is never replaced).
+pub fn ensure_recovery_key(dir: &Path) -> Result<bool, KeyError> {
+    if dir.join(file::RECOVERY_KEY).exists() {
+        return Ok(false);
+    }
+    if !dir.is_dir() {
+        return Err(KeyError::File {
+            path: dir.to_path_buf(),
+            message: "no such key directory; create one with `keel keys init DIR`".into(),
+        });
+    }
+    write_recovery_key(dir)?;
+    Ok(true)
+}
+
+/// The recovery escrow private key of a key directory (mode checked).
+pub fn recovery_key(dir: &Path) -> Result<PKey<Private>, KeyError> {
+    private(dir, file::RECOVERY_KEY).map(|(_, k)| k)
 }
 
 /// Adds the container-signing key to a key directory made before it existed; returns whether
@@ -338,6 +383,17 @@ impl Keys {
         }
         let (_, pcr_initrd) = private(dir, file::PCR_INITRD_KEY)?;
         let (_, pcr_boot) = private(dir, file::PCR_BOOT_KEY)?;
+        let recovery_pub_pem = fs::read(dir.join(file::RECOVERY_PUB)).map_err(|e| KeyError::File {
+            path: dir.join(file::RECOVERY_PUB),
+            message: format!(
+                "cannot read ({e}); key directories made before the recovery key was escrowed need one: `keel keys add-recovery-key {}`",
+                dir.display()
+            ),
+        })?;
+        public_from_pem(&recovery_pub_pem).map_err(|e| KeyError::File {
+            path: dir.join(file::RECOVERY_PUB),
+            message: format!("not a PEM public key: {e}"),
+        })?;
         let owner = String::from_utf8_lossy(&read(dir, file::OWNER)?)
             .trim()
             .to_string();
@@ -358,6 +414,7 @@ impl Keys {
             pcr_initrd,
             pcr_boot_pub_pem: pcr_boot.public_key_to_pem()?,
             pcr_boot,
+            recovery_pub_pem,
         })
     }
 }

@@ -22,12 +22,23 @@ pub const MEASURED_SECTIONS: &[&str] = &[
     ".pcrpkey", ".profile", ".dtbauto", ".hwids",
 ];
 
-/// The boot phases systemd-measure signs by default, as phase paths.
+/// The word keel-root-init measures into PCR 11 as soon as the root volume is open, however it
+/// was opened and before anything on it is read: from then on PCR 11 is past the only state the
+/// root's sealing policy accepts, so a volume the TPM did not open (a planted one, or the real
+/// one opened with the recovery key) never runs while the sealed key can be released.
+pub const ROOT_OPENED: &str = "keel-root-opened";
+/// The word measured before a root volume is opened with a typed recovery key: every state
+/// after it is one no key signs, so such a boot is visibly untrusted.
+pub const RECOVERY: &str = "keel-recovery";
+
+/// The boot phases Keel predicts and signs, as phase paths: systemd's phases with
+/// [`ROOT_OPENED`] between `enter-initrd` and `leave-initrd`.
 pub const PHASES: &[&str] = &[
     "enter-initrd",
-    "enter-initrd:leave-initrd",
-    "enter-initrd:leave-initrd:sysinit",
-    "enter-initrd:leave-initrd:sysinit:ready",
+    "enter-initrd:keel-root-opened",
+    "enter-initrd:keel-root-opened:leave-initrd",
+    "enter-initrd:keel-root-opened:leave-initrd:sysinit",
+    "enter-initrd:keel-root-opened:leave-initrd:sysinit:ready",
 ];
 
 /// TPM 2.0 Part 2 constants.
@@ -288,7 +299,7 @@ mod tests {
             name: ".linux".into(),
             digest: [1; 32],
         }]);
-        assert_eq!(preds.len(), 4);
+        assert_eq!(preds.len(), PHASES.len());
         let entries = sign_phases(&preds, &["enter-initrd"], &key).expect("sign");
         assert_eq!(entries.len(), 1);
         assert_eq!(entries[0].pol, preds[0].policy);

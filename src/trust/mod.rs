@@ -1,6 +1,7 @@
 //! Trusted boot: the operator's keys, PCR 11 prediction and `.pcrsig` signing at build time, and
 //! the boot-state checks node programs make against them.
 
+pub mod escrow;
 pub mod eventlog;
 pub mod keys;
 pub mod measure;
@@ -19,6 +20,9 @@ pub fn ensure_keys(settings: &TrustSettings, image: &str) -> Result<Keys> {
         );
         keys::init(&settings.keys, &format!("Keel development ({image})"))
             .with_context(|| format!("creating keys in {}", settings.keys.display()))?;
+    }
+    if settings.generate_keys && keys::ensure_recovery_key(&settings.keys)? {
+        tracing::warn!(dir = %settings.keys.display(), "added a development recovery escrow key");
     }
     Ok(Keys::load(&settings.keys)?)
 }

@@ -1,9 +1,58 @@
 #!/bin/sh
-# keel: create the node's TPM-sealed root volume (first boot only). See docs/trusted-boot.md.
+# keel: open the node's TPM-sealed root volume, or create it on the first boot, and mark PCR 11
+# as soon as it is open. See docs/trusted-boot.md.
 set -eu
 WITHOUT_TPM=@WITHOUT_TPM@
+SIG=/.extra/tpm2-pcr-signature.json
+ZERO=0000000000000000000000000000000000000000000000000000000000000000
 say() { echo "keel-root-init: $*"; echo "<5>keel-root-init: $*" > /dev/kmsg; }
 fail() { echo "keel-root-init: ERROR: $*" >&2; echo "<2>keel-root-init: ERROR: $*" > /dev/kmsg; exit 1; }
+TPM=0
+[ ! -c /dev/tpmrm0 ] || TPM=1
+
+# Extends PCR 11 with a word (on machines with a TPM). keel-root-opened follows every opening of
+# the root, however it was opened, before anything on it is read: from then on PCR 11 is past the
+# one state whose signed policy releases the sealed key. keel-recovery precedes an opening with
+# a typed key, so that boot never reaches a state the operator signed. A failure stops the boot.
+measure() {
+    [ "$TPM" = 1 ] || return 0
+    /usr/lib/systemd/systemd-pcrextend "$1" \
+        || fail "measuring '$1' into PCR 11 failed; the boot stops, since the root must never be readable while PCR 11 can still release its key"
+}
+
+# Opens $1 as /dev/mapper/root the everyday way: through the TPM, which releases the key only
+# under the operator's signed PCR 11 policy with PCR 12 and 13 empty (and PCR 7 as on the first
+# boot, when Secure Boot was on); on a machine without a TPM, with the empty passphrase of an
+# image built with trust.without-tpm = "unencrypted". Never prompts.
+open_sealed() {
+    if [ "$TPM" = 1 ]; then
+        /usr/lib/systemd/systemd-cryptsetup attach root "$1" - \
+            "tpm2-device=auto,tpm2-signature=$SIG,tpm2-measure-pcr=yes,headless=1"
+    else
+        [ "$WITHOUT_TPM" = unencrypted ] || fail "no TPM2 device: this image never stores node state unsealed (trust.without-tpm = \"refuse\"); boot it with a TPM 2.0, or build with trust.without-tpm = \"unencrypted\""
+        : > /run/keel/empty.key
+        cryptsetup open --key-file /run/keel/empty.key "$1" root
+    fi
+}
+
+# The TPM did not release the key: this boot is not the one the operator signed (another
+# command line, a changed UKI, Secure Boot switched off, firmware changes, another root volume).
+# Only the recovery key opens the volume now, and PCR 11 is moved out of every signed state first.
+recover() {
+    measure keel-recovery
+    say "the TPM did not release the key of the root volume $1: this boot is not one the operator signed (changed UKI or command line, Secure Boot or firmware changed, or another disk). Type the recovery key to open it in recovery mode (keel-agent will report this boot untrusted and start no containers), or power off."
+    /usr/lib/systemd/systemd-cryptsetup attach root "$1" - "tpm2-measure-pcr=yes" \
+        || fail "the root volume $1 was not opened"
+    say "root volume opened with a typed key: RECOVERY MODE, this boot is untrusted"
+}
+
+# Every boot but the first: open the finished volume, then mark PCR 11.
+open_existing() {
+    mkdir -p /run/keel /run/cryptsetup
+    open_sealed "$1" || recover "$1"
+    measure keel-root-opened
+    exit 0
+}
 
 # Sets $known to the names of the partitions the kernel knows now (" vda1 vda2 ...").
 list_partitions() {
@@ -15,10 +64,10 @@ list_partitions() {
     done
 }
 
-# Every boot after the first: the volume exists and is finished, and there is nothing to do. This
-# unit is not ordered after systemd-repart, so on those boots the root is unlocked while /usr is
-# still being set up. Wait until udev has handled every partition the kernel knows of (so the
-# volume, if there is one, has its /dev/gpt-auto-root-luks name), then leave if it is there. A
+# Every boot after the first: the volume exists and is finished, and is opened (open_existing).
+# This unit is not ordered after systemd-repart, so on those boots the root is unlocked while
+# /usr is still being set up. Wait until udev has handled every partition the kernel knows of (so
+# the volume, if there is one, has its /dev/gpt-auto-root-luks name), then open it. A
 # disk that shows up later, or none at all, leads to the first-boot path below, which waits for
 # systemd-repart and checks again.
 list_partitions
@@ -61,7 +110,7 @@ fi
 if [ -e /dev/gpt-auto-root-luks ]; then
     # The label udev's blkid builtin read when it named the device: no second probe of the disk.
     label=$(udevadm info -q property --property=ID_FS_LABEL --value /dev/gpt-auto-root-luks || true)
-    [ "$label" != keel-root ] || exit 0
+    [ "$label" != keel-root ] || open_existing "$(readlink -f /dev/gpt-auto-root-luks)"
 fi
 # First boot: systemd-repart creates the partition once /usr is mounted. Wait for it to finish
 # (this joins the boot's own start job for it).
@@ -81,11 +130,25 @@ while ! root_seen; do
     [ $((i % 20)) -ne 0 ] || reprobe
     sleep 0.5
 done
+mkdir -p /run/keel /run/cryptsetup
 if [ -e /dev/gpt-auto-root-luks ]; then
     DEV=$(readlink -f /dev/gpt-auto-root-luks)
     label=$(cryptsetup luksDump "$DEV" | sed -n 's/^Label:[[:space:]]*//p')
-    [ "$label" = keel-root-new ] || exit 0
-    say "$DEV holds an unfinished root volume from an interrupted first boot; creating it again"
+    [ "$label" = keel-root-new ] || open_existing "$DEV"
+    # A header label is not authenticated: anyone holding the disk can write keel-root-new on
+    # a finished root. Only a volume this machine's TPM (or, without a TPM, the empty
+    # passphrase) opens is ours; it is finished when it holds a file system, and erased only
+    # when it holds none.
+    say "$DEV is labelled keel-root-new, as an interrupted first boot leaves the root volume"
+    open_sealed "$DEV" || fail "the root volume $DEV is labelled keel-root-new (an unfinished first boot) but this machine cannot open it; keel does not erase a volume on the word of its header. If this machine's first boot was interrupted, erase the header from a rescue system (wipefs -a $DEV) and boot again; otherwise the disk was tampered with"
+    if [ -n "$(blkid -p -o value -s TYPE /dev/mapper/root || true)" ]; then
+        say "this machine opens it and it holds a file system: finishing it (nothing is erased)"
+        cryptsetup config --label keel-root "$DEV"
+        measure keel-root-opened
+        exit 0
+    fi
+    say "this machine opens it and it holds no file system yet: creating it again"
+    cryptsetup close root
 else
     DEV=$(readlink -f /dev/gpt-auto-root)
     fstype=$(blkid -p -o value -s TYPE "$DEV" || true)
@@ -93,10 +156,9 @@ else
 fi
 
 umask 077
-mkdir -p /run/keel
-# libcryptsetup's lock directory: below, the header is changed (TPM enrolment, recovery key) while
-# the volume is opened from it, and the locks keep each of them to a consistent copy.
-mkdir -p /run/cryptsetup
+# /run/cryptsetup is libcryptsetup's lock directory: below, the header is changed (TPM
+# enrolment, recovery key) while the volume is opened from it, and the locks keep each of them
+# to a consistent copy.
 KEY=/run/keel/root-init.key
 enrol=""
 finished=0
@@ -107,11 +169,9 @@ cleanup() {
     [ "$finished" = 1 ] || cryptsetup close root 2>/dev/null || true
 }
 trap cleanup EXIT
-if [ -c /dev/tpmrm0 ]; then
-    TPM=1
+if [ "$TPM" = 1 ]; then
     head -c 64 /dev/urandom > "$KEY"
 else
-    TPM=0
     if [ "$WITHOUT_TPM" != unencrypted ]; then
         fail "no TPM2 device: this image never stores node state unsealed (trust.without-tpm = \"refuse\"); boot it with a TPM 2.0, or build with trust.without-tpm = \"unencrypted\""
     fi
@@ -124,11 +184,22 @@ if [ "$TPM" = 1 ]; then
     if [ ! -r /.extra/tpm2-pcr-public-key.pem ] || [ ! -r /.extra/tpm2-pcr-signature.json ]; then
         fail "the UKI carries no .pcrpkey/.pcrsig: it was not built with keel's signing keys"
     fi
-    say "sealing the volume key to the TPM under the operator's signed PCR 11 policy"
+    # PCR 12 and 13 must be empty when the key is released: systemd-stub measures a command
+    # line from outside the UKI (accepted when Secure Boot is off), credentials and addons into
+    # 12, system extensions into 13. With Secure Boot on now, PCR 7 (Secure Boot state and keys)
+    # must also read as now: switching it off or enrolling other keys locks the root.
+    PCRS="12:sha256=$ZERO+13:sha256=$ZERO"
+    sb=$(od -An -tu1 -j4 -N1 /sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c 2>/dev/null | tr -d ' ' || true)
+    if [ "$sb" = 1 ]; then
+        PCRS="7+$PCRS"
+        say "sealing the volume key to the TPM: the operator's signed PCR 11 policy, PCR 12 and 13 empty, PCR 7 as now (Secure Boot on)"
+    else
+        say "sealing the volume key to the TPM: the operator's signed PCR 11 policy, PCR 12 and 13 empty (Secure Boot is off: PCR 7 not bound)"
+    fi
     # The enrolments run while the volume is opened and its file system made (two CPUs, and the
     # TPM works apart from both).
     (
-        systemd-cryptenroll --unlock-key-file="$KEY" --tpm2-device=auto --tpm2-pcrs= \
+        systemd-cryptenroll --unlock-key-file="$KEY" --tpm2-device=auto --tpm2-pcrs="$PCRS" \
             --tpm2-public-key=/.extra/tpm2-pcr-public-key.pem --tpm2-public-key-pcrs=11 \
             --tpm2-signature=/.extra/tpm2-pcr-signature.json "$DEV" \
             || fail "sealing the volume key to the TPM failed"
@@ -157,7 +228,12 @@ if [ "$TPM" = 1 ]; then
     pid=$enrol
     enrol=""
     wait "$pid" || fail "the volume could not be sealed (see above); the next boot starts over"
-    grep -v '^$' /run/keel/recovery-key | tail -n 1 > /run/keel/newroot/var/lib/keel/recovery-key
+    # The recovery key leaves the initrd only encrypted to the operator's recovery key (in the
+    # verity-protected /usr); the operator decrypts it with `keel keys recover`.
+    grep -v '^$' /run/keel/recovery-key | tail -n 1 \
+        | /usr/lib/keel/escrow /sysusr/usr/lib/keel/trust/recovery.pub.pem \
+            > /run/keel/newroot/var/lib/keel/recovery-key.escrow \
+        || fail "escrowing the recovery key failed (is /usr/lib/keel/trust/recovery.pub.pem in the image?)"
     umount /run/keel/newroot
     # Batch mode needs no remaining passphrase; it still says "Nothing to read on input".
     cryptsetup luksKillSlot -q "$DEV" 0 < /dev/null 2> /run/keel/killslot.log \
@@ -165,10 +241,9 @@ if [ "$TPM" = 1 ]; then
 fi
 cryptsetup config --label keel-root "$DEV"
 finished=1
-# systemd-cryptsetup@root waits for the volume's /dev/gpt-auto-root-luks name.
-udevadm trigger --settle "$DEV" || true
+measure keel-root-opened
 if [ "$TPM" = 1 ]; then
-    say "root volume sealed to this TPM and opened; recovery key stored in /var/lib/keel/recovery-key (escrow it, then delete it)"
+    say "root volume sealed to this TPM and opened; recovery key escrowed to the operator's recovery key in /var/lib/keel/recovery-key.escrow (decrypt with keel keys recover)"
 else
     say "root volume created unprotected and opened"
 fi

@@ -79,6 +79,8 @@ SizeMinBytes=512M
 pub struct TrustFiles<'a> {
     pub pcr_initrd_pub_pem: &'a [u8],
     pub pcr_boot_pub_pem: &'a [u8],
+    /// The key the first boot encrypts the recovery key to.
+    pub recovery_pub_pem: &'a [u8],
     pub db_crt_pem: &'a [u8],
 }
 
@@ -291,6 +293,7 @@ pub fn apply(
         let dir = usr.join(TRUST_DIR);
         replace_file(&dir.join("pcr-initrd.pub.pem"), t.pcr_initrd_pub_pem, 0o644)?;
         replace_file(&dir.join("pcr-boot.pub.pem"), t.pcr_boot_pub_pem, 0o644)?;
+        replace_file(&dir.join("recovery.pub.pem"), t.recovery_pub_pem, 0o644)?;
         replace_file(&dir.join("db.crt"), t.db_crt_pem, 0o644)?;
     }
     if let Some(c) = containers {
@@ -304,6 +307,16 @@ pub fn apply(
             replace_file(&dir.join("machines.json.sig"), sig, 0o644)?;
         }
     }
+    // Whether a config on the ESP needs the operator's signature: always on trusted images
+    // unless their [trust] says otherwise; an image without [trust] protects nothing with it.
+    let settings = crate::node::provision::source::Settings {
+        unsigned_esp_configs: def.trust.as_ref().is_none_or(|t| t.unsigned_esp_configs),
+    };
+    replace_file(
+        &usr.join("lib/keel/provisioning.json"),
+        &serde_json::to_vec_pretty(&settings)?,
+        0o644,
+    )?;
     let osr_path = usr.join("lib/os-release");
     let base =
         fs::read_to_string(&osr_path).with_context(|| format!("reading {}", osr_path.display()))?;
@@ -328,8 +341,18 @@ pub fn apply(
         tmpfiles.as_bytes(),
         0o644,
     )?;
+    replace_file(
+        &usr.join("lib/tmpfiles.d/keel-state.conf"),
+        KEEL_STATE_TMPFILES.as_bytes(),
+        0o644,
+    )?;
     Ok(())
 }
+
+/// /var/lib/keel (provisioning records, enrolled-machines lists, container bundles with their
+/// set-id binaries, the spool) is root's alone on every image, sealed or not: `z` fixes the
+/// mode of a directory an earlier boot made otherwise.
+pub const KEEL_STATE_TMPFILES: &str = "# keel: node state is root's alone\nd /var/lib/keel 0700 root root -\nz /var/lib/keel 0700 root root -\n";
 
 /// Applies the image's presets at build time: `systemctl --root preset-all` (the tools tree's
 /// systemctl, the same systemd release as the image) over a root made of the usr tree and its

@@ -34,9 +34,11 @@ pub const INITRD_PACKAGES: &[&str] = &[
     // keel-agent (first-boot provisioning) links these too.
     "libtss2-tctildr0t64",
     "libtss2-sys1t64",
+    // The first boot encrypts the root's recovery key to the operator's recovery key.
+    "openssl",
 ];
 /// Bump when the initrd's keel content or trimming changes.
-const INITRD_FORMAT: &str = "initrd-8";
+const INITRD_FORMAT: &str = "initrd-9";
 /// Bump when the pruning of the assembled tree (`initrd_prune`) changes how it decides.
 const PRUNE_FORMAT: &str = "prune-1";
 
@@ -61,26 +63,14 @@ const ROOT_INIT: &str = include_str!("../../../units/initrd/keel-root-init.sh");
 
 const ROOT_INIT_UNIT: &str = include_str!("../../../units/initrd/keel-root-init.service");
 
-/// The sealed root volume is opened from the initrd's crypttab (as `/dev/mapper/root`, the UKI's
-/// `root=`), after keel-root-init, which on the first boot leaves it open (systemd-cryptsetup then
-/// says "Volume root already active"). `tpm2-measure-pcr` records the volume key in
-/// PCR 15, so a swapped volume changes the measured state. The LUKS device only appears once
-/// keel-root-init has formatted it, which may take longer than systemd's default 90 s device
-/// wait (e.g. while the initrd waits for a TPM the firmware announced): no device timeout, since
-/// keel-root-init either creates the device or fails into emergency mode.
-const CRYPTSETUP_DROPIN: &str =
-    include_str!("../../../units/initrd/systemd-cryptsetup@root.service.d/10-keel.conf");
+/// Encrypts the recovery key to the operator's recovery key (RSA-OAEP, SHA-256), for
+/// keel-root-init; `src/trust/escrow.rs` reads what it prints.
+const ESCROW: &str = include_str!("../../../units/initrd/keel-escrow.sh");
 
-/// The initrd's /etc/crypttab for a sealed image.
-pub fn crypttab(without_tpm: WithoutTpm) -> String {
-    let mut opts = String::from(
-        "tpm2-device=auto,tpm2-signature=/.extra/tpm2-pcr-signature.json,tpm2-measure-pcr=yes,x-initrd.attach,x-systemd.device-timeout=0",
-    );
-    if without_tpm == WithoutTpm::Unencrypted {
-        opts.push_str(",try-empty-password=yes");
-    }
-    format!("root /dev/gpt-auto-root-luks - {opts}\n")
-}
+/// keel-root-init opens `/dev/mapper/root` (the UKI's `root=`) itself, however long that takes;
+/// the device's job must not time out meanwhile.
+const ROOT_DEVICE_DROPIN: &str =
+    include_str!("../../../units/initrd/dev-mapper-root.device.d/10-keel.conf");
 
 /// The kernel's module index files, as text.
 pub struct ModuleIndex<'a> {
@@ -428,8 +418,8 @@ fn sources(input: &InitrdInput, base_key: String) -> Result<Sources> {
             .sealed
             .map(|w| {
                 format!(
-                    "{ROOT_INIT}{ROOT_INIT_UNIT}{CRYPTSETUP_DROPIN}{}",
-                    crypttab(w)
+                    "{ROOT_INIT}{ROOT_INIT_UNIT}{ROOT_DEVICE_DROPIN}{ESCROW}{}",
+                    w.as_str()
                 )
             })
             .unwrap_or_default(),
@@ -544,14 +534,18 @@ fn install_keel(tree: &Path, src: &Sources, sealed: Option<WithoutTpm>) -> Resul
             ROOT_INIT_UNIT.as_bytes(),
             0o644,
         )?;
+        replace_file(&keel_lib.join("escrow"), ESCROW.as_bytes(), 0o755)?;
+        // sysroot.mount waits for /dev/mapper/root, which only keel-root-init creates.
+        let device_wants = units.join("initrd-root-device.target.wants");
+        fs::create_dir_all(&device_wants).context("creating initrd-root-device.target.wants")?;
+        symlink(
+            "../keel-root-init.service",
+            device_wants.join("keel-root-init.service"),
+        )
+        .context("enabling keel-root-init")?;
         replace_file(
-            &units.join("systemd-cryptsetup@root.service.d/10-keel.conf"),
-            CRYPTSETUP_DROPIN.as_bytes(),
-            0o644,
-        )?;
-        replace_file(
-            &tree.join("etc/crypttab"),
-            crypttab(without_tpm).as_bytes(),
+            &units.join("dev-mapper-root.device.d/10-keel.conf"),
+            ROOT_DEVICE_DROPIN.as_bytes(),
             0o644,
         )?;
     }
@@ -686,25 +680,52 @@ kernel/lib/crc16.ko.xz:\n";
         assert!(files.contains(&"kernel/lib/libcrc32c.ko.xz".to_string()));
     }
 
+    /// The root is opened by keel-root-init only, never prompting on the everyday path, never
+    /// with an empty passphrase on a machine with a TPM, and PCR 11 is marked before the root is
+    /// read (review C1, C2).
     #[test]
-    fn crypttab_opens_the_sealed_root_and_allows_empty_passphrase_only_when_asked() {
-        let refuse = crypttab(WithoutTpm::Refuse);
-        assert!(
-            refuse.starts_with("root /dev/gpt-auto-root-luks - "),
-            "{refuse}"
-        );
-        for opt in [
-            "tpm2-device=auto",
-            "x-initrd.attach",
-            "x-systemd.device-timeout=0",
-        ] {
-            assert!(refuse.contains(opt), "{opt} missing: {refuse}");
-        }
-        assert!(!refuse.contains("try-empty-password"), "{refuse}");
-        assert!(crypttab(WithoutTpm::Unencrypted).contains("try-empty-password=yes"));
+    fn root_init_opens_headless_binds_pcr_12_and_marks_pcr_11() {
         assert!(
             ROOT_INIT.contains("@WITHOUT_TPM@"),
-            "the setting is substituted at build time"
+            "substituted at build time"
+        );
+        assert!(ROOT_INIT.contains("headless=1"));
+        assert!(!ROOT_INIT.contains("try-empty-password"));
+        assert!(ROOT_INIT.contains("--tpm2-pcrs=\"$PCRS\""));
+        assert!(ROOT_INIT.contains("PCRS=\"12:sha256=$ZERO+13:sha256=$ZERO\""));
+        assert!(ROOT_INIT.contains(&format!("measure {}", crate::trust::measure::ROOT_OPENED)));
+        assert!(ROOT_INIT.contains(&format!("measure {}", crate::trust::measure::RECOVERY)));
+        assert!(ROOT_INIT_UNIT.contains("Before=systemd-fsck-root.service sysroot.mount"));
+    }
+
+    /// Review M5: what the initrd's escrow script prints (run here with the host's openssl)
+    /// opens with the operator's recovery key and holds no plain text of the key.
+    #[test]
+    fn the_escrow_script_output_opens_with_the_recovery_key() {
+        let t = tempfile::tempdir().expect("tmp");
+        let k = openssl::pkey::PKey::from_rsa(openssl::rsa::Rsa::generate(3072).expect("rsa"))
+            .expect("pkey");
+        let public = t.path().join("recovery.pub.pem");
+        fs::write(&public, k.public_key_to_pem().expect("pem")).expect("pub");
+        let script = t.path().join("escrow");
+        fs::write(&script, ESCROW).expect("script");
+        let secret = "ldcbbfjt-vdikbtif-rrfebhcr-nlhgduch-vvikkgrh-rjvhnclr-htkjirue-tkvbbkvu";
+        let mut child = Command::new("sh")
+            .arg(&script)
+            .arg(&public)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("sh");
+        std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), secret.as_bytes())
+            .expect("write");
+        let out = child.wait_with_output().expect("wait");
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8(out.stdout).expect("utf8");
+        assert!(!text.contains(secret), "{text}");
+        assert_eq!(
+            crate::trust::escrow::open(&k, &text).expect("opens"),
+            secret
         );
     }
 
@@ -715,6 +736,7 @@ kernel/lib/crc16.ko.xz:\n";
         for (name, script) in [
             ("etc-setup", ETC_SETUP.to_string()),
             ("root-init", ROOT_INIT.replace("@WITHOUT_TPM@", "refuse")),
+            ("escrow", ESCROW.to_string()),
         ] {
             let out = std::process::Command::new("sh")
                 .arg("-n")

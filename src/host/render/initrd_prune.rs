@@ -65,6 +65,7 @@ pub const INITRD_PROGRAMS: &[&str] = &[
     "test",
     "touch",
     "tr",
+    "od",
     "true",
     "uname",
     "uniq",
@@ -122,6 +123,8 @@ pub const INITRD_PROGRAMS: &[&str] = &[
     // device-mapper (udev's dm rules run dmsetup), the sealed root and /usr
     "dmsetup",
     "cryptsetup",
+    // the first boot's recovery key escrow
+    "openssl",
     "veritysetup",
     // ext4: systemd-fsck runs fsck, keel-root-init makes the root file system
     "fsck",

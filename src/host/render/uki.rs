@@ -37,11 +37,13 @@ pub struct UkiInput<'a> {
 /// Phases whose policy the initrd key signs: only the initrd, so the TPM releases the root
 /// volume's key nowhere else.
 pub const INITRD_KEY_PHASES: &[&str] = &["enter-initrd"];
-/// Phases the boot key signs: the running system's states, for boot-state checks.
+/// Phases the boot key signs: the running system's states, for boot-state checks. Only states
+/// after the root was opened through the TPM (`keel-root-opened` without `keel-recovery`
+/// before it); the boot key can release nothing.
 pub const BOOT_KEY_PHASES: &[&str] = &[
-    "enter-initrd:leave-initrd",
-    "enter-initrd:leave-initrd:sysinit",
-    "enter-initrd:leave-initrd:sysinit:ready",
+    "enter-initrd:keel-root-opened:leave-initrd",
+    "enter-initrd:keel-root-opened:leave-initrd:sysinit",
+    "enter-initrd:keel-root-opened:leave-initrd:sysinit:ready",
 ];
 
 fn ukify(tools: &ToolsTree, input: &UkiInput, out: &Path) -> Result<std::process::Command> {
@@ -155,6 +157,14 @@ mod tests {
             .chain(BOOT_KEY_PHASES)
             .copied()
             .collect();
-        assert_eq!(all, measure::PHASES);
+        let signed: Vec<&str> = measure::PHASES
+            .iter()
+            .copied()
+            .filter(|p| *p != "enter-initrd:keel-root-opened")
+            .collect();
+        assert_eq!(all, signed);
+        assert!(BOOT_KEY_PHASES
+            .iter()
+            .all(|p| p.starts_with("enter-initrd:keel-root-opened:")));
     }
 }

@@ -2,8 +2,11 @@
 //!
 //! Reads PCR 11 from the TPM, replays the firmware and systemd event logs to it, and looks the
 //! value's PolicyPCR digest up in the running UKI's `.pcrsig` (which the stub hands to the initrd
-//! and tmpfiles copies to /run/systemd), verifying the signature with the operator's public keys
-//! shipped in the verity-protected /usr. The decision is a pure function of those inputs.
+//! and tmpfiles copies to /run/systemd), verifying the signature with the operator's boot key
+//! shipped in the verity-protected /usr. PCR 12 must hold exactly the provisioning measurement
+//! the node's recorded config gives (anything else there is a command line, credential or addon
+//! from outside the UKI, or another config), and PCR 13 nothing (no system extensions). The
+//! decision is a pure function of those inputs.
 
 use crate::trust::eventlog::{self, Event, UserEvent};
 use crate::trust::keys::public_from_pem;
@@ -17,6 +20,10 @@ pub const USERSPACE_LOG: &str = "run/log/systemd/tpm2-measure.log";
 pub const PCRSIG: &str = "run/systemd/tpm2-pcr-signature.json";
 pub const TRUST_DIR: &str = "usr/lib/keel/trust";
 pub const TRUSTED_KEYS: &[&str] = &["pcr-initrd.pub.pem", "pcr-boot.pub.pem"];
+/// The key whose signatures make a running system trusted. The initrd key signs only the state in
+/// which the TPM releases the root's key; a running system found in that state skipped a
+/// measurement.
+pub const BOOT_KEY: &str = "pcr-boot.pub.pem";
 
 /// A public key the operator trusts, with its `pkfp`.
 pub struct TrustedKey {
@@ -28,6 +35,11 @@ pub struct TrustedKey {
 /// Everything the verdict depends on.
 pub struct Inputs<'a> {
     pub pcr11: [u8; 32],
+    /// PCR 12 as the TPM reports it, and the value the recorded provisioning gives.
+    pub pcr12: [u8; 32],
+    pub expected_pcr12: [u8; 32],
+    /// PCR 13 (system extensions the stub measured).
+    pub pcr13: [u8; 32],
     pub firmware: &'a [Event],
     pub userspace: &'a [UserEvent],
     pub pcrsig: Option<&'a PcrSig>,
@@ -55,6 +67,10 @@ pub struct BootState {
     pub phase: String,
     /// The key file whose signed policy matches the current PCR 11, if any.
     pub signed_by: Option<String>,
+    /// PCR 12 equals the value the recorded provisioning config gives.
+    pub pcr12_matches: bool,
+    /// PCR 12's expected value (hex).
+    pub expected_pcr12: String,
     /// True when the logs explain PCR 11 and the operator signed this exact state.
     pub trusted: bool,
     /// Why not, in words an operator can act on.
@@ -117,7 +133,32 @@ pub fn evaluate(i: &Inputs) -> BootState {
             }
         }
     }
-    let trusted = replay_matches && firmware_events > 0 && signed_by.is_some();
+    if signed_by.as_deref().is_some_and(|k| k != BOOT_KEY) {
+        problems.push(format!(
+            "PCR 11 is in the state only the initrd may be in (signed by {}, the key that releases the root volume): the measurement that marks the root as opened was skipped",
+            signed_by.as_deref().unwrap_or_default()
+        ));
+    }
+    let pcr12_matches = i.pcr12 == i.expected_pcr12;
+    if !pcr12_matches {
+        problems.push(format!(
+            "PCR 12 is {}, not {} (the provisioning measurement of the config recorded in /{}): a kernel command line, credential or addon from outside the UKI was measured, or another config was applied",
+            hex::encode(i.pcr12),
+            hex::encode(i.expected_pcr12),
+            crate::node::provision::apply::STAMP
+        ));
+    }
+    if i.pcr13 != [0u8; 32] {
+        problems.push(format!(
+            "PCR 13 is {}, not zero: system extensions from outside the image were measured",
+            hex::encode(i.pcr13)
+        ));
+    }
+    let trusted = replay_matches
+        && firmware_events > 0
+        && signed_by.as_deref() == Some(BOOT_KEY)
+        && pcr12_matches
+        && i.pcr13 == [0u8; 32];
     BootState {
         pcr11: hex::encode(i.pcr11),
         pcrs: std::collections::BTreeMap::new(),
@@ -127,6 +168,8 @@ pub fn evaluate(i: &Inputs) -> BootState {
         phase: phases.join(":"),
         phases,
         signed_by,
+        pcr12_matches,
+        expected_pcr12: hex::encode(i.expected_pcr12),
         trusted,
         problems,
     }
@@ -159,11 +202,15 @@ pub fn read(root: &Path) -> anyhow::Result<BootState> {
     use anyhow::Context;
     let keys = load_keys(root)?;
     let pcrs = super::tpm::read_pcrs_sha256(REPORTED_PCRS)?;
-    let pcr11 = pcrs
-        .iter()
-        .find(|(i, _)| *i == 11)
-        .map(|(_, v)| *v)
-        .context("the TPM returned no PCR 11")?;
+    let pcr = |n: u32| {
+        pcrs.iter()
+            .find(|(i, _)| *i == n)
+            .map(|(_, v)| *v)
+            .with_context(|| format!("the TPM returned no PCR {n}"))
+    };
+    let (pcr11, pcr12, pcr13) = (pcr(11)?, pcr(12)?, pcr(13)?);
+    let stamp = crate::node::provision::apply::stamp(root)?;
+    let expected_pcr12 = crate::node::provision::expected_pcr(stamp.as_ref());
     let fw_path = root.join(FIRMWARE_LOG);
     let fw = std::fs::read(&fw_path)
         .with_context(|| format!("reading the firmware event log {}", fw_path.display()))?;
@@ -182,6 +229,9 @@ pub fn read(root: &Path) -> anyhow::Result<BootState> {
     };
     let mut state = evaluate(&Inputs {
         pcr11,
+        pcr12,
+        expected_pcr12,
+        pcr13,
         firmware: &firmware,
         userspace: &userspace,
         pcrsig: pcrsig.as_ref(),
@@ -203,6 +253,9 @@ mod tests {
         pcr11: [u8; 32],
         pcrsig: PcrSig,
         keys: Vec<TrustedKey>,
+        pcr12: [u8; 32],
+        expected_pcr12: [u8; 32],
+        pcr13: [u8; 32],
     }
 
     fn key() -> openssl::pkey::PKey<openssl::pkey::Private> {
@@ -243,15 +296,20 @@ mod tests {
                 data: vec![],
             },
         ];
-        let userspace = ["enter-initrd", "leave-initrd", "sysinit"]
-            .iter()
-            .map(|w| UserEvent {
-                pcr: 11,
-                sha256: Some(Sha256::digest(w.as_bytes()).into()),
-                description: w.to_string(),
-            })
-            .collect();
-        let pcr11: [u8; 32] = hex::decode(&preds[2].sha256)
+        let userspace = [
+            "enter-initrd",
+            "keel-root-opened",
+            "leave-initrd",
+            "sysinit",
+        ]
+        .iter()
+        .map(|w| UserEvent {
+            pcr: 11,
+            sha256: Some(Sha256::digest(w.as_bytes()).into()),
+            description: w.to_string(),
+        })
+        .collect();
+        let pcr11: [u8; 32] = hex::decode(&preds[3].sha256)
             .expect("hex")
             .try_into()
             .expect("32");
@@ -261,7 +319,19 @@ mod tests {
             pcr11,
             pcrsig,
             keys: trust.iter().map(trusted_clone).collect(),
+            pcr12: expected_pcr12(),
+            expected_pcr12: expected_pcr12(),
+            pcr13: [0; 32],
         }
+    }
+
+    /// PCR 12 after provisioning measured config `ab…`.
+    fn expected_pcr12() -> [u8; 32] {
+        crate::node::provision::expected_pcr(Some(&crate::node::provision::apply::Stamp {
+            sha256: "ab".repeat(32),
+            version: "3.4.0".into(),
+            source: "fw_cfg".into(),
+        }))
     }
 
     fn trusted_clone(t: &TrustedKey) -> TrustedKey {
@@ -275,6 +345,9 @@ mod tests {
     fn run(c: &Case) -> BootState {
         evaluate(&Inputs {
             pcr11: c.pcr11,
+            pcr12: c.pcr12,
+            expected_pcr12: c.expected_pcr12,
+            pcr13: c.pcr13,
             firmware: &c.firmware,
             userspace: &c.userspace,
             pcrsig: Some(&c.pcrsig),
@@ -288,7 +361,10 @@ mod tests {
         let c = case(&k, &[trusted(&k, "pcr-boot.pub.pem")]);
         let s = run(&c);
         assert!(s.trusted, "{s:?}");
-        assert_eq!(s.phase, "enter-initrd:leave-initrd:sysinit");
+        assert_eq!(
+            s.phase,
+            "enter-initrd:keel-root-opened:leave-initrd:sysinit"
+        );
         assert_eq!(s.signed_by.as_deref(), Some("pcr-boot.pub.pem"));
     }
 
@@ -328,5 +404,85 @@ mod tests {
         let mut c = case(&k, &[trusted(&k, "pcr-boot.pub.pem")]);
         c.firmware.clear();
         assert!(!run(&c).trusted);
+    }
+
+    /// Review C1: with Secure Boot off, the signed UKI started with a command line of the
+    /// attacker's leaves PCR 11 as signed but extends PCR 12 (systemd-stub measures overrides,
+    /// credentials and addons there): not trusted. Likewise system extensions in PCR 13, and a
+    /// PCR 12 with no config measured although one is recorded.
+    #[test]
+    fn an_outside_command_line_or_extension_is_not_trusted() {
+        let k = key();
+        let mut c = case(&k, &[trusted(&k, "pcr-boot.pub.pem")]);
+        let mut attacked = c.expected_pcr12;
+        crate::trust::measure::extend(&mut attacked, &Sha256::digest(b"init=/bin/sh").into());
+        c.pcr12 = attacked;
+        let s = run(&c);
+        assert!(!s.trusted && !s.pcr12_matches, "{s:?}");
+        assert!(s.problems.iter().any(|p| p.contains("PCR 12 is")), "{s:?}");
+        let mut c = case(&k, &[trusted(&k, "pcr-boot.pub.pem")]);
+        c.pcr12 = [0; 32];
+        assert!(!run(&c).trusted, "a config recorded but never measured");
+        let mut c = case(&k, &[trusted(&k, "pcr-boot.pub.pem")]);
+        c.pcr13[5] = 1;
+        let s = run(&c);
+        assert!(
+            !s.trusted && s.problems.iter().any(|p| p.contains("PCR 13")),
+            "{s:?}"
+        );
+    }
+
+    /// Review C2(d): a running system whose PCR 11 is still in the initrd's sealing state (the
+    /// `keel-root-opened` measurement skipped) matches a signature by the initrd key, which must
+    /// not make it trusted. A recovery boot (`keel-recovery` before `keel-root-opened`) is in no
+    /// signed state at all.
+    #[test]
+    fn the_sealing_state_and_recovery_boots_are_not_trusted() {
+        let initrd = key();
+        let boot = key();
+        let trust = [
+            trusted(&initrd, "pcr-initrd.pub.pem"),
+            trusted(&boot, "pcr-boot.pub.pem"),
+        ];
+        let mut c = case(&boot, &trust);
+        let sections = vec![measure::MeasuredSection {
+            name: ".linux".into(),
+            digest: Sha256::digest(b"kernel").into(),
+        }];
+        let preds = measure::predict(&sections);
+        c.pcrsig
+            .get_mut("sha256")
+            .expect("bank")
+            .extend(measure::sign_phases(&preds, &["enter-initrd"], &initrd).expect("sign"));
+        c.userspace.truncate(1);
+        c.pcr11 = hex::decode(&preds[0].sha256)
+            .expect("hex")
+            .try_into()
+            .expect("32");
+        let s = run(&c);
+        assert_eq!(s.signed_by.as_deref(), Some("pcr-initrd.pub.pem"));
+        assert!(!s.trusted, "{s:?}");
+        assert!(
+            s.problems.iter().any(|p| p.contains("was skipped")),
+            "{s:?}"
+        );
+        // Recovery: keel-recovery measured before the root was opened.
+        let mut c = case(&boot, &trust);
+        let base = measure::pcr11_after_stub(&sections);
+        let phase = "enter-initrd:keel-recovery:keel-root-opened:leave-initrd:sysinit";
+        c.pcr11 = measure::pcr11_at_phase(&base, phase);
+        c.userspace = phase
+            .split(':')
+            .map(|w| UserEvent {
+                pcr: 11,
+                sha256: Some(Sha256::digest(w.as_bytes()).into()),
+                description: w.to_string(),
+            })
+            .collect();
+        let s = run(&c);
+        assert!(
+            s.replay_matches && !s.trusted && s.signed_by.is_none(),
+            "{s:?}"
+        );
     }
 }

@@ -36,6 +36,10 @@ pub enum Command {
         /// Container name (default: from the file name).
         #[arg(long)]
         name: Option<String>,
+        /// The reference the image's signature must name (default: the container name, as
+        /// the last part of the signed repository).
+        #[arg(long)]
+        reference: Option<String>,
         /// Print the result (digest, signer, phase timings) as JSON.
         #[arg(long)]
         json: bool,
@@ -54,9 +58,9 @@ pub enum Command {
         #[arg(short, long)]
         follow: bool,
     },
-    /// First-boot provisioning, run in the initrd with the new root at --root (/sysroot): apply
-    /// the Ignition config from fw_cfg or the ESP once, then measure its hash into PCR 12 on
-    /// every boot.
+    /// First-boot provisioning, run in the initrd with the new root at --root (/sysroot): measure
+    /// the Ignition config's hash into PCR 12 (on every boot), and apply the config from fw_cfg
+    /// or the ESP once.
     Provision,
     /// Release a stopped container's network: the CNI plugins' DEL and its network namespace
     /// (the container's unit runs this when it stops).
@@ -73,7 +77,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}", super::tpm::ek_sha256()?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { image, name, json } => run_image(root, &image, name, json),
+        Command::Run {
+            image,
+            name,
+            reference,
+            json,
+        } => run_image(root, &image, name, reference, json),
         Command::List { json } => list(root, json),
         Command::Stop { name } => {
             containers::stop(&Systemd::connect()?, &name)?;
@@ -99,7 +108,13 @@ fn machine(root: &Path) -> ThisMachine {
 }
 
 /// `keel-agent run`.
-fn run_image(root: &Path, image: &Path, name: Option<String>, json: bool) -> Result<ExitCode> {
+fn run_image(
+    root: &Path,
+    image: &Path,
+    name: Option<String>,
+    reference: Option<String>,
+    json: bool,
+) -> Result<ExitCode> {
     let name = name.unwrap_or_else(|| containers::default_name(image));
     let units = Systemd::connect()?;
     match containers::run(
@@ -109,7 +124,10 @@ fn run_image(root: &Path, image: &Path, name: Option<String>, json: bool) -> Res
         &machine(root),
         &units,
         &network::RealHost,
-        &containers::RunOptions::default(),
+        &containers::RunOptions {
+            reference,
+            ..Default::default()
+        },
     ) {
         Ok(s) => {
             tracing::info!(container = %s.name, digest = %s.manifest_digest, signed_by = %s.signed_by, gate = %s.gate, "started");
@@ -259,7 +277,30 @@ fn provision(root: &std::path::Path) -> Result<ExitCode> {
         eprintln!("keel-provision: {msg}");
         let _ = std::fs::write("/dev/kmsg", format!("<{level}>keel-provision: {msg}\n"));
     };
-    let outcome = match provision::run(root, &provision::source::Sources::default()) {
+    // Each boot measures the config's hash (or "none") into PCR 12 before anything of it is
+    // applied; boot-state expects exactly that value. A machine without a TPM has nothing
+    // sealed and measures nothing; with one, a failed measurement stops the boot.
+    let tpm = Path::new("/dev/tpmrm0").exists() || Path::new("/dev/tpm0").exists();
+    let mut measure = |word: &str| -> Result<()> {
+        if !tpm {
+            say(6, &format!("no TPM: `{word}` not measured"));
+            return Ok(());
+        }
+        let status = std::process::Command::new("/usr/lib/systemd/systemd-pcrextend")
+            .arg(format!("--pcr={}", provision::PCR))
+            .arg(word)
+            .status()
+            .map_err(|e| anyhow::anyhow!("running systemd-pcrextend: {e}"))?;
+        if !status.success() {
+            anyhow::bail!(
+                "measuring `{word}` into PCR {} failed ({status}); the boot stops because the node could not account for its configuration",
+                provision::PCR
+            );
+        }
+        say(6, &format!("measured `{word}` into PCR {}", provision::PCR));
+        Ok(())
+    };
+    let outcome = match provision::run(root, &provision::source::Sources::default(), &mut measure) {
         Ok(o) => o,
         Err(e) if e.downcast_ref::<provision::apply::StampError>().is_some() => {
             say(2, &format!("ERROR: {e:#}"));
@@ -270,59 +311,26 @@ fn provision(root: &std::path::Path) -> Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
     };
-    let sha = match &outcome {
-        Outcome::Applied(s) => {
-            say(
-                5,
-                &format!(
-                    "applied the Ignition config from {} (spec {}, sha256 {})",
-                    s.source, s.version, s.sha256
-                ),
-            );
-            Some(s.sha256.clone())
-        }
-        Outcome::AlreadyProvisioned(s) if !s.sha256.is_empty() => {
-            say(
-                6,
-                &format!(
-                    "already provisioned (config sha256 {}, from {}); not applied again",
-                    s.sha256, s.source
-                ),
-            );
-            Some(s.sha256.clone())
-        }
-        Outcome::AlreadyProvisioned(_) => {
-            say(
-                6,
-                "already provisioned (no config was given on the first boot)",
-            );
-            None
-        }
-        Outcome::NoConfig => {
-            say(5, "no Ignition config (fw_cfg opt/com.coreos/config, ESP keel/config.ign): booting unconfigured");
-            None
-        }
-    };
-    if let Some(sha) = sha {
-        let word = provision::measurement(&sha);
-        let status = std::process::Command::new("/usr/lib/systemd/systemd-pcrextend")
-            .arg(format!("--pcr={}", provision::PCR))
-            .arg("--graceful")
-            .arg(&word)
-            .status();
-        match status {
-            Ok(s) if s.success() => {
-                say(6, &format!("measured `{word}` into PCR {}", provision::PCR))
-            }
-            Ok(s) => say(
-                4,
-                &format!(
-                    "WARNING: measuring the config into PCR {} failed ({s})",
-                    provision::PCR
-                ),
+    match &outcome {
+        Outcome::Applied(s) => say(
+            5,
+            &format!(
+                "applied the Ignition config from {} (spec {}, sha256 {})",
+                s.source, s.version, s.sha256
             ),
-            Err(e) => say(4, &format!("WARNING: systemd-pcrextend: {e}")),
-        }
+        ),
+        Outcome::AlreadyProvisioned(s) if !s.sha256.is_empty() => say(
+            6,
+            &format!(
+                "already provisioned (config sha256 {}, from {}); not applied again",
+                s.sha256, s.source
+            ),
+        ),
+        Outcome::AlreadyProvisioned(_) => say(
+            6,
+            "already provisioned (no config was given on the first boot)",
+        ),
+        Outcome::NoConfig => say(5, "no Ignition config (fw_cfg opt/com.coreos/config, ESP keel/config.ign): booting unconfigured"),
     }
     Ok(ExitCode::SUCCESS)
 }

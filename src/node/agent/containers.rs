@@ -10,7 +10,7 @@
 
 use super::network::{self, Attachment};
 use super::systemd::{unit_name, UnitSpec, Units};
-use crate::container::oci::{self, Layout, VerifiedImage};
+use crate::container::oci::{self, VerifiedImage};
 use crate::container::policy::{self, LoadedPolicy};
 use crate::container::unpack::{self, LayerFile, Limits};
 use anyhow::{bail, Context, Result};
@@ -123,16 +123,22 @@ pub fn gate(root: &Path, loaded: &LoadedPolicy, machine: &dyn Machine) -> Result
             Ok((true, _)) => said.push("boot trusted".to_string()),
             Ok((false, problems)) => {
                 return Err(Refusal(format!(
-                    "this boot does not match a PCR 11 policy the operator signed ({})",
+                    "this boot is not in a state the operator signed ({})",
                     problems.join("; ")
                 )))
             }
             Err(e) => return Err(Refusal(format!("cannot establish the boot state: {e:#}"))),
         }
     }
-    match policy::effective_machines(root, loaded) {
-        Err(e) => return Err(Refusal(e.to_string())),
-        Ok(Some((list, from))) => {
+    let effective = policy::effective_machines(root, loaded).map_err(|e| Refusal(e.to_string()))?;
+    policy::check_list(
+        root,
+        loaded,
+        effective.as_ref().map(|(m, p)| (m, p.as_path())),
+    )
+    .map_err(Refusal)?;
+    match effective {
+        Some((list, from)) => {
             let ek = machine
                 .ek_sha256()
                 .map_err(|e| Refusal(format!("the enrolled-machines list ({}) needs this machine's TPM, which cannot be read: {e:#}", from.display())))?;
@@ -147,14 +153,14 @@ pub fn gate(root: &Path, loaded: &LoadedPolicy, machine: &dyn Machine) -> Result
                 }
             }
         }
-        Ok(None) if loaded.policy.require_enrolled_machines => {
+        None if loaded.policy.require_enrolled_machines => {
             return Err(Refusal(format!(
             "the image's policy requires an enrolled-machines list and there is none ({} or {})",
             loaded.dir.join(policy::IMAGE_MACHINES).display(),
             root.join(policy::NODE_MACHINES).display()
         )))
         }
-        Ok(None) => said.push("no enrolled-machines list".into()),
+        None => said.push("no enrolled-machines list".into()),
     }
     Ok(said.join(", "))
 }
@@ -221,6 +227,9 @@ pub struct RunOptions {
     pub limits: Limits,
     pub memory_max: u64,
     pub tasks_max: u64,
+    /// The image the operator means to run, as its signature must name it; `None`: the
+    /// container's name.
+    pub reference: Option<String>,
 }
 
 impl Default for RunOptions {
@@ -229,7 +238,24 @@ impl Default for RunOptions {
             limits: Limits::default(),
             memory_max: 512 << 20,
             tasks_max: 512,
+            reference: None,
         }
+    }
+}
+
+/// Whether a signature's `docker-reference` names the image the operator runs: the repository
+/// (tag and digest ignored) equals `expected` when that has a `/`, else its last path component
+/// does. A validly signed image is not run under a name it was not signed for.
+pub fn reference_matches(signed: &str, expected: &str) -> bool {
+    let without_digest = signed.split('@').next().unwrap_or(signed);
+    let repo = match without_digest.rsplit_once(':') {
+        Some((r, tag)) if !tag.contains('/') => r,
+        _ => without_digest,
+    };
+    if expected.contains('/') {
+        repo == expected
+    } else {
+        repo.rsplit('/').next() == Some(expected)
     }
 }
 
@@ -288,19 +314,24 @@ pub fn run(
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let pid = std::process::id();
     let t = Instant::now();
-    let incoming = Cleanup(
-        image
-            .is_file()
-            .then(|| dir.join(format!(".incoming-{name}-{pid}"))),
-    );
-    let layout = match &incoming.0 {
-        Some(tmp) => {
-            let _ = fs::remove_dir_all(tmp);
-            oci::extract_archive(image, tmp, opts.limits.max_bytes).map_err(oci_refusal)?
-        }
-        None => Layout::open(image).map_err(oci_refusal)?,
+    // The image is read once, into a directory only root can write (an archive extracted, a
+    // layout directory copied); the digests checked and the bytes unpacked are that copy's.
+    let incoming = Cleanup(Some(dir.join(format!(".incoming-{name}-{pid}"))));
+    let tmp = incoming.0.clone().context("incoming path")?;
+    let _ = fs::remove_dir_all(&tmp);
+    let layout = if image.is_file() {
+        oci::extract_archive(image, &tmp, opts.limits.max_bytes).map_err(oci_refusal)?
+    } else {
+        oci::copy_layout(image, &tmp, opts.limits.max_bytes).map_err(oci_refusal)?
     };
     let verified: VerifiedImage = oci::verify(&layout, &loaded.keys).map_err(oci_refusal)?;
+    let expected = opts.reference.as_deref().unwrap_or(name);
+    if !reference_matches(&verified.reference, expected) {
+        bail!(Refusal(format!(
+            "the image is signed for `{}`, not for `{expected}`: run it under the name its signature names, or name the reference it must carry (`--reference`)",
+            verified.reference
+        )));
+    }
     timings.verify_ms = ms(t);
 
     let unit = unit_name(name);
@@ -448,6 +479,89 @@ fn join_netns(spec: &mut oci_spec::runtime::Spec, netns: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The largest /etc/passwd read from an image.
+const MAX_PASSWD: u64 = 1 << 20;
+
+/// The image's /etc/passwd, resolved inside its root file system (its links followed as if the
+/// rootfs were `/`), opened without following a final link, and only when it is a regular file
+/// of at most [`MAX_PASSWD`] bytes: an image's `etc/passwd -> /etc/shadow` must not make the
+/// agent read the host's files, nor a link to a FIFO or /dev/zero hang or exhaust it. No file:
+/// empty.
+fn read_image_passwd(rootfs: &Path) -> Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let Some(path) = file_in_root(rootfs, Path::new("etc/passwd"))? else {
+        return Ok(String::new());
+    };
+    let f = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(String::new()),
+        Err(e) => return Err(e).context("the image's /etc/passwd is not a plain file (a link?)"),
+    };
+    let meta = f.metadata().context("reading the image's /etc/passwd")?;
+    if !meta.is_file() {
+        anyhow::bail!("the image's /etc/passwd is not a regular file");
+    }
+    let mut text = String::new();
+    f.take(MAX_PASSWD + 1)
+        .read_to_string(&mut text)
+        .context("reading the image's /etc/passwd")?;
+    if text.len() as u64 > MAX_PASSWD {
+        anyhow::bail!("the image's /etc/passwd is larger than {MAX_PASSWD} bytes");
+    }
+    Ok(text)
+}
+
+/// Where `rel` lies inside `rootfs` with every link on the way (the last one too) followed as if
+/// `rootfs` were `/`; `None` when a directory on the way is missing.
+fn file_in_root(rootfs: &Path, rel: &Path) -> Result<Option<std::path::PathBuf>> {
+    use crate::container::unpack::resolve_in_root;
+    let mut comps: Vec<std::ffi::OsString> = rel
+        .components()
+        .filter_map(|c| match c {
+            std::path::Component::Normal(s) => Some(s.to_os_string()),
+            std::path::Component::ParentDir => Some("..".into()),
+            _ => None,
+        })
+        .collect();
+    for _ in 0..40 {
+        let Some((name, parent)) = comps.split_last() else {
+            return Ok(None);
+        };
+        let Some(dir) = resolve_in_root(rootfs, parent, false)
+            .with_context(|| format!("resolving {} in the image", rel.display()))?
+        else {
+            return Ok(None);
+        };
+        let here = dir.join(name);
+        match fs::symlink_metadata(&here) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let to = fs::read_link(&here)?;
+                let base: Vec<std::ffi::OsString> = if to.is_absolute() {
+                    Vec::new()
+                } else {
+                    let inner = dir.strip_prefix(rootfs).unwrap_or(Path::new(""));
+                    inner.iter().map(|c| c.to_os_string()).collect()
+                };
+                comps = base
+                    .into_iter()
+                    .chain(to.components().filter_map(|c| match c {
+                        std::path::Component::Normal(s) => Some(s.to_os_string()),
+                        std::path::Component::ParentDir => Some("..".into()),
+                        _ => None,
+                    }))
+                    .collect();
+            }
+            _ => return Ok(Some(here)),
+        }
+    }
+    anyhow::bail!("{}: too many levels of links in the image", rel.display())
+}
+
 /// Looks a user up in the container's /etc/passwd (`name` or `uid`, optionally `:group`).
 fn resolve_user(rootfs: &Path, user: &str) -> Result<(u32, u32)> {
     if user.is_empty() {
@@ -456,7 +570,7 @@ fn resolve_user(rootfs: &Path, user: &str) -> Result<(u32, u32)> {
     let (u, g) = user
         .split_once(':')
         .map_or((user, None), |(u, g)| (u, Some(g)));
-    let passwd = fs::read_to_string(rootfs.join("etc/passwd")).unwrap_or_default();
+    let passwd = read_image_passwd(rootfs)?;
     let (uid, mut gid) = match u.parse::<u32>() {
         Ok(n) => (n, n),
         Err(_) => passwd
@@ -599,11 +713,12 @@ pub fn stop(units: &dyn Units, name: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::container::oci::Layout;
     use crate::node::agent::testkit::*;
 
     /// Runs the signed image as `web` on a node with a CNI network config.
     fn run_on_cni_node(units: &FakeUnits, net: &FakeNet) -> (tempfile::TempDir, Result<Started>) {
-        let (t, _, img) = node(false);
+        let (t, _, img) = node_signed_for(false, "keel/web");
         write_conflist(t.path());
         let m = FakeMachine {
             ek: None,
@@ -623,7 +738,7 @@ mod tests {
 
     #[test]
     fn an_overlay_node_without_its_network_yet_starts_nothing_and_the_spool_waits() {
-        let (t, _, img) = node(false);
+        let (t, _, img) = node_signed_for(false, "keel/web");
         let marker = t.path().join(network::OVERLAY_MARKER);
         fs::create_dir_all(marker.parent().expect("parent")).expect("dir");
         fs::write(&marker, "KEEL_NET_ETCD=https://10.77.0.1:2379\n").expect("marker");
@@ -779,7 +894,7 @@ mod tests {
             trusted: false,
         };
         let r = run_hello(t.path(), &img, &m, &units);
-        assert_refused(t.path(), &units, r, "does not match a PCR 11 policy");
+        assert_refused(t.path(), &units, r, "not in a state the operator signed");
 
         // Unsigned: a fresh build without a signature.
         let tree = t.path().join("tree");
@@ -811,7 +926,10 @@ mod tests {
     fn the_enrolled_machines_list_gates_the_node() {
         let (t, k, img) = node(false);
         let units = FakeUnits::default();
-        let mut list = policy::Machines::default();
+        let mut list = policy::Machines {
+            cluster: "test".into(),
+            ..Default::default()
+        };
         list.add(
             "other",
             "sha256:cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd",
@@ -835,6 +953,67 @@ mod tests {
         list.add("this", EK).expect("add");
         policy::write_signed(&node_list, &list, &k).expect("list");
         run_hello(t.path(), &img, &m, &units).expect("enrolled: runs");
+    }
+
+    /// Review M1: an older, validly signed list (still naming a revoked machine) does not
+    /// replace a newer one; a list that vanished after one was in force, or one for another
+    /// cluster, stops everything; with no list ever, a policy that requires enrolment refuses.
+    #[test]
+    fn enrolment_lists_never_go_back_and_name_their_cluster() {
+        let (t, k, img) = node(false);
+        let units = FakeUnits::default();
+        let m = FakeMachine {
+            ek: Some(EK.into()),
+            trusted: true,
+        };
+        let node_list = t.path().join(policy::NODE_MACHINES);
+        fs::create_dir_all(node_list.parent().expect("parent")).expect("dir");
+        let mut list = policy::Machines {
+            cluster: "test".into(),
+            ..Default::default()
+        };
+        list.add("this", EK).expect("add");
+        policy::write_signed(&node_list, &list, &k).expect("list");
+        let old = (
+            fs::read(&node_list).expect("list"),
+            fs::read(policy::sig_path(&node_list)).expect("sig"),
+        );
+        run_hello(t.path(), &img, &m, &FakeUnits::default()).expect("serial 1: enrolled");
+        fs::remove_dir_all(t.path().join(CONTAINERS_DIR)).expect("clean");
+        list.remove("this");
+        policy::write_signed(&node_list, &list, &k).expect("list");
+        let r = run_hello(t.path(), &img, &m, &units);
+        assert_refused(t.path(), &units, r, "is not in the enrolled machines list");
+        // The attacker restores the older list, validly signed, that still names the machine.
+        fs::write(&node_list, &old.0).expect("restore");
+        fs::write(policy::sig_path(&node_list), &old.1).expect("restore");
+        let r = run_hello(t.path(), &img, &m, &units);
+        assert_refused(t.path(), &units, r, "never goes back");
+        // Or removes the list altogether.
+        fs::remove_file(&node_list).expect("rm");
+        fs::remove_file(policy::sig_path(&node_list)).expect("rm");
+        let r = run_hello(t.path(), &img, &m, &units);
+        assert_refused(t.path(), &units, r, "and now there is none");
+        // A list for another cluster, signed with the same key, with a higher serial.
+        let mut foreign = policy::Machines {
+            cluster: "elsewhere".into(),
+            serial: 10,
+            ..Default::default()
+        };
+        foreign.add("this", EK).expect("add");
+        policy::write_signed(&node_list, &foreign, &k).expect("list");
+        let r = run_hello(t.path(), &img, &m, &units);
+        assert_refused(t.path(), &units, r, "is for cluster `elsewhere`");
+
+        // No list ever, and the policy requires one: refused.
+        let (t, _, img) = node(false);
+        let pfile = t.path().join(policy::POLICY_DIR).join(policy::POLICY_FILE);
+        let mut p: policy::Policy =
+            serde_json::from_slice(&fs::read(&pfile).expect("policy")).expect("json");
+        p.require_enrolled_machines = true;
+        fs::write(&pfile, serde_json::to_vec(&p).expect("json")).expect("policy");
+        let r = run_hello(t.path(), &img, &m, &units);
+        assert_refused(t.path(), &units, r, "requires an enrolled-machines list");
     }
 
     #[test]
@@ -885,5 +1064,163 @@ mod tests {
         assert!(Refusal::is_refusal(&oci_refusal(oci::OciError::Unsigned {
             digest: "sha256:x".into()
         })));
+    }
+
+    /// Review L1: the image's /etc/passwd is read inside its root file system only. A link to a
+    /// host file is looked up inside the rootfs (where it does not exist), a FIFO is refused
+    /// without blocking, and a link inside the image is followed.
+    #[test]
+    fn the_image_passwd_is_never_read_from_the_host() {
+        let t = tempfile::tempdir().expect("tmp");
+        let host = t.path().join("host-etc-passwd");
+        fs::write(&host, "hostonly:x:4242:4243::/:/bin/sh\n").expect("host file");
+        let rootfs = t.path().join("rootfs");
+        fs::create_dir_all(rootfs.join("etc")).expect("etc");
+        std::os::unix::fs::symlink(&host, rootfs.join("etc/passwd")).expect("link");
+        let e = resolve_user(&rootfs, "hostonly").expect_err("not in the image");
+        assert!(format!("{e:#}").contains("not in its /etc/passwd"), "{e:#}");
+        // A FIFO: refused at once instead of blocking the agent.
+        fs::remove_file(rootfs.join("etc/passwd")).expect("rm");
+        nix::unistd::mkfifo(&rootfs.join("etc/passwd"), nix::sys::stat::Mode::S_IRWXU)
+            .expect("fifo");
+        let e = resolve_user(&rootfs, "app").expect_err("fifo");
+        assert!(format!("{e:#}").contains("not a regular file"), "{e:#}");
+        // A link inside the image, relative and absolute, is followed inside it.
+        fs::remove_file(rootfs.join("etc/passwd")).expect("rm");
+        fs::write(
+            rootfs.join("etc/passwd.real"),
+            "app:x:1000:1001::/:/bin/sh\n",
+        )
+        .expect("w");
+        std::os::unix::fs::symlink("passwd.real", rootfs.join("etc/passwd")).expect("link");
+        assert_eq!(resolve_user(&rootfs, "app").expect("found"), (1000, 1001));
+        fs::remove_file(rootfs.join("etc/passwd")).expect("rm");
+        std::os::unix::fs::symlink("/etc/passwd.real", rootfs.join("etc/passwd")).expect("link");
+        assert_eq!(resolve_user(&rootfs, "app").expect("found"), (1000, 1001));
+    }
+
+    /// Units whose `state` (asked after the image was verified, before it is unpacked) replaces
+    /// every gzip blob of a layout directory with an unsigned layer.
+    struct SwapUnits {
+        blobs: PathBuf,
+        evil: Vec<u8>,
+        inner: crate::node::agent::testkit::FakeUnits,
+    }
+    impl Units for SwapUnits {
+        fn start(&self, spec: &super::super::systemd::UnitSpec) -> Result<()> {
+            self.inner.start(spec)
+        }
+        fn stop(&self, u: &str) -> Result<()> {
+            self.inner.stop(u)
+        }
+        fn list(&self) -> Result<Vec<super::super::systemd::UnitState>> {
+            self.inner.list()
+        }
+        fn state(&self, _: &str) -> Result<Option<super::super::systemd::UnitState>> {
+            for e in fs::read_dir(&self.blobs).expect("blobs") {
+                let p = e.expect("entry").path();
+                if fs::read(&p).expect("blob").starts_with(&[0x1f, 0x8b]) {
+                    fs::write(&p, &self.evil).expect("swap");
+                }
+            }
+            Ok(None)
+        }
+    }
+
+    /// Review M2: a layout directory's layer replaced after its digest was checked is not what
+    /// gets unpacked: the agent verifies and unpacks its own private copy.
+    #[test]
+    fn a_layer_swapped_after_verification_is_not_run() {
+        let (t, _, img) = crate::node::agent::testkit::node(false);
+        let evil = {
+            let mut b = tar::Builder::new(Vec::new());
+            let body = b"#!/bin/sh\necho UNSIGNED CODE\n";
+            let mut h = tar::Header::new_gnu();
+            h.set_size(body.len() as u64);
+            h.set_mode(0o755);
+            b.append_data(&mut h, "bin/hello", &body[..])
+                .expect("append");
+            let tar = b.into_inner().expect("tar");
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            std::io::Write::write_all(&mut gz, &tar).expect("gz");
+            gz.finish().expect("gz")
+        };
+        let units = SwapUnits {
+            blobs: img.join("blobs/sha256"),
+            evil,
+            inner: Default::default(),
+        };
+        let machine = crate::node::agent::testkit::FakeMachine {
+            ek: None,
+            trusted: true,
+        };
+        run(
+            t.path(),
+            &img,
+            "hello",
+            &machine,
+            &units,
+            &crate::node::agent::testkit::NoNet,
+            &Default::default(),
+        )
+        .expect("the signed image runs");
+        let hello = t.path().join(CONTAINERS_DIR).join("hello/rootfs/bin/hello");
+        let text = fs::read_to_string(&hello).expect("hello");
+        assert_eq!(
+            text, "#!/bin/sh\necho hi\n",
+            "the swapped layer was unpacked"
+        );
+    }
+
+    /// Review L3: the signed reference must name what the operator runs.
+    #[test]
+    fn the_signed_reference_must_name_the_container() {
+        for (signed, expected, ok) in [
+            ("keel/hello", "hello", true),
+            ("registry.example/keel/hello:1.2", "hello", true),
+            ("registry.example:5000/keel/hello@sha256:ab", "hello", true),
+            ("registry.example:5000/keel/hello", "keel/hello", false),
+            (
+                "registry.example:5000/keel/hello",
+                "registry.example:5000/keel/hello",
+                true,
+            ),
+            ("keel/hello", "web", false),
+            ("keel/hello-evil", "hello", false),
+            ("keel/local", "hello", false),
+        ] {
+            assert_eq!(
+                reference_matches(signed, expected),
+                ok,
+                "{signed} vs {expected}"
+            );
+        }
+        // Through run: the image signed for keel/hello, run as `web`.
+        let (t, _, img) = node(false);
+        let units = FakeUnits::default();
+        let m = FakeMachine {
+            ek: None,
+            trusted: true,
+        };
+        let r = run(
+            t.path(),
+            &img,
+            "web",
+            &m,
+            &units,
+            &NoNet,
+            &RunOptions::default(),
+        );
+        assert_refused(
+            t.path(),
+            &units,
+            r,
+            "signed for `keel/hello`, not for `web`",
+        );
+        let opts = RunOptions {
+            reference: Some("keel/hello".into()),
+            ..Default::default()
+        };
+        run(t.path(), &img, "web", &m, &units, &NoNet, &opts).expect("named reference");
     }
 }

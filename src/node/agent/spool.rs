@@ -27,7 +27,11 @@ pub fn pending(spool: &Path) -> Vec<PathBuf> {
         .map(|d| {
             d.filter_map(|e| e.ok())
                 .map(|e| e.path())
-                .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "tar"))
+                // Regular files only: a link in the spool is never followed.
+                .filter(|p| {
+                    fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_file())
+                        && p.extension().is_some_and(|x| x == "tar")
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -246,7 +250,13 @@ impl Spool {
 /// is a reason; returns the new path.
 fn file(spool: &Path, archive: &Path, sub: &str, name: &str, reason: Option<&str>) -> PathBuf {
     let dir = spool.join(sub);
-    let _ = fs::create_dir_all(&dir);
+    if fs::symlink_metadata(&dir).is_ok_and(|m| !m.is_dir()) {
+        // A link (or file) where the subdirectory belongs: nothing is written through it.
+        tracing::error!(dir = %dir.display(), "not a directory; removing the archive instead of filing it");
+        let _ = fs::remove_file(archive);
+        return dir;
+    }
+    let _ = fs::create_dir(&dir);
     let file_name = archive
         .file_name()
         .map(|n| n.to_os_string())
@@ -265,6 +275,29 @@ fn file(spool: &Path, archive: &Path, sub: &str, name: &str, reason: Option<&str
     dest
 }
 
+/// The spool must be a real directory owned by root that no one else may write: whoever writes
+/// it chooses what the agent files and where.
+pub fn check_private(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::symlink_metadata(dir)
+        .map_err(|e| anyhow::anyhow!("reading the spool {}: {e}", dir.display()))?;
+    if !m.is_dir() {
+        anyhow::bail!(
+            "the spool {} is not a directory (a link?); remove it and restart keel-agent",
+            dir.display()
+        );
+    }
+    if m.uid() != 0 || m.mode() & 0o022 != 0 {
+        anyhow::bail!(
+            "the spool {} is owned by uid {} with mode {:o}; it must be root's and writable by no one else (chown root: and chmod 0700 it)",
+            dir.display(),
+            m.uid(),
+            m.mode() & 0o7777
+        );
+    }
+    Ok(())
+}
+
 /// Watches the spool until the process is stopped.
 pub fn serve(
     root: &Path,
@@ -275,6 +308,7 @@ pub fn serve(
     let dir = root.join(containers::SPOOL_DIR);
     fs::create_dir_all(&dir)
         .map_err(|e| anyhow::anyhow!("creating the spool {}: {e}", dir.display()))?;
+    check_private(&dir)?;
     tracing::info!(spool = %dir.display(), "watching the spool for signed oci-archives (NAME.tar)");
     let mut spool = Spool::new(dir, RetryPolicy::default());
     loop {
@@ -287,7 +321,7 @@ pub fn serve(
 mod tests {
     use super::*;
     use crate::container::oci::{self, Layout};
-    use crate::node::agent::testkit::{node, FakeMachine, FakeUnits, NoNet};
+    use crate::node::agent::testkit::{node, node_signed_for, FakeMachine, FakeUnits, NoNet};
 
     const MACHINE: FakeMachine = FakeMachine {
         ek: None,
@@ -296,7 +330,7 @@ mod tests {
 
     /// A node root with the signed image as `web.tar` in its spool.
     fn spool_with_signed_archive() -> (tempfile::TempDir, Spool) {
-        let (t, _, img) = node(false);
+        let (t, _, img) = node_signed_for(false, "keel/web");
         let dir = t.path().join(containers::SPOOL_DIR);
         fs::create_dir_all(&dir).expect("spool");
         let layout = Layout::open(&img).expect("layout");
@@ -471,5 +505,46 @@ mod tests {
             }],
             "tried at once, counted from one"
         );
+    }
+
+    /// Review L9: a link in the spool is not run, a link where `refused/` belongs is not
+    /// written through, and a spool others may write is refused at start.
+    #[test]
+    fn links_in_the_spool_are_never_followed() {
+        let (t, mut spool) = spool_with_signed_archive();
+        let outside = t.path().join("outside");
+        fs::create_dir(&outside).expect("mkdir");
+        // The signed archive moves out; a link to it is all the spool holds.
+        let real = t.path().join("web.tar");
+        fs::rename(spool.dir.join("web.tar"), &real).expect("mv");
+        std::os::unix::fs::symlink(&real, spool.dir.join("web.tar")).expect("link");
+        assert!(pending(&spool.dir).is_empty());
+        fs::remove_file(spool.dir.join("web.tar")).expect("rm");
+        // A regular archive, refused (unsigned here: bytes that are no archive), with refused/
+        // a link to a directory outside the spool.
+        fs::write(spool.dir.join("bad.tar"), b"not an archive").expect("write");
+        std::os::unix::fs::symlink(&outside, spool.dir.join("refused")).expect("link");
+        let (_, out) = spool.pass(
+            t.path(),
+            &MACHINE,
+            &FakeUnits::default(),
+            &NoNet,
+            Instant::now(),
+        );
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(
+            fs::read_dir(&outside).expect("list").count(),
+            0,
+            "written through the link"
+        );
+        // The spool's own mode and owner.
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&spool.dir, fs::Permissions::from_mode(0o777)).expect("chmod");
+        let e = check_private(&spool.dir).expect_err("world-writable");
+        assert!(e.to_string().contains("writable by no one else"), "{e}");
+        fs::set_permissions(&spool.dir, fs::Permissions::from_mode(0o700)).expect("chmod");
+        if nix::unistd::geteuid().is_root() {
+            check_private(&spool.dir).expect("root's, 0700");
+        }
     }
 }

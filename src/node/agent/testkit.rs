@@ -107,9 +107,21 @@ pub fn write_conflist(root: &Path) {
     .expect("conflist");
 }
 
-/// A node root with a policy trusting a new key, and an image signed by it.
+/// A node root with a policy trusting a new key, and an image signed by it for `keel/hello`.
 pub fn node(
     require_boot: bool,
+) -> (
+    tempfile::TempDir,
+    openssl::pkey::PKey<openssl::pkey::Private>,
+    PathBuf,
+) {
+    node_signed_for(require_boot, "keel/hello")
+}
+
+/// [`node`], the image signed for `reference`.
+pub fn node_signed_for(
+    require_boot: bool,
+    reference: &str,
 ) -> (
     tempfile::TempDir,
     openssl::pkey::PKey<openssl::pkey::Private>,
@@ -128,6 +140,7 @@ pub fn node(
         keys: vec!["ops.pub.pem".into()],
         require_trusted_boot: require_boot,
         require_enrolled_machines: false,
+        cluster: "test".into(),
     };
     fs::write(
         pdir.join(policy::POLICY_FILE),
@@ -139,6 +152,6 @@ pub fn node(
     fs::write(tree.join("bin/hello"), b"#!/bin/sh\necho hi\n").expect("file");
     let img = t.path().join("hello");
     crate::container::build::from_tree(&tree, &img, &["/bin/hello".into()], &[]).expect("build");
-    crate::container::build::sign(&img, &k, "keel/hello").expect("sign");
+    crate::container::build::sign(&img, &k, reference).expect("sign");
     (t, k, img)
 }

@@ -1,5 +1,7 @@
-//! The TPM seam: everything keel-agent asks the TPM goes through here (tss-esapi over
-//! /dev/tpmrm0, or the TCTI named by TPM2TOOLS_TCTI/TCTI).
+//! The TPM seam: everything keel-agent asks the TPM goes through here (tss-esapi over the
+//! kernel's resource manager, /dev/tpmrm0). The TCTI variables of the environment
+//! (TPM2TOOLS_TCTI, TCTI, TEST_TCTI) are never read: the gate's answers (EK, PCRs) must come from
+//! the machine's TPM, not from whatever TPM the caller's environment names.
 
 use anyhow::{Context, Result};
 use std::str::FromStr;
@@ -7,14 +9,17 @@ use tss_esapi::interface_types::algorithm::HashingAlgorithm;
 use tss_esapi::structures::{PcrSelectionListBuilder, PcrSlot};
 use tss_esapi::tcti_ldr::{DeviceConfig, TctiNameConf};
 
+/// The machine's TPM.
+pub const DEVICE: &str = "/dev/tpmrm0";
+
+fn tcti() -> Result<TctiNameConf> {
+    Ok(TctiNameConf::Device(
+        DeviceConfig::from_str(DEVICE).context("TPM device configuration")?,
+    ))
+}
+
 fn context() -> Result<tss_esapi::Context> {
-    let tcti = match TctiNameConf::from_environment_variable() {
-        Ok(t) => t,
-        Err(_) => TctiNameConf::Device(
-            DeviceConfig::from_str("/dev/tpmrm0").context("TPM device configuration")?,
-        ),
-    };
-    tss_esapi::Context::new(tcti).context("opening the TPM (/dev/tpmrm0): is there a TPM 2.0?")
+    tss_esapi::Context::new(tcti()?).context("opening the TPM (/dev/tpmrm0): is there a TPM 2.0?")
 }
 
 fn slot(index: u32) -> Result<PcrSlot> {
@@ -110,4 +115,25 @@ pub fn spki_sha256(modulus: &[u8], exponent: u32) -> Result<String> {
         "sha256:{}",
         hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&der))
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    /// Review L6: a caller's environment naming another TPM (a software TPM with the PCRs and
+    /// EK of its choice) does not change which TPM keel-agent asks.
+    #[test]
+    fn the_environment_does_not_choose_the_tpm() {
+        for var in ["TPM2TOOLS_TCTI", "TCTI", "TEST_TCTI"] {
+            std::env::set_var(var, "swtpm:host=127.0.0.1,port=2321");
+        }
+        let conf = format!("{:?}", super::tcti().expect("conf"));
+        for var in ["TPM2TOOLS_TCTI", "TCTI", "TEST_TCTI"] {
+            std::env::remove_var(var);
+        }
+        assert!(
+            conf.contains("Device") && conf.contains("/dev/tpmrm0"),
+            "{conf}"
+        );
+        assert!(!conf.contains("swtpm"), "{conf}");
+    }
 }

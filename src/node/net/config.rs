@@ -82,6 +82,14 @@ pub struct NetworkConfig {
 const VXLAN_DEFAULT_PORT: u16 = 8472;
 const WIREGUARD_DEFAULT_PORT: u16 = 51820;
 
+/// Where an overlay network may lie: RFC 1918 and the shared address space of RFC 6598.
+pub const PRIVATE_RANGES: &[&str] = &[
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+];
+
 impl NetworkConfig {
     /// Parse and check a configuration document.
     pub fn parse(text: &str) -> Result<NetworkConfig, ConfigError> {
@@ -113,6 +121,18 @@ impl NetworkConfig {
             .ok_or_else(|| err("Network", "missing (e.g. \"10.5.0.0/16\")"))?
             .parse()
             .map_err(|e| err("Network", format!("not an IPv4 CIDR: {e}")))?;
+        if !PRIVATE_RANGES
+            .iter()
+            .any(|r| r.parse::<Ipv4Net>().is_ok_and(|r| r.contains(&network)))
+        {
+            return Err(err(
+                "Network",
+                format!(
+                    "{network} is not inside a private range ({}); an overlay over public or whole-Internet space would route other hosts' traffic into the cluster",
+                    PRIVATE_RANGES.join(", ")
+                ),
+            ));
+        }
         if network.network() != network.addr() {
             return Err(err(
                 "Network",
@@ -391,6 +411,10 @@ mod tests {
             (r#"{"SubnetLen":24}"#, "Network"),
             (r#"{"Network":"10.5.0.1/16"}"#, "Network"),
             (r#"{"Network":"10.5.0.0/33"}"#, "Network"),
+            // Review H2: the whole Internet, or public space, as the overlay.
+            (r#"{"Network":"0.0.0.0/0","SubnetLen":1}"#, "Network"),
+            (r#"{"Network":"8.8.0.0/16"}"#, "Network"),
+            (r#"{"Network":"10.0.0.0/7"}"#, "Network"),
             (r#"{"Network":"10.5.0.0/16","SubnetLen":16}"#, "SubnetLen"),
             (r#"{"Network":"10.5.0.0/16","SubnetLen":31}"#, "SubnetLen"),
             (

@@ -16,7 +16,7 @@ use super::lease::{self, LeaseAttrs};
 use super::masq;
 use super::plan::{self, format_mac, WgPeer};
 use super::state::{Event, Machine, Next, State};
-use super::store::{Acquired, EtcdOptions, LeaseStore, Store, StoreError, WatchChanges};
+use super::store::{Acquired, EtcdOptions, KeyChange, LeaseStore, Store, StoreError, WatchChanges};
 use base64::Engine as _;
 use ipnet::Ipv4Net;
 use std::collections::{BTreeSet, HashSet};
@@ -454,6 +454,13 @@ impl<K: NetKernel> Daemon<K> {
                         self.held = None;
                         return Ok(Exit::Again);
                     }
+                    if let Some(other) = self.overwritten(&r.changes, own_key.as_bytes()) {
+                        tracing::warn!(
+                            "{own_key}, this node's lease, was overwritten in etcd by another writer ({other}); taking a lease again"
+                        );
+                        self.held = None;
+                        return Ok(Exit::Again);
+                    }
                     self.resync(store).await?;
                 }
                 _ = resync.tick() => self.resync(store).await?,
@@ -461,6 +468,20 @@ impl<K: NetKernel> Daemon<K> {
                 _ = self.int.recv() => return Ok(Exit::Stop),
             }
         }
+    }
+
+    /// What a put on this node's own lease key says, when it is not what this node wrote
+    /// (another public address, another key): someone else took the lease over.
+    fn overwritten(&self, changes: &[KeyChange], own_key: &[u8]) -> Option<String> {
+        let held = self.held.as_ref()?;
+        changes
+            .iter()
+            .filter(|c| !c.deleted && c.key == own_key)
+            .find_map(|c| match serde_json::from_slice::<LeaseAttrs>(&c.value) {
+                Ok(a) if a == held.attrs => None,
+                Ok(a) => Some(format!("public address {}", a.public_ip)),
+                Err(e) => Some(format!("a value that is not a lease: {e}")),
+            })
     }
 
     async fn setup_backend(
@@ -834,6 +855,7 @@ mod tests {
                 changes: vec![KeyChange {
                     key: format!("{PREFIX}/subnets/10.5.3.0-24").into_bytes(),
                     deleted: false,
+                    value: vec![],
                 }],
             }]),
             renewals_ok: 0,
@@ -924,10 +946,43 @@ mod tests {
                 changes: vec![KeyChange {
                     key: format!("{PREFIX}/config").into_bytes(),
                     deleted: false,
+                    value: vec![],
                 }],
             }]),
             renewals_ok: 10,
         };
         assert!(matches!(d.session(&mut store).await, Ok(Exit::Again)));
+    }
+
+    /// Review H2: a put on this node's own lease key with another node's address or key (one
+    /// node hijacking another's subnet) is noticed; the node's own renewal is not.
+    #[tokio::test]
+    async fn an_overwritten_own_lease_is_noticed() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let mut d = daemon(t.path());
+        let own = peer(1);
+        d.held = Some(Held {
+            config: NetworkConfig::parse(VXLAN).expect("config"),
+            subnet: own.subnet,
+            lease_id: 1,
+            attrs: own.attrs.clone(),
+            device: None,
+        });
+        let key = lease::key(PREFIX, &own.subnet);
+        let change = |attrs: &LeaseAttrs| KeyChange {
+            key: key.clone().into_bytes(),
+            deleted: false,
+            value: serde_json::to_vec(attrs).expect("json"),
+        };
+        assert_eq!(d.overwritten(&[change(&own.attrs)], key.as_bytes()), None);
+        let by = d
+            .overwritten(&[change(&peer(9).attrs)], key.as_bytes())
+            .expect("noticed");
+        assert!(by.contains("192.0.2.9"), "{by}");
+        let mut other_key = own.attrs.clone();
+        other_key.backend_data = serde_json::json!({"VNI": 1, "VtepMAC": "02:00:00:00:00:66"});
+        assert!(d
+            .overwritten(&[change(&other_key)], key.as_bytes())
+            .is_some());
     }
 }

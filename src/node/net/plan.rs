@@ -108,8 +108,15 @@ pub fn plan(
                 reason,
             })
         };
-        if !config.network.contains(&peer.subnet) {
-            skip(format!("outside the network {}", config.network));
+        // Only subnets this network hands out: the exact SubnetLen, aligned, inside
+        // SubnetMin..SubnetMax. Such leases cannot overlap each other or this node's own; a
+        // shorter prefix (covering other nodes' subnets) or a longer one (taking part of one)
+        // would route their traffic to whoever wrote it.
+        if !config.contains_subnet(&peer.subnet) {
+            skip(format!(
+                "not a subnet this network hands out (/{} inside {}, {}..{})",
+                config.subnet_len, config.network, config.subnet_min, config.subnet_max
+            ));
             continue;
         }
         if peer.attrs.public_ip == own.attrs.public_ip {
@@ -391,5 +398,32 @@ mod tests {
         assert_eq!(parse_mac("0a:1b:00:ff:10:01:02"), None);
         assert_eq!(parse_mac("0a:1b:00:ff:10:1"), None);
         assert_eq!(format_mac(&[10, 27, 0, 255, 16, 1]), "0a:1b:00:ff:10:01");
+    }
+
+    /// Review H2: leases that cover other nodes' subnets (a shorter prefix), take part of one (a
+    /// longer prefix, also of this node's own), or lie outside SubnetMin..SubnetMax are never
+    /// routed; a proper peer still is.
+    #[test]
+    fn overlapping_and_covering_leases_are_refused() {
+        let c = NetworkConfig::parse(r#"{"Network":"10.5.0.0/16","Backend":{"Type":"host-gw"}}"#)
+            .unwrap();
+        let own = lease("10.5.1.0/24", "192.168.77.11", "host-gw", json!(null));
+        let attacker = |s: &str| lease(s, "192.168.77.66", "host-gw", json!(null));
+        let leases = vec![
+            own.clone(),
+            lease("10.5.2.0/24", "192.168.77.12", "host-gw", json!(null)),
+            attacker("10.5.2.128/25"),
+            attacker("10.5.1.0/25"),
+            attacker("10.5.0.0/16"),
+            attacker("10.5.9.7/32"),
+            attacker("10.5.0.0/24"),
+        ];
+        let (d, skipped) = plan(&c, &own, &leases, None);
+        let routes: Vec<String> = d.routes.iter().map(|r| r.dst.to_string()).collect();
+        assert_eq!(routes, ["10.5.2.0/24"], "{skipped:?}");
+        assert_eq!(skipped.len(), 5, "{skipped:?}");
+        assert!(skipped
+            .iter()
+            .all(|s| s.reason.contains("not a subnet this network hands out")));
     }
 }

@@ -294,6 +294,8 @@ pub struct WatchBatch {
 pub struct KeyChange {
     pub key: Vec<u8>,
     pub deleted: bool,
+    /// The new value of a put (empty for a delete).
+    pub value: Vec<u8>,
 }
 
 /// What keel-net needs from etcd (flannel's key layout): the seam its daemon's decisions are
@@ -349,6 +351,7 @@ impl WatchChanges for EtcdWatch {
                     e.kv().map(|kv| KeyChange {
                         key: kv.key().to_vec(),
                         deleted: e.event_type() == etcd_client::EventType::Delete,
+                        value: kv.value().to_vec(),
                     })
                 })
                 .collect(),

@@ -27,6 +27,49 @@ use std::path::{Path, PathBuf};
 
 pub const STAMP: &str = "var/lib/keel/provisioned.json";
 const STAGING: &str = "var/lib/keel/.provision-staging";
+/// The directory that holds the stamp and staging.
+const KEEL_DIR: &str = "var/lib/keel";
+
+/// Refuses a symbolic link at `var`, `var/lib` or `var/lib/keel` under `root`: the stamp and
+/// staging are written and removed from the initrd, and a root volume's content may not point
+/// them at the initrd's own files.
+fn check_keel_dir(root: &Path) -> io::Result<()> {
+    let mut here = root.to_path_buf();
+    for c in Path::new(KEEL_DIR).components() {
+        here.push(c);
+        match fs::symlink_metadata(&here) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(io::Error::other(format!(
+                    "{} is a symbolic link; keel never follows links out of a node's root here",
+                    here.display()
+                )))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// A path the roll-back journal recorded (relative to the root) resolved inside `root`: links
+/// in its parents followed as if `root` were `/`, the last component never followed. `None` for
+/// anything but a plain relative path (absolute, `..`, empty).
+fn inside(root: &Path, rel: &Path) -> Option<PathBuf> {
+    let comps = rel
+        .components()
+        .map(|c| match c {
+            std::path::Component::Normal(s) => Some(s.to_os_string()),
+            _ => None,
+        })
+        .collect::<Option<Vec<OsString>>>()?;
+    let (name, parent) = comps.split_last()?;
+    let dir = resolve_in_root(root, parent, false).ok()??;
+    Some(dir.join(name))
+}
+
+/// `p` (under `root`) relative to it, for the journal.
+fn relative(root: &Path, p: &Path) -> PathBuf {
+    p.strip_prefix(root).unwrap_or(p).to_path_buf()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -75,6 +118,16 @@ pub enum StampError {
 /// when it has, an error when the file exists but cannot be read or parsed.
 pub fn stamp(root: &Path) -> Result<Option<Stamp>, StampError> {
     let path = root.join(STAMP);
+    check_keel_dir(root).map_err(|source| StampError::Unreadable {
+        path: path.clone(),
+        source,
+    })?;
+    if fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(StampError::Unreadable {
+            path,
+            source: io::Error::other("a symbolic link, not the stamp keel wrote"),
+        });
+    }
     let bytes = match fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -102,11 +155,14 @@ struct Journal {
     moves: Vec<Move>,
     /// Directories to create, parents first: (path, mode, uid, gid).
     dirs: Vec<(PathBuf, u32, u32, u32)>,
-    /// Filled during the commit: directories actually created, targets moved to backup.
+    /// Filled during the commit, relative to the root: directories actually created, targets
+    /// moved to backup (with the backup's name in `staging/backup`), targets placed. The
+    /// journal lies on the root volume and is read back from the initrd: nothing in it may name
+    /// a place outside the root.
     #[serde(default)]
     created_dirs: Vec<PathBuf>,
     #[serde(default)]
-    backups: Vec<(PathBuf, PathBuf)>,
+    backups: Vec<(PathBuf, String)>,
     #[serde(default)]
     placed: Vec<PathBuf>,
 }
@@ -287,22 +343,40 @@ fn resolve_owner(f: &str, o: &Option<Owner>, table: &Table, what: &str) -> Resul
     }
 }
 
-/// Undoes an interrupted commit recorded in staging, then removes staging.
+/// Undoes an interrupted commit recorded in staging, then removes staging. Every path of the
+/// journal is resolved inside `root` ([`inside`]); backups are only `staging/backup/bN`;
+/// entries that are neither are skipped.
 pub fn roll_back(root: &Path) -> Result<bool, ApplyError> {
+    check_keel_dir(root).map_err(io_err("checking /var/lib/keel"))?;
     let staging = root.join(STAGING);
-    if !staging.exists() {
-        return Ok(false);
+    match fs::symlink_metadata(&staging) {
+        Err(_) => return Ok(false),
+        Ok(m) if m.file_type().is_symlink() => {
+            fs::remove_file(&staging).map_err(io_err(format!("removing {}", staging.display())))?;
+            return Ok(true);
+        }
+        Ok(_) => {}
     }
+    let backup_name = |n: &str| {
+        n.strip_prefix('b')
+            .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+    };
     if let Ok(bytes) = fs::read(staging.join("plan.json")) {
         if let Ok(j) = serde_json::from_slice::<Journal>(&bytes) {
             for p in j.placed.iter().rev() {
-                let _ = fs::remove_file(p);
+                if let Some(p) = inside(root, p) {
+                    let _ = fs::remove_file(p);
+                }
             }
             for (target, backup) in j.backups.iter().rev() {
-                let _ = fs::rename(backup, target);
+                if let (Some(t), true) = (inside(root, target), backup_name(backup)) {
+                    let _ = fs::rename(staging.join("backup").join(backup), t);
+                }
             }
             for d in j.created_dirs.iter().rev() {
-                let _ = fs::remove_dir(d);
+                if let Some(d) = inside(root, d) {
+                    let _ = fs::remove_dir(d);
+                }
             }
         }
     }
@@ -313,6 +387,7 @@ pub fn roll_back(root: &Path) -> Result<bool, ApplyError> {
 /// Applies `plan` to `root` (see the module documentation), recording `source` in the stamp.
 pub fn apply(root: &Path, plan: &Plan, source: &str) -> Result<Stamp, ApplyError> {
     roll_back(root)?;
+    check_keel_dir(root).map_err(io_err("checking /var/lib/keel"))?;
     let staging = root.join(STAGING);
     fs::create_dir_all(&staging).map_err(io_err(format!("creating {}", staging.display())))?;
     fs::set_permissions(&staging, fs::Permissions::from_mode(0o700))
@@ -373,6 +448,23 @@ fn enact_presets(root: &Path, plan: &Plan) -> Result<(), ApplyError> {
 /// Writes the stamp atomically ([`crate::atomic`]), creating /var/lib/keel when the root does
 /// not have it yet (a root created on this boot has only what the initrd put there).
 pub fn write_stamp(root: &Path, s: &Stamp) -> Result<(), ApplyError> {
+    check_keel_dir(root).map_err(io_err("checking /var/lib/keel"))?;
+    let keel = root.join(KEEL_DIR);
+    if !keel.exists() {
+        // A root created on this boot without a TPM has no /var/lib/keel yet: root's alone
+        // (/var and /var/lib with the modes systemd-tmpfiles gives them).
+        for d in ["var", "var/lib"] {
+            let p = root.join(d);
+            if !p.exists() {
+                fs::create_dir(&p).map_err(io_err(format!("creating {}", p.display())))?;
+                fs::set_permissions(&p, fs::Permissions::from_mode(0o755))
+                    .map_err(io_err(format!("mode of {}", p.display())))?;
+            }
+        }
+        fs::create_dir(&keel).map_err(io_err(format!("creating {}", keel.display())))?;
+        fs::set_permissions(&keel, fs::Permissions::from_mode(0o700))
+            .map_err(io_err(format!("mode of {}", keel.display())))?;
+    }
     let stamp_path = root.join(STAMP);
     let bytes = serde_json::to_vec_pretty(s).map_err(|e| field("$", e.to_string()))?;
     crate::atomic::write(&stamp_path, &bytes, 0o644).map_err(|e| ApplyError::Io {
@@ -727,7 +819,7 @@ fn commit(root: &Path, staging: &Path, mut j: Journal) -> Result<(), ApplyError>
             continue;
         }
         fs::create_dir(&d).map_err(io_err(format!("creating {}", shown(root, &d))))?;
-        j.created_dirs.push(d.clone());
+        j.created_dirs.push(relative(root, &d));
         save(&j)?;
         std::os::unix::fs::chown(&d, Some(uid), Some(gid))
             .map_err(io_err(format!("owner of {}", shown(root, &d))))?;
@@ -739,9 +831,9 @@ fn commit(root: &Path, staging: &Path, mut j: Journal) -> Result<(), ApplyError>
             let b = backup_dir.join(format!("b{i}"));
             fs::rename(&m.target, &b)
                 .map_err(io_err(format!("setting aside {}", shown(root, &m.target))))?;
-            j.backups.push((m.target.clone(), b));
+            j.backups.push((relative(root, &m.target), format!("b{i}")));
         }
-        j.placed.push(m.target.clone());
+        j.placed.push(relative(root, &m.target));
         save(&j)?;
         fs::rename(&m.staged, &m.target).map_err(io_err(format!(
             "moving {} into place",
@@ -957,8 +1049,8 @@ mod tests {
         fs::rename(r.join("etc/hostname"), staging.join("backup/b0")).expect("aside");
         fs::write(r.join("etc/hostname"), "half\n").expect("placed");
         let j = Journal {
-            backups: vec![(r.join("etc/hostname"), staging.join("backup/b0"))],
-            placed: vec![r.join("etc/hostname")],
+            backups: vec![(PathBuf::from("etc/hostname"), "b0".into())],
+            placed: vec![PathBuf::from("etc/hostname")],
             created_dirs: vec![],
             ..Journal::default()
         };

@@ -12,6 +12,8 @@ use std::io::Read;
 /// Largest config accepted, and largest decompressed file.
 pub const MAX_CONFIG: usize = 4 << 20;
 const MAX_FILE: u64 = 64 << 20;
+/// All files of a config together, decoded: everything is held in memory in the initrd.
+const MAX_FILES_TOTAL: u64 = 256 << 20;
 
 /// A problem with a config, naming the field (`storage.files.2.path`) and the reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -400,7 +402,11 @@ fn plan_users(users: Vec<User>) -> Result<Vec<UserOp>, ConfigError> {
         for (name, val) in [("homeDir", &u.home_dir), ("shell", &u.shell)] {
             if let Some(p) = val {
                 check_path(&format!("{f}.{name}"), p, name == "homeDir")?;
+                check_passwd_field(&format!("{f}.{name}"), p)?;
             }
+        }
+        if let Some(g) = &u.gecos {
+            check_passwd_field(&format!("{f}.gecos"), g)?;
         }
         if let Some(h) = &u.password_hash {
             if h.contains(':') || h.contains('\n') {
@@ -446,6 +452,7 @@ fn plan_directories(nodes: Vec<Node>) -> Result<Vec<DirOp>, ConfigError> {
 /// `storage.files`.
 fn plan_files(nodes: Vec<Node>) -> Result<Vec<FileOp>, ConfigError> {
     let mut out = Vec::new();
+    let mut total: u64 = 0;
     for (i, n) in nodes.into_iter().enumerate() {
         let f = format!("storage.files.{i}");
         check_path(&format!("{f}.path"), &n.path, true)?;
@@ -459,6 +466,13 @@ fn plan_files(nodes: Vec<Node>) -> Result<Vec<FileOp>, ConfigError> {
             Some(r) => resource(&format!("{f}.contents"), r)?,
             None => Vec::new(),
         };
+        total += contents.len() as u64;
+        if total > MAX_FILES_TOTAL {
+            return Err(err(
+                format!("{f}.contents"),
+                format!("the config's files add up to more than {MAX_FILES_TOTAL} bytes"),
+            ));
+        }
         out.push(FileOp {
             contents,
             mode: mode(&format!("{f}.mode"), n.mode, 0o644)?,
@@ -578,6 +592,18 @@ fn check_name(field: &str, name: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// A field of /etc/passwd (`gecos`, `homeDir`, `shell`): `:` would start the next field and a
+/// line break the next account.
+fn check_passwd_field(field: &str, value: &str) -> Result<(), ConfigError> {
+    if value.contains(':') || value.chars().any(char::is_control) {
+        return Err(err(
+            field,
+            "may not contain `:`, line breaks or other control characters (it becomes a field of /etc/passwd)",
+        ));
+    }
+    Ok(())
+}
+
 fn check_unit_name(field: &str, name: &str) -> Result<(), ConfigError> {
     const SUFFIXES: &[&str] = &[
         ".service",
@@ -611,6 +637,12 @@ fn check_path(field: &str, p: &str, writable: bool) -> Result<(), ConfigError> {
     }
     if p.split('/').any(|c| c == ".." || c == ".") {
         return Err(err(field, format!("`{p}` contains `.` or `..`")));
+    }
+    if p.contains("//") {
+        return Err(err(
+            field,
+            format!("`{p}` contains an empty component (`//`)"),
+        ));
     }
     if p.trim_end_matches('/').is_empty() {
         return Err(err(field, "`/` itself cannot be written"));
@@ -783,6 +815,62 @@ mod tests {
             let p = parse(c.as_bytes()).unwrap_or_else(|e| panic!("{v}: {e}"));
             assert_eq!(p.files[0].contents, b"x", "{v}");
         }
+    }
+
+    /// Review L4: a line break in `gecos` (or `shell`, `homeDir`) would add a second, uid-0
+    /// account to /etc/passwd; `//usr/...` would slip past the /usr check. Both refused.
+    #[test]
+    fn passwd_field_injection_and_double_slash_paths_are_refused() {
+        for (field, user) in [
+            (
+                "gecos",
+                r#""gecos":"Core User\nbackdoor::0:0::/root:/bin/bash\nx""#,
+            ),
+            ("gecos", r#""gecos":"a:b""#),
+            (
+                "shell",
+                r#""shell":"/bin/sh\nbackdoor::0:0::/root:/bin/bash""#,
+            ),
+            ("homeDir", r#""homeDir":"/home/x:0""#),
+        ] {
+            let c = cfg(&format!(
+                r#","passwd":{{"users":[{{"name":"core",{user}}}]}}"#
+            ));
+            let e = parse(c.as_bytes()).expect_err(field).to_string();
+            assert!(e.contains(&format!("passwd.users.0.{field}")), "{e}");
+        }
+        let c =
+            cfg(r#","storage":{"files":[{"path":"//usr/lib/x","contents":{"source":"data:,x"}}]}"#);
+        let e = parse(c.as_bytes()).expect_err("//usr").to_string();
+        assert!(
+            e.contains("storage.files.0.path") && e.contains("//"),
+            "{e}"
+        );
+    }
+
+    /// Review L5: every file may decompress to 64 MiB, but not all of them together past the
+    /// total (they are held in memory in the initrd).
+    #[test]
+    fn the_files_of_a_config_are_bounded_together() {
+        let gz = {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+            std::io::Write::write_all(&mut e, &vec![0u8; 60 << 20]).expect("gz");
+            e.finish().expect("gz")
+        };
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&gz);
+        let files: Vec<String> = (0..5)
+            .map(|i| {
+                format!(
+                    r#"{{"path":"/var/f{i}","contents":{{"source":"data:;base64,{b64}","compression":"gzip"}}}}"#
+                )
+            })
+            .collect();
+        let c = cfg(&format!(r#","storage":{{"files":[{}]}}"#, files.join(",")));
+        let e = parse(c.as_bytes()).expect_err("total").to_string();
+        assert!(
+            e.contains("storage.files.4.contents") && e.contains("add up to"),
+            "{e}"
+        );
     }
 
     #[test]
