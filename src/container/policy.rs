@@ -39,6 +39,10 @@ pub struct Policy {
     /// The cluster this image is for: an enrolled-machines list must name it.
     #[serde(default)]
     pub cluster: String,
+    /// Let an image run its process as root (uid 0). Without it an image that names no user
+    /// runs as nobody (65534), and one that names root is refused.
+    #[serde(default)]
+    pub allow_root: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -302,6 +306,7 @@ mod tests {
             require_trusted_boot: true,
             require_enrolled_machines: false,
             cluster: "test".into(),
+            allow_root: false,
         }
     }
 

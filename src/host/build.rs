@@ -260,6 +260,7 @@ fn container_files(
         require_trusted_boot: c.require_trusted_boot,
         require_enrolled_machines: c.require_enrolled_machines,
         cluster,
+        allow_root: c.allow_root,
     };
     Ok(overlay::ContainerFiles {
         policy_json: serde_json::to_vec_pretty(&policy)?,

@@ -115,6 +115,7 @@ struct RawContainers {
     require_enrolled_machines: Option<bool>,
     machines: Option<Spanned<String>>,
     cluster: Option<String>,
+    allow_root: Option<bool>,
 }
 
 /// The container policy the image carries for keel-agent (docs/containers.md).
@@ -130,6 +131,8 @@ pub struct ContainerSettings {
     /// The cluster the image is for; enrolled-machines lists must name it (default: the
     /// image's name).
     pub cluster: Option<String>,
+    /// Containers may run as root (uid 0).
+    pub allow_root: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -749,6 +752,7 @@ fn merge_containers(def: &mut Definition, layer: &Layer) -> Result<(), Definitio
             require_enrolled_machines: false,
             machines: None,
             cluster: None,
+            allow_root: false,
         });
         if let Some(keys) = &c.keys {
             settings.keys = keys.iter().map(|k| dir.join(k.get_ref())).collect();
@@ -764,6 +768,9 @@ fn merge_containers(def: &mut Definition, layer: &Layer) -> Result<(), Definitio
         }
         if let Some(n) = &c.cluster {
             settings.cluster = Some(n.clone());
+        }
+        if let Some(b) = c.allow_root {
+            settings.allow_root = b;
         }
         def.containers = Some(settings);
     }

@@ -361,7 +361,7 @@ pub fn run(
     let stats = unpack::unpack(&rootfs, &files, opts.limits).map_err(unpack_refusal)?;
     // Checked before anything outside the staging directory changes.
     // The image's own configuration (entrypoint, user, group): its errors are refusals.
-    let mut spec = runtime_spec(&verified, name, &rootfs)
+    let mut spec = runtime_spec(&verified, name, &rootfs, loaded.policy.allow_root)
         .map_err(|e| anyhow::Error::from(Refusal(format!("{e:#}"))))?;
     let bundle = dir.join(name);
     if bundle.exists() {
@@ -641,6 +641,7 @@ pub fn runtime_spec(
     image: &VerifiedImage,
     name: &str,
     rootfs: &Path,
+    allow_root: bool,
 ) -> Result<oci_spec::runtime::Spec> {
     use oci_spec::runtime::{MountBuilder, ProcessBuilder, RootBuilder, UserBuilder};
     let c = &image.config.config;
@@ -655,7 +656,15 @@ pub fn runtime_spec(
     if !env.iter().any(|e| e.starts_with("PATH=")) {
         env.push("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
     }
-    let (uid, gid) = resolve_user(rootfs, c.user.as_deref().unwrap_or(""))?;
+    let named = c.user.as_deref().unwrap_or("");
+    let (uid, gid) = match resolve_user(rootfs, named)? {
+        ids if allow_root => ids,
+        (0, _) if named.is_empty() => (NOBODY, NOBODY),
+        (0, _) => bail!(Refusal(format!(
+            "the image runs as root (User `{named}`) and this image's policy does not allow containers as root ([containers] allow-root = true)"
+        ))),
+        ids => ids,
+    };
     let mut spec = oci_spec::runtime::Spec::default();
     let default_process = spec.process().clone().unwrap_or_default();
     let process = ProcessBuilder::default()
@@ -697,7 +706,96 @@ pub fn runtime_spec(
             .build()?,
     );
     spec.set_mounts(Some(mounts));
+    let mut linux = spec.linux().clone().unwrap_or_default();
+    linux.set_seccomp(Some(default_seccomp()?));
+    spec.set_linux(Some(linux));
     Ok(spec)
+}
+
+/// The user an image that names none runs as when its policy does not allow root.
+pub const NOBODY: u32 = 65534;
+
+/// System calls a container's process may not make (EPERM): kernel modules, kexec, reboot,
+/// swap, clocks, accounting, mounting and namespaces (`mount`, `unshare`, `setns`, the new
+/// mount API, `pivot_root`), keyrings, `bpf`, `perf_event_open`, `ptrace` and cross-process
+/// memory, `userfaultfd`, NUMA policy, file handles, old and obscure interfaces. Modelled on the
+/// default profile of Docker and containers-common, as a deny list; crun applies it just before
+/// it starts the image's program.
+pub const SECCOMP_DENIED: &[&str] = &[
+    "acct",
+    "add_key",
+    "bpf",
+    "clock_adjtime",
+    "clock_settime",
+    "create_module",
+    "delete_module",
+    "finit_module",
+    "fsconfig",
+    "fsmount",
+    "fsopen",
+    "fspick",
+    "get_kernel_syms",
+    "get_mempolicy",
+    "init_module",
+    "ioperm",
+    "iopl",
+    "kcmp",
+    "kexec_file_load",
+    "kexec_load",
+    "keyctl",
+    "lookup_dcookie",
+    "mbind",
+    "mount",
+    "mount_setattr",
+    "move_mount",
+    "move_pages",
+    "name_to_handle_at",
+    "nfsservctl",
+    "open_by_handle_at",
+    "open_tree",
+    "perf_event_open",
+    "pivot_root",
+    "process_madvise",
+    "process_vm_readv",
+    "process_vm_writev",
+    "ptrace",
+    "query_module",
+    "quotactl",
+    "quotactl_fd",
+    "reboot",
+    "request_key",
+    "set_mempolicy",
+    "setns",
+    "settimeofday",
+    "stime",
+    "swapoff",
+    "swapon",
+    "syslog",
+    "sysfs",
+    "_sysctl",
+    "umount",
+    "umount2",
+    "unshare",
+    "uselib",
+    "userfaultfd",
+    "ustat",
+    "vm86",
+    "vm86old",
+];
+
+/// The seccomp filter of every container: [`SECCOMP_DENIED`] refused on the x86 ABIs (so the
+/// 32-bit entry points cannot be used to get around it), everything else allowed.
+pub fn default_seccomp() -> Result<oci_spec::runtime::LinuxSeccomp> {
+    let v = serde_json::json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+        "syscalls": [{
+            "names": SECCOMP_DENIED,
+            "action": "SCMP_ACT_ERRNO",
+            "errnoRet": 1
+        }]
+    });
+    serde_json::from_value(v).context("the default seccomp profile")
 }
 
 /// Stops a container's unit.
@@ -1222,5 +1320,51 @@ mod tests {
             ..Default::default()
         };
         run(t.path(), &img, "web", &m, &units, &NoNet, &opts).expect("named reference");
+    }
+
+    /// Review M4: a container does not run as root unless the policy allows it (an image that
+    /// names no user runs as nobody, one that names root is refused), its seccomp filter refuses
+    /// namespace, mount, keyring and bpf calls, and its unit closes the device controller.
+    #[test]
+    fn containers_run_without_root_and_with_a_seccomp_filter() {
+        let (t, _, img) = node(false);
+        let layout = Layout::open(&img).expect("layout");
+        let keys = crate::container::policy::load(t.path())
+            .expect("policy")
+            .keys;
+        let mut verified = oci::verify(&layout, &keys).expect("verified");
+        let rootfs = t.path().join("rootfs");
+        fs::create_dir_all(rootfs.join("etc")).expect("etc");
+        fs::write(rootfs.join("etc/passwd"), "root:x:0:0::/root:/bin/sh\n").expect("passwd");
+        let spec = runtime_spec(&verified, "hello", &rootfs, false).expect("spec");
+        let user = spec.process().as_ref().expect("process").user().clone();
+        assert_eq!((user.uid(), user.gid()), (NOBODY, NOBODY));
+        let seccomp = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.seccomp().clone())
+            .expect("seccomp");
+        let text = serde_json::to_string(&seccomp).expect("json");
+        for call in [
+            "\"bpf\"",
+            "\"unshare\"",
+            "\"mount\"",
+            "\"keyctl\"",
+            "\"setns\"",
+            "SCMP_ARCH_X86\"",
+        ] {
+            assert!(text.contains(call), "{call} in {text}");
+        }
+        assert!(spec.process().as_ref().expect("p").no_new_privileges() == Some(true));
+        let allowed = runtime_spec(&verified, "hello", &rootfs, true).expect("spec");
+        assert_eq!(allowed.process().as_ref().expect("p").user().uid(), 0);
+        verified.config.config.user = Some("root".into());
+        let e = runtime_spec(&verified, "hello", &rootfs, false).expect_err("root");
+        assert!(format!("{e:#}").contains("allow-root"), "{e:#}");
+        verified.config.config.user = Some("0:0".into());
+        assert!(runtime_spec(&verified, "hello", &rootfs, false).is_err());
+        verified.config.config.user = Some("1000:1000".into());
+        let u = runtime_spec(&verified, "hello", &rootfs, false).expect("non-root");
+        assert_eq!(u.process().as_ref().expect("p").user().uid(), 1000);
     }
 }

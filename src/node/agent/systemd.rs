@@ -117,6 +117,10 @@ impl Units for Systemd {
             ("CollectMode", Value::from("inactive-or-failed")),
             ("TimeoutStopUSec", Value::from(STOP_TIMEOUT_USEC)),
             ("SyslogIdentifier", Value::from(spec.name.clone())),
+            // crun runs the container in this unit's cgroup (--cgroup-manager=disabled): the
+            // device controller allows only the standard pseudo devices (null, zero, full,
+            // random, urandom, tty, pts).
+            ("DevicePolicy", Value::from("closed")),
         ];
         if !spec.exec_stop_post.is_empty() {
             props.push(("ExecStopPost", exec(&spec.exec_stop_post, true)));

@@ -141,6 +141,7 @@ pub fn node_signed_for(
         require_trusted_boot: require_boot,
         require_enrolled_machines: false,
         cluster: "test".into(),
+        allow_root: false,
     };
     fs::write(
         pdir.join(policy::POLICY_FILE),
