@@ -286,7 +286,8 @@ impl Unpacker<'_> {
         mode: u32,
         shown: &str,
     ) -> Result<(), UnpackError> {
-        let size = entry.header().size().unwrap_or(u64::MAX);
+        // The size the tar crate reads (a PAX `size` record overrides the header field).
+        let size = entry.size();
         if self.stats.bytes.saturating_add(size) > self.limits.max_bytes {
             return Err(UnpackError::TooLarge {
                 layer: self.layer,
@@ -405,14 +406,22 @@ impl Unpacker<'_> {
 /// crate reads their data into memory, so a layer could otherwise claim gigabytes for one name.
 pub const MAX_EXTENSION_HEADER: u64 = 1 << 20;
 
-/// Reads a tar stream through, following its 512-byte headers, and fails when an extension
-/// header (types `L`, `K`, `x`, `g`) announces more than [`MAX_EXTENSION_HEADER`] bytes.
+/// Reads a tar stream through, following its 512-byte headers as the tar crate does, and fails
+/// when an extension header (types `L`, `K`, `x`, `g`) announces more than
+/// [`MAX_EXTENSION_HEADER`] bytes. Sizes are read as the crate reads them (octal up to the first
+/// NUL, or base-256), and a PAX `size` record overrides the next entry's size as it does there,
+/// so the two never disagree about where the next header is. GNU sparse entries (whose extra
+/// header blocks move the data) are refused.
 struct ExtensionCap<R> {
     inner: R,
     /// Stream offset of the next header, and of the data read so far.
     next_header: u64,
     pos: u64,
     header: Vec<u8>,
+    /// A PAX header's data being collected: (bytes, end offset).
+    pax: Option<(Vec<u8>, u64)>,
+    /// The `size` a PAX header set for the next entry.
+    pending_size: Option<u64>,
 }
 
 impl<R: Read> ExtensionCap<R> {
@@ -422,27 +431,48 @@ impl<R: Read> ExtensionCap<R> {
             next_header: 0,
             pos: 0,
             header: Vec::with_capacity(512),
+            pax: None,
+            pending_size: None,
         }
     }
 
-    /// A header's size field: octal text, or base-256 when the high bit of the first byte is set.
+    /// A header's size field as the tar crate reads it: base-256 (the last 8 bytes) when the
+    /// high bit of the first byte is set, else octal text up to the first NUL, spaces trimmed.
     fn size(field: &[u8]) -> Option<u64> {
         if field.first().is_some_and(|b| b & 0x80 != 0) {
-            let mut n: u64 = u64::from(field[0] & 0x7f);
-            for b in &field[1..] {
-                n = n.checked_mul(256)?.checked_add(u64::from(*b))?;
+            let mut n: u64 = 0;
+            for b in &field[field.len() - 8..] {
+                n = (n << 8) | u64::from(*b);
             }
             return Some(n);
         }
-        let text: String = field
-            .iter()
-            .map(|b| *b as char)
-            .filter(|c| *c != '\0' && *c != ' ')
-            .collect();
-        if text.is_empty() {
-            return Some(0);
+        let end = field.iter().position(|b| *b == 0).unwrap_or(field.len());
+        let text = std::str::from_utf8(&field[..end]).ok()?;
+        u64::from_str_radix(text.trim(), 8).ok()
+    }
+
+    /// The `size` record of PAX data, parsed exactly as the tar crate parses it
+    /// (`tar::pax::pax_extensions_value`): `LEN key=value` lines, LEN counting the whole line
+    /// with its newline; the first malformed line, an empty line or a bad value ends the search
+    /// with nothing.
+    fn pax_size(data: &[u8]) -> Option<u64> {
+        for line in data.split(|b| *b == b'\n') {
+            if line.is_empty() {
+                return None;
+            }
+            let space = line.iter().position(|b| *b == b' ')?;
+            let reported: usize = std::str::from_utf8(&line[..space]).ok()?.parse().ok()?;
+            if line.len() + 1 != reported {
+                return None;
+            }
+            let kv = &line[space + 1..];
+            let eq = kv.iter().position(|b| *b == b'=')?;
+            if std::str::from_utf8(&kv[..eq]) != Ok("size") {
+                continue;
+            }
+            return std::str::from_utf8(&kv[eq + 1..]).ok()?.parse().ok();
         }
-        u64::from_str_radix(&text, 8).ok()
+        None
     }
 
     fn header_done(&mut self) -> io::Result<()> {
@@ -451,22 +481,35 @@ impl<R: Read> ExtensionCap<R> {
             self.next_header += 512;
             return Ok(());
         }
-        let size = Self::size(&h[124..136]).ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                "a tar header with an unreadable size",
-            )
-        })?;
-        if matches!(h[156], b'L' | b'K' | b'x' | b'g') && size > MAX_EXTENSION_HEADER {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "a tar extension header (type {}) of {size} bytes; at most {MAX_EXTENSION_HEADER} are read",
-                    h[156] as char
-                ),
+        let bad = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
+        let field = Self::size(&h[124..136])
+            .ok_or_else(|| bad("a tar header with an unreadable size".into()))?;
+        let kind = h[156];
+        let extension = matches!(kind, b'L' | b'K' | b'x' | b'g');
+        if kind == b'S' {
+            return Err(bad(
+                "a GNU sparse entry; container layers may not carry them".into(),
             ));
         }
-        self.next_header += 512 + size.div_ceil(512) * 512;
+        if extension && field > MAX_EXTENSION_HEADER {
+            return Err(bad(format!(
+                "a tar extension header (type {}) of {field} bytes; at most {MAX_EXTENSION_HEADER} are read",
+                kind as char
+            )));
+        }
+        let size = if extension {
+            field
+        } else {
+            self.pending_size.take().unwrap_or(field)
+        };
+        let data_start = self.next_header + 512;
+        self.next_header = data_start + size.div_ceil(512) * 512;
+        if kind == b'x' {
+            self.pax = Some((Vec::with_capacity(size as usize), data_start + size));
+            if size == 0 {
+                self.pax = None;
+            }
+        }
         Ok(())
     }
 }
@@ -479,6 +522,14 @@ impl<R: Read> Read for ExtensionCap<R> {
             let at = self.pos + i as u64;
             if at < self.next_header {
                 let skip = (self.next_header - at).min((n - i) as u64) as usize;
+                if let Some((data, end)) = &mut self.pax {
+                    let take = (*end).saturating_sub(at).min(skip as u64) as usize;
+                    data.extend_from_slice(&buf[i..i + take]);
+                    if at + take as u64 >= *end {
+                        self.pending_size = Self::pax_size(data);
+                        self.pax = None;
+                    }
+                }
                 i += skip;
                 continue;
             }
@@ -744,6 +795,111 @@ mod tests {
             crate::error::chain(&e).contains("extension header"),
             "{e:?}"
         );
+    }
+
+    /// Review L5 (second round): the cap reads sizes exactly as the tar crate does — octal up to
+    /// the first NUL, and a PAX `size` record overriding the next entry's — so an archive that
+    /// makes the two disagree cannot slip a huge long-name header past it.
+    #[test]
+    fn the_header_cap_follows_the_tar_crate() {
+        fn header(kind: u8, name: &str, size_field: &[u8]) -> Vec<u8> {
+            let mut h = tar::Header::new_gnu();
+            h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+            h.set_mode(0o644);
+            h.set_entry_type(tar::EntryType::new(kind));
+            h.as_old_mut().size.copy_from_slice(size_field);
+            h.set_cksum();
+            h.as_bytes().to_vec()
+        }
+        fn octal(n: u64) -> [u8; 12] {
+            let mut f = [0u8; 12];
+            let t = format!("{n:011o}");
+            f[..11].copy_from_slice(t.as_bytes());
+            f
+        }
+        fn pad(v: &mut Vec<u8>) {
+            while v.len() % 512 != 0 {
+                v.push(0);
+            }
+        }
+        fn pax(kv: &str) -> Vec<u8> {
+            // "LEN key=value\n", LEN counting the whole line.
+            let mut digits = 1;
+            loop {
+                let len = digits + 1 + kv.len() + 1;
+                if len.to_string().len() == digits {
+                    return format!("{len} {kv}\n").into_bytes();
+                }
+                digits += 1;
+            }
+        }
+        let huge_l = |raw: &mut Vec<u8>| {
+            raw.extend(header(b'L', "././@LongLink", &octal(2 << 20)));
+            raw.extend(std::iter::repeat_n(b'a', 2 << 20));
+            pad(raw);
+        };
+        let unpack_raw = |raw: Vec<u8>| {
+            let t = tempfile::tempdir().expect("tmp");
+            let root = t.path().join("root");
+            fs::create_dir(&root).expect("root");
+            let p = t.path().join("l.tar");
+            fs::write(&p, raw).expect("write");
+            let r = unpack(
+                &root,
+                &[LayerFile {
+                    path: &p,
+                    compression: Compression::None,
+                }],
+                Limits::default(),
+            );
+            (t, r)
+        };
+        // A size field "1\0" followed by digits: the crate reads 1, and so does the cap.
+        let mut raw = Vec::new();
+        let mut field = [b'0'; 12];
+        field[..2].copy_from_slice(b"1\0");
+        raw.extend(header(b'0', "a", &field));
+        raw.push(b'x');
+        pad(&mut raw);
+        huge_l(&mut raw);
+        raw.extend([0u8; 1024]);
+        let (_t, r) = unpack_raw(raw);
+        let e = r.expect_err("the long name after it is seen and refused");
+        assert!(
+            crate::error::chain(&e).contains("extension header"),
+            "{e:?}"
+        );
+        // PAX size=0 for an entry whose header says 4096: the crate takes 0, so the huge long
+        // name right after is the next header, and the cap sees it.
+        let mut raw = Vec::new();
+        let rec = pax("size=0");
+        raw.extend(header(b'x', "pax", &octal(rec.len() as u64)));
+        raw.extend(&rec);
+        pad(&mut raw);
+        raw.extend(header(b'0', "b", &octal(4096)));
+        huge_l(&mut raw);
+        raw.extend([0u8; 1024]);
+        let (_t, r) = unpack_raw(raw);
+        let e = r.expect_err("refused");
+        assert!(
+            crate::error::chain(&e).contains("extension header"),
+            "{e:?}"
+        );
+        // PAX size=2048 for an entry whose header says 0: its 2048 bytes (which look like a
+        // huge long-name header) are data, not a header; the file unpacks.
+        let mut raw = Vec::new();
+        let rec = pax("size=2048");
+        raw.extend(header(b'x', "pax", &octal(rec.len() as u64)));
+        raw.extend(&rec);
+        pad(&mut raw);
+        raw.extend(header(b'0', "c", &octal(0)));
+        let mut data = header(b'L', "././@LongLink", &octal(1 << 30));
+        data.resize(2048, b'z');
+        raw.extend(&data);
+        raw.extend([0u8; 1024]);
+        let (t, r) = unpack_raw(raw);
+        r.expect("a plain file of 2048 bytes");
+        assert_eq!(fs::read(t.path().join("root/c")).expect("c").len(), 2048);
     }
 
     #[test]

@@ -9,6 +9,7 @@ say() { echo "keel-root-init: $*"; echo "<5>keel-root-init: $*" > /dev/kmsg; }
 fail() { echo "keel-root-init: ERROR: $*" >&2; echo "<2>keel-root-init: ERROR: $*" > /dev/kmsg; exit 1; }
 TPM=0
 [ ! -c /dev/tpmrm0 ] || TPM=1
+opened_measured=0
 
 # Extends PCR 11 with a word (on machines with a TPM). keel-root-opened follows every opening of
 # the root, however it was opened, before anything on it is read: from then on PCR 11 is past the
@@ -16,8 +17,12 @@ TPM=0
 # a typed key, so that boot never reaches a state the operator signed. A failure stops the boot.
 measure() {
     [ "$TPM" = 1 ] || return 0
-    /usr/lib/systemd/systemd-pcrextend "$1" \
-        || fail "measuring '$1' into PCR 11 failed; the boot stops, since the root must never be readable while PCR 11 can still release its key"
+    # SYSTEMD_FORCE_MEASURE: measure even if the stub did not say it measured a UKI (a boot
+    # that was not through a signed UKI is in no signed state anyway).
+    if ! SYSTEMD_FORCE_MEASURE=1 /usr/lib/systemd/systemd-pcrextend "$1"; then
+        cryptsetup close root 2>/dev/null || true
+        fail "measuring '$1' into PCR 11 failed; the boot stops, since the root must never be readable while PCR 11 can still release its key"
+    fi
 }
 
 # Opens $1 as /dev/mapper/root the everyday way: through the TPM, which releases the key only
@@ -141,13 +146,15 @@ if [ -e /dev/gpt-auto-root-luks ]; then
     # when it holds none.
     say "$DEV is labelled keel-root-new, as an interrupted first boot leaves the root volume"
     open_sealed "$DEV" || fail "the root volume $DEV is labelled keel-root-new (an unfinished first boot) but this machine cannot open it; keel does not erase a volume on the word of its header. If this machine's first boot was interrupted, erase the header from a rescue system (wipefs -a $DEV) and boot again; otherwise the disk was tampered with"
+    # Opened: mark PCR 11 before anything reads the volume's content (blkid below).
+    measure keel-root-opened
+    opened_measured=1
     if [ -n "$(blkid -p -o value -s TYPE /dev/mapper/root || true)" ]; then
         say "this machine opens it and it holds a file system: finishing it (nothing is erased)"
         cryptsetup config --label keel-root "$DEV"
-        measure keel-root-opened
         exit 0
     fi
-    say "this machine opens it and it holds no file system yet: creating it again"
+    say "this machine opens it and it holds no file system yet: creating it again (this boot is reported untrusted; the next one is not)"
     cryptsetup close root
 else
     DEV=$(readlink -f /dev/gpt-auto-root)
@@ -164,7 +171,7 @@ enrol=""
 finished=0
 cleanup() {
     [ -z "$enrol" ] || { kill "$enrol" 2>/dev/null || true; wait "$enrol" 2>/dev/null || true; }
-    rm -f "$KEY" /run/keel/recovery-key
+    rm -f "$KEY" /run/keel/recovery-key /run/keel/recovery-key.line
     umount /run/keel/newroot 2>/dev/null || true
     [ "$finished" = 1 ] || cryptsetup close root 2>/dev/null || true
 }
@@ -230,8 +237,11 @@ if [ "$TPM" = 1 ]; then
     wait "$pid" || fail "the volume could not be sealed (see above); the next boot starts over"
     # The recovery key leaves the initrd only encrypted to the operator's recovery key (in the
     # verity-protected /usr); the operator decrypts it with `keel keys recover`.
-    grep -v '^$' /run/keel/recovery-key | tail -n 1 \
-        | /usr/lib/keel/escrow /sysusr/usr/lib/keel/trust/recovery.pub.pem \
+    grep -v '^$' /run/keel/recovery-key | tail -n 1 > /run/keel/recovery-key.line
+    # systemd's recovery keys: 8 groups of 8 modhex characters.
+    grep -Eqx '[cbdefghijklnrtuv]{8}(-[cbdefghijklnrtuv]{8}){7}' /run/keel/recovery-key.line \
+        || fail "systemd-cryptenroll printed no recovery key in the expected form; not escrowing it"
+    /usr/lib/keel/escrow /sysusr/usr/lib/keel/trust/recovery.pub.pem < /run/keel/recovery-key.line \
             > /run/keel/newroot/var/lib/keel/recovery-key.escrow \
         || fail "escrowing the recovery key failed (is /usr/lib/keel/trust/recovery.pub.pem in the image?)"
     umount /run/keel/newroot
@@ -241,7 +251,7 @@ if [ "$TPM" = 1 ]; then
 fi
 cryptsetup config --label keel-root "$DEV"
 finished=1
-measure keel-root-opened
+[ "$opened_measured" = 1 ] || measure keel-root-opened
 if [ "$TPM" = 1 ]; then
     say "root volume sealed to this TPM and opened; recovery key escrowed to the operator's recovery key in /var/lib/keel/recovery-key.escrow (decrypt with keel keys recover)"
 else

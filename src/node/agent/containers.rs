@@ -783,17 +783,44 @@ pub const SECCOMP_DENIED: &[&str] = &[
     "vm86old",
 ];
 
-/// The seccomp filter of every container: [`SECCOMP_DENIED`] refused on the x86 ABIs (so the
-/// 32-bit entry points cannot be used to get around it), everything else allowed.
+/// `clone` flags that make new namespaces (mount, cgroup, UTS, IPC, user, PID, network).
+pub const CLONE_NAMESPACE_FLAGS: &[u64] = &[
+    0x0002_0000,
+    0x0200_0000,
+    0x0400_0000,
+    0x0800_0000,
+    0x1000_0000,
+    0x2000_0000,
+    0x4000_0000,
+];
+
+/// The seccomp filter of every container: [`SECCOMP_DENIED`] and the io_uring calls refused
+/// (EPERM), `clone` with any namespace flag refused, `clone3` answered ENOSYS (its flags are in
+/// memory, out of seccomp's reach; C libraries then fall back to `clone`), on the x86 ABIs (so
+/// the 32-bit entry points cannot be used to get around it); everything else allowed.
 pub fn default_seccomp() -> Result<oci_spec::runtime::LinuxSeccomp> {
+    const EPERM: u32 = 1;
+    const ENOSYS: u32 = 38;
+    let mut syscalls = vec![
+        serde_json::json!({"names": SECCOMP_DENIED, "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM}),
+        serde_json::json!({
+            "names": ["io_uring_setup", "io_uring_enter", "io_uring_register"],
+            "action": "SCMP_ACT_ERRNO", "errnoRet": EPERM
+        }),
+        serde_json::json!({"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": ENOSYS}),
+    ];
+    for flag in CLONE_NAMESPACE_FLAGS {
+        syscalls.push(serde_json::json!({
+            "names": ["clone"],
+            "action": "SCMP_ACT_ERRNO",
+            "errnoRet": EPERM,
+            "args": [{"index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ"}]
+        }));
+    }
     let v = serde_json::json!({
         "defaultAction": "SCMP_ACT_ALLOW",
         "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
-        "syscalls": [{
-            "names": SECCOMP_DENIED,
-            "action": "SCMP_ACT_ERRNO",
-            "errnoRet": 1
-        }]
+        "syscalls": syscalls
     });
     serde_json::from_value(v).context("the default seccomp profile")
 }
@@ -1352,6 +1379,9 @@ mod tests {
             "\"keyctl\"",
             "\"setns\"",
             "SCMP_ARCH_X86\"",
+            "\"clone3\"",
+            "\"io_uring_setup\"",
+            "268435456",
         ] {
             assert!(text.contains(call), "{call} in {text}");
         }

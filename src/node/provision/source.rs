@@ -184,6 +184,10 @@ pub fn remove_from_esp(place: &EspPlace) -> Result<()> {
     };
     let mut r = Ok(());
     for p in [ESP_PATH, ESP_SIG_PATH] {
+        // FAT keeps a removed file's clusters as they were: overwrite them first.
+        if let Err(e) = zero_file(&dir.join(p)) {
+            r = Err(e).with_context(|| format!("overwriting {p} on the ESP"));
+        }
         match fs::remove_file(dir.join(p)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -195,6 +199,25 @@ pub fn remove_from_esp(place: &EspPlace) -> Result<()> {
         let _ = Command::new("umount").arg(&dir).status();
     }
     r
+}
+
+/// Overwrites a file's bytes with zeros in place and syncs them; a missing file is fine.
+fn zero_file(p: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = match fs::OpenOptions::new().write(true).open(p) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let len = f.metadata()?.len();
+    let zeros = vec![0u8; 64 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(zeros.len() as u64) as usize;
+        f.write_all(&zeros[..n])?;
+        left -= n as u64;
+    }
+    f.sync_all()
 }
 
 fn mount_esp(dev: &Path, writable: bool) -> Result<PathBuf> {
