@@ -549,8 +549,18 @@ fn check_signed_variant(minimal: &Path, tmp: &Path) {
         argv.extend(["--bank=sha256".to_string(), "--json=short".to_string()]);
         ok(in_tools(&dir, argv), "systemd-measure")
     };
-    let calc: Value =
-        serde_json::from_str(&measure(&["calculate".to_string()])).expect("calculate JSON");
+    // Keel's phases: systemd's, with `keel-root-opened` (measured by keel-root-init right after
+    // the root volume opens) between enter-initrd and leave-initrd.
+    let phases = [
+        "enter-initrd",
+        "enter-initrd:keel-root-opened",
+        "enter-initrd:keel-root-opened:leave-initrd",
+        "enter-initrd:keel-root-opened:leave-initrd:sysinit",
+        "enter-initrd:keel-root-opened:leave-initrd:sysinit:ready",
+    ];
+    let mut calc_args = vec!["calculate".to_string()];
+    calc_args.extend(phases.iter().map(|p| format!("--phase={p}")));
+    let calc: Value = serde_json::from_str(&measure(&calc_args)).expect("calculate JSON");
     let theirs = phase_values(&calc["sha256"], "hash");
     let ours = phase_values(&m["trust"]["pcr11"], "sha256");
     assert_eq!(
@@ -578,9 +588,9 @@ fn check_signed_variant(minimal: &Path, tmp: &Path) {
     want.extend(sign(
         "pcr-boot",
         &[
-            "enter-initrd:leave-initrd",
-            "enter-initrd:leave-initrd:sysinit",
-            "enter-initrd:leave-initrd:sysinit:ready",
+            "enter-initrd:keel-root-opened:leave-initrd",
+            "enter-initrd:keel-root-opened:leave-initrd:sysinit",
+            "enter-initrd:keel-root-opened:leave-initrd:sysinit:ready",
         ],
     ));
     let pcrsig: Value = serde_json::from_slice(
