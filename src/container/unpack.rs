@@ -503,7 +503,12 @@ impl<R: Read> ExtensionCap<R> {
             self.pending_size.take().unwrap_or(field)
         };
         let data_start = self.next_header + 512;
-        self.next_header = data_start + size.div_ceil(512) * 512;
+        // A size near u64::MAX (base-256 allows it) must not wrap around to a small offset.
+        self.next_header = size
+            .div_ceil(512)
+            .checked_mul(512)
+            .and_then(|padded| data_start.checked_add(padded))
+            .ok_or_else(|| bad(format!("a tar entry of {size} bytes: beyond any archive")))?;
         if kind == b'x' {
             self.pax = Some((Vec::with_capacity(size as usize), data_start + size));
             if size == 0 {
@@ -900,6 +905,26 @@ mod tests {
         let (t, r) = unpack_raw(raw);
         r.expect("a plain file of 2048 bytes");
         assert_eq!(fs::read(t.path().join("root/c")).expect("c").len(), 2048);
+    }
+
+    /// Found by `scripts/fuzz` (unpack): a base-256 size near u64::MAX overflowed the cap's
+    /// offset arithmetic (a panic with overflow checks, a wrapped offset without). Now an error.
+    #[test]
+    fn an_entry_size_near_u64_max_is_refused_not_wrapped() {
+        let mut h = tar::Header::new_gnu();
+        h.as_old_mut().name[..1].copy_from_slice(b"a");
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        let mut field = [0xffu8; 12];
+        field[0] = 0x80;
+        h.as_old_mut().size.copy_from_slice(&field);
+        h.set_cksum();
+        let mut raw = h.as_bytes().to_vec();
+        raw.extend([0u8; 1024]);
+        let mut cap = ExtensionCap::new(&raw[..]);
+        let mut sink = Vec::new();
+        let e = io::copy(&mut cap, &mut sink).expect_err("refused");
+        assert!(e.to_string().contains("beyond any archive"), "{e}");
     }
 
     #[test]
