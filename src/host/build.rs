@@ -504,10 +504,7 @@ fn disk_image(
         // Signed with the operator's container-signing key, which the node's policy trusts.
         if let Some(k) = &inputs.keys {
             let key = crate::trust::keys::container_key(&k.dir)?;
-            let sig = crate::container::signature::sign(
-                &crate::node::provision::source::signed_payload(cfg),
-                &key,
-            )?;
+            let sig = crate::host::ignition::sign_config(cfg, &key)?;
             fs::write(dir.join("config.ign.sig"), format!("{sig}\n"))
                 .context("writing keel/config.ign.sig on the ESP")?;
         }

@@ -103,7 +103,7 @@ pub enum MachinesCommand {
     },
 }
 
-fn private_key(p: &Path) -> Result<openssl::pkey::PKey<openssl::pkey::Private>> {
+pub(crate) fn private_key(p: &Path) -> Result<openssl::pkey::PKey<openssl::pkey::Private>> {
     let pem = fs::read(p).with_context(|| format!("reading {}", p.display()))?;
     let k = openssl::pkey::PKey::private_key_from_pem(&pem)
         .with_context(|| format!("{}: not a PEM private key (cosign's encrypted keys: sign with `cosign sign-blob` and use `keel container attach`)", p.display()))?;

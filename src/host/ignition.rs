@@ -37,17 +37,13 @@ pub struct EmbedArgs {
 
 /// The signature to put next to an embedded config: made with `key`, or read from CONFIG.sig.
 fn embed_signature(a: &EmbedArgs, bytes: &[u8]) -> Result<Option<String>> {
-    use crate::node::provision::source::signed_payload;
     if a.unsigned {
         return Ok(None);
     }
     if let Some(k) = &a.key {
-        let pem = fs::read(k).with_context(|| format!("reading {}", k.display()))?;
-        let key = openssl::pkey::PKey::private_key_from_pem(&pem)
-            .with_context(|| format!("{}: not a PEM private key", k.display()))?;
-        return Ok(Some(crate::container::signature::sign(
-            &signed_payload(bytes),
-            &key,
+        return Ok(Some(sign_config(
+            bytes,
+            &crate::host::container::private_key(k)?,
         )?));
     }
     let beside = crate::container::policy::sig_path(&a.config);
@@ -60,17 +56,26 @@ fn embed_signature(a: &EmbedArgs, bytes: &[u8]) -> Result<Option<String>> {
     }
 }
 
-/// Signs `config` for an ESP ([`crate::node::provision::source::signed_payload`]) and writes
-/// `CONFIG.sig` (what `keel cluster init --key` gives each node's config).
+/// The signature of a config for an ESP (over
+/// [`crate::node::provision::source::signed_payload`]), as base64 text.
+pub fn sign_config(
+    bytes: &[u8],
+    key: &openssl::pkey::PKey<openssl::pkey::Private>,
+) -> Result<String> {
+    Ok(crate::container::signature::sign(
+        &crate::node::provision::source::signed_payload(bytes),
+        key,
+    )?)
+}
+
+/// Signs `config` for an ESP and writes `CONFIG.sig` (what `keel cluster init --key` gives each
+/// node's config).
 pub fn write_config_signature(
     config: &Path,
     bytes: &[u8],
     key: &openssl::pkey::PKey<openssl::pkey::Private>,
 ) -> Result<()> {
-    let sig = crate::container::signature::sign(
-        &crate::node::provision::source::signed_payload(bytes),
-        key,
-    )?;
+    let sig = sign_config(bytes, key)?;
     let p = crate::container::policy::sig_path(config);
     crate::atomic::write(&p, format!("{sig}\n").as_bytes(), 0o600)
         .map_err(|e| anyhow::anyhow!("{}", crate::error::chain(&e)))

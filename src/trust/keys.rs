@@ -290,7 +290,16 @@ fn write_recovery_key(dir: &Path) -> Result<(), KeyError> {
 /// Adds the recovery escrow key to a key directory made before it existed; returns whether it
 /// was created (an existing key is never replaced).
 pub fn ensure_recovery_key(dir: &Path) -> Result<bool, KeyError> {
-    if dir.join(file::RECOVERY_KEY).exists() {
+    ensure_key(dir, file::RECOVERY_KEY, write_recovery_key)
+}
+
+/// Writes a key with `write` unless `name` is already in the key directory `dir`.
+fn ensure_key(
+    dir: &Path,
+    name: &str,
+    write: fn(&Path) -> Result<(), KeyError>,
+) -> Result<bool, KeyError> {
+    if dir.join(name).exists() {
         return Ok(false);
     }
     if !dir.is_dir() {
@@ -299,7 +308,7 @@ pub fn ensure_recovery_key(dir: &Path) -> Result<bool, KeyError> {
             message: "no such key directory; create one with `keel keys init DIR`".into(),
         });
     }
-    write_recovery_key(dir)?;
+    write(dir)?;
     Ok(true)
 }
 
@@ -311,17 +320,7 @@ pub fn recovery_key(dir: &Path) -> Result<PKey<Private>, KeyError> {
 /// Adds the container-signing key to a key directory made before it existed; returns whether
 /// it was created (an existing key is never replaced).
 pub fn ensure_container_key(dir: &Path) -> Result<bool, KeyError> {
-    if dir.join(file::CONTAINER_KEY).exists() {
-        return Ok(false);
-    }
-    if !dir.is_dir() {
-        return Err(KeyError::File {
-            path: dir.to_path_buf(),
-            message: "no such key directory; create one with `keel keys init DIR`".into(),
-        });
-    }
-    write_container_key(dir)?;
-    Ok(true)
+    ensure_key(dir, file::CONTAINER_KEY, write_container_key)
 }
 
 /// The container-signing private key of a key directory (mode checked).

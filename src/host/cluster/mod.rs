@@ -47,9 +47,7 @@ pub enum ClusterCommand {
 fn sign_configs(dir: &std::path::Path, names: &[&str], key: Option<&PathBuf>) -> Result<()> {
     use anyhow::Context;
     let Some(k) = key else { return Ok(()) };
-    let pem = std::fs::read(k).with_context(|| format!("reading {}", k.display()))?;
-    let key = openssl::pkey::PKey::private_key_from_pem(&pem)
-        .with_context(|| format!("{}: not a PEM private key", k.display()))?;
+    let key = crate::host::container::private_key(k)?;
     for n in names {
         let p = dir.join(format!("{n}.ign"));
         let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
