@@ -18,3 +18,4 @@ pub mod image;
 pub mod manifest;
 pub mod tools;
 pub mod trust;
+pub mod update;

@@ -201,7 +201,7 @@ mod tests {
             cmdline: "usrhash=h rw".into(),
             kernel: "6.12".into(),
             source_date_epoch: 0,
-            uki: "keel-1+3.efi".into(),
+            uki: "keel-1.efi".into(),
             partitions: vec![],
             packages: vec![Package {
                 name: "systemd".into(),

@@ -9,5 +9,6 @@ pub mod layout;
 pub mod partition;
 pub mod slot;
 pub mod uki;
+pub mod verity;
 
 pub use partition::{PartitionType, EMPTY_LABEL};

@@ -21,10 +21,70 @@ pub struct UkiView {
     pub os_release: String,
 }
 
-/// The file name of a version's UKI in the ESP's `EFI/Linux`: boot counting with three tries
-/// (`keel-VERSION+3.efi`).
-pub fn uki_file_name(version: &str) -> String {
-    format!("keel-{version}+3.efi")
+/// The file name of the version a disk image is built with, in the ESP's `EFI/Linux`: no boot
+/// counter (`keel-VERSION.efi`), since there is nothing to fall back to.
+pub fn factory_uki_name(version: &str) -> String {
+    format!("keel-{version}.efi")
+}
+
+/// The boot entry of a new version on trial: systemd-boot counts `tries` attempts down in the
+/// name (`keel-VERSION+LEFT-DONE.efi`); systemd-bless-boot removes the counter once the version
+/// proved healthy.
+pub fn trial_uki_name(version: &str, tries: u32) -> String {
+    format!("keel-{version}+{tries}.efi")
+}
+
+/// A staged UKI: written, fsynced, and invisible to the boot loader (which reads `*.efi` only)
+/// until it is renamed to its trial name.
+pub fn staged_uki_name(version: &str, tries: u32) -> String {
+    format!("{}.staged", trial_uki_name(version, tries))
+}
+
+/// A Keel boot entry's file name, read back: its version and boot counter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EntryName {
+    pub version: String,
+    /// Tries left, when counted.
+    pub left: Option<u32>,
+    /// Tries done, when counted and tried.
+    pub done: Option<u32>,
+    pub staged: bool,
+}
+
+impl EntryName {
+    /// Counted with no tries left: systemd-boot sorts it last ("bad").
+    pub fn bad(&self) -> bool {
+        self.left == Some(0)
+    }
+}
+
+/// Parses `keel-VERSION[+LEFT[-DONE]].efi[.staged]`.
+pub fn parse_entry_name(name: &str) -> Option<EntryName> {
+    let (name, staged) = match name.strip_suffix(".staged") {
+        Some(n) => (n, true),
+        None => (name, false),
+    };
+    let stem = name.strip_prefix("keel-")?.strip_suffix(".efi")?;
+    let (version, counter) = match stem.split_once('+') {
+        Some((v, c)) => (v, Some(c)),
+        None => (stem, None),
+    };
+    if version.is_empty() || version.contains('-') {
+        return None;
+    }
+    let (left, done) = match counter {
+        None => (None, None),
+        Some(c) => match c.split_once('-') {
+            Some((l, d)) => (Some(l.parse().ok()?), Some(d.parse().ok()?)),
+            None => (Some(c.parse().ok()?), None),
+        },
+    };
+    Some(EntryName {
+        version: version.to_string(),
+        left,
+        done,
+        staged,
+    })
 }
 
 /// Reads the sections, command line, uname and os-release of a UKI; `name` is for messages.
@@ -108,7 +168,30 @@ mod tests {
     }
 
     #[test]
-    fn uki_name_has_three_tries() {
-        assert_eq!(uki_file_name("0.1.0"), "keel-0.1.0+3.efi");
+    fn entry_names() {
+        assert_eq!(factory_uki_name("0.1.0"), "keel-0.1.0.efi");
+        assert_eq!(trial_uki_name("0.2.0", 2), "keel-0.2.0+2.efi");
+        assert_eq!(staged_uki_name("0.2.0", 1), "keel-0.2.0+1.efi.staged");
+        let e = parse_entry_name("keel-0.2.0+0-2.efi").expect("counted");
+        assert_eq!(
+            (e.version.as_str(), e.left, e.done, e.bad()),
+            ("0.2.0", Some(0), Some(2), true)
+        );
+        let e = parse_entry_name("keel-0.1.0~rc1.efi").expect("factory");
+        assert_eq!((e.left, e.done, e.staged), (None, None, false));
+        assert!(
+            parse_entry_name("keel-0.2.0+1.efi.staged")
+                .expect("staged")
+                .staged
+        );
+        for bad in [
+            "keel-.efi",
+            "other-0.1.efi",
+            "keel-0.1+x.efi",
+            "keel-0.1.conf",
+            "keel-0.1+1-x.efi",
+        ] {
+            assert_eq!(parse_entry_name(bad), None, "{bad}");
+        }
     }
 }

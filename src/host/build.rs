@@ -269,6 +269,61 @@ fn container_files(
     })
 }
 
+/// keel-update's image settings and the repository root the image trusts: `[update] root`, or
+/// the [trust] key directory's `tuf/root.json` (made there for development keys).
+fn update_files(
+    u: &crate::image::UpdateSettings,
+    trust: Option<&crate::image::TrustSettings>,
+    health_units: &[String],
+) -> Result<overlay::UpdateFiles> {
+    let root = match (&u.root, trust) {
+        (Some(r), _) => r.clone(),
+        (None, Some(t)) => {
+            if t.generate_keys {
+                crate::host::publish::keys::ensure(&t.keys)?;
+            }
+            crate::host::publish::keys::root_json(&crate::host::publish::keys::tuf_dir(&t.keys))
+        }
+        (None, None) => anyhow::bail!("no root: set `root` or a [trust] key directory"),
+    };
+    let root_json = fs::read(&root).with_context(|| {
+        format!(
+            "reading the repository root {} (make the keys with `keel keys add-update-keys DIR`)",
+            root.display()
+        )
+    })?;
+    let parsed: tough::schema::Signed<tough::schema::Root> = serde_json::from_slice(&root_json)
+        .with_context(|| format!("{}: not a TUF root.json", root.display()))?;
+    tracing::debug!(
+        version = parsed.signed.version.get(),
+        "embedding the update root"
+    );
+    let mut config =
+        String::from("# Written by keel build from the image definition's [update].\n");
+    if let Some(r) = &u.repository {
+        config.push_str(&format!(
+            "repository = {}\n",
+            toml::Value::String(r.clone())
+        ));
+    }
+    config.push_str(&format!(
+        "tries = {}\nreboot = \"{}\"\nhealth-timeout-secs = {}\n",
+        u.tries, u.reboot, u.health_timeout_secs
+    ));
+    if let Some(v) = &u.min_version {
+        config.push_str(&format!("min-version = \"{v}\"\n"));
+    }
+    let units: Vec<toml::Value> = health_units
+        .iter()
+        .map(|u| toml::Value::String(u.clone()))
+        .collect();
+    config.push_str(&format!("health-units = {}\n", toml::Value::Array(units)));
+    Ok(overlay::UpdateFiles {
+        config_toml: config.into_bytes(),
+        root_json,
+    })
+}
+
 fn read_text(p: &std::path::Path) -> Result<String> {
     fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
 }
@@ -281,6 +336,7 @@ struct Inputs {
     ignition: Option<Vec<u8>>,
     keys: Option<Keys>,
     container_files: Option<overlay::ContainerFiles>,
+    update_files: Option<overlay::UpdateFiles>,
 }
 
 fn load_inputs(opts: &BuildOptions, stages: &mut Stages) -> Result<Inputs> {
@@ -318,12 +374,27 @@ fn load_inputs(opts: &BuildOptions, stages: &mut Stages) -> Result<Inputs> {
         })?),
         None => None,
     };
+    let update_files = match &def.update {
+        Some(u) => Some(stages.run("update settings", || {
+            // A trial boot must bring up every service the image enables.
+            let units: Vec<String> = def
+                .enable
+                .iter()
+                .filter(|u| u.ends_with(".service"))
+                .cloned()
+                .collect();
+            update_files(u, def.trust.as_ref(), &units)
+                .with_context(|| format!("[update] of {}", def.path.display()))
+        })?),
+        None => None,
+    };
     Ok(Inputs {
         def,
         epoch,
         ignition,
         keys,
         container_files,
+        update_files,
     })
 }
 
@@ -399,6 +470,7 @@ fn compose_usr(
         &binaries,
         trust_files.as_ref(),
         inputs.container_files.as_ref(),
+        inputs.update_files.as_ref(),
     )?;
     overlay::apply_presets(tools, &tree, &ws.work)?;
     let status = fs::read_to_string(tree.join(usrify::DPKG_STATUS))
@@ -720,7 +792,7 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
         cmdline,
         kernel,
         source_date_epoch: epoch,
-        uki: crate::disk::uki::uki_file_name(&def.version),
+        uki: crate::disk::uki::factory_uki_name(&def.version),
         partitions: parts
             .iter()
             .map(|p| PartitionInfo {

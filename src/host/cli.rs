@@ -2,7 +2,8 @@
 //! its arguments are defined and its code runs.
 
 use crate::host::{
-    bench, boot, build, cluster, container, history, ignition, inspect, keys, testing, tools,
+    bench, boot, build, cluster, container, history, ignition, inspect, keys, publish, testing,
+    tools,
 };
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -34,6 +35,8 @@ pub enum Commands {
     /// Manage the operator's signing keys (Secure Boot PK/KEK/db, PCR policy keys).
     #[command(subcommand)]
     Keys(keys::KeysCommand),
+    /// Publish a build into a signed update repository (TUF), and keep the repository fresh.
+    Publish(publish::PublishArgs),
     /// Make, sign and check container images (OCI layouts with cosign-compatible signatures).
     #[command(subcommand)]
     Container(container::ContainerCommand),
@@ -70,6 +73,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Commands::Boot(a) => boot::boot(&a),
         Commands::Test(a) => testing::command(&a),
         Commands::Keys(c) => keys::command(c),
+        Commands::Publish(a) => publish::command(a),
         Commands::Container(c) => container::run(c),
         Commands::Machines(c) => container::machines(c),
         Commands::Ignition(c) => ignition::command(c),

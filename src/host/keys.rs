@@ -18,6 +18,9 @@ pub enum KeysCommand {
     AddContainerKey { dir: PathBuf },
     /// Add the recovery escrow key (RSA-3072) to a key directory made before keel had it.
     AddRecoveryKey { dir: PathBuf },
+    /// Add the update repository keys (tuf/: root, targets, snapshot, timestamp and root.json)
+    /// to a key directory made before keel had them.
+    AddUpdateKeys { dir: PathBuf },
     /// Decrypt a node's escrowed recovery key (its /var/lib/keel/recovery-key.escrow) with the
     /// key directory's recovery key, and print it.
     Recover {
@@ -34,6 +37,7 @@ pub fn command(c: KeysCommand) -> Result<()> {
     match c {
         KeysCommand::Init { dir, label } => {
             crate::trust::keys::init(&dir, &label)?;
+            crate::host::publish::keys::ensure(&dir)?;
             println!(
                 "created keys in {}: keep the *.key files secret (mode 0600); name the directory in an image definition as [trust] keys = \"...\"",
                 dir.display()
@@ -44,6 +48,16 @@ pub fn command(c: KeysCommand) -> Result<()> {
                 println!("created {}/recovery.key and .pub.pem", dir.display());
             } else {
                 println!("{} already has a recovery key; kept it", dir.display());
+            }
+        }
+        KeysCommand::AddUpdateKeys { dir } => {
+            if crate::host::publish::keys::ensure(&dir)? {
+                println!(
+                    "created {}/tuf: keep tuf/root.key offline once the repository exists",
+                    dir.display()
+                );
+            } else {
+                println!("{} already has update keys; kept them", dir.display());
             }
         }
         KeysCommand::Recover { keys, file } => {

@@ -14,6 +14,7 @@ pub mod ignition;
 pub mod inspect;
 pub mod keys;
 pub mod progress;
+pub mod publish;
 pub mod qemu;
 pub mod render;
 pub mod store;

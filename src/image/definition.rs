@@ -135,6 +135,34 @@ pub struct ContainerSettings {
     pub allow_root: bool,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawUpdate {
+    repository: Option<Spanned<String>>,
+    root: Option<Spanned<String>>,
+    tries: Option<Spanned<u32>>,
+    reboot: Option<Spanned<String>>,
+    health_timeout_secs: Option<u64>,
+    min_version: Option<Spanned<String>>,
+}
+
+/// Signed A/B updates (docs/updates.md): where nodes look for releases, the repository's root
+/// of trust the image embeds, and how a new version is tried.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UpdateSettings {
+    /// The repository's address (http, https or file URL); nodes may override it in /etc.
+    pub repository: Option<String>,
+    /// The repository's root.json (absolute); default: `tuf/root.json` of the [trust] keys.
+    pub root: Option<PathBuf>,
+    /// Boot attempts a new version gets.
+    pub tries: u32,
+    /// `off` (install, wait for `keel-update apply`) or `immediate`.
+    pub reboot: String,
+    pub health_timeout_secs: u64,
+    /// The oldest version nodes may run.
+    pub min_version: Option<String>,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawKeep {
@@ -166,6 +194,8 @@ struct RawDefinition {
     files: Option<Vec<RawFile>>,
     trust: Option<RawTrust>,
     containers: Option<RawContainers>,
+    update: Option<RawUpdate>,
+    mask: Option<Vec<Spanned<String>>>,
 }
 
 /// A file copied from the project into the image.
@@ -224,6 +254,10 @@ pub struct Definition {
     pub trust: Option<TrustSettings>,
     /// Signed containers only (keel-agent); `None` ships no container policy.
     pub containers: Option<ContainerSettings>,
+    /// Signed A/B updates; `None` ships no updater settings.
+    pub update: Option<UpdateSettings>,
+    /// Units masked in /usr (linked to /dev/null): never started, whatever wants them.
+    pub mask: Vec<String>,
 }
 
 pub const DEFAULT_SUITE: &str = "trixie";
@@ -439,6 +473,8 @@ fn merge(layers: Vec<Layer>) -> Result<Definition, DefinitionError> {
         files: vec![],
         trust: None,
         containers: None,
+        update: None,
+        mask: vec![],
     };
     let mut seen = Seen {
         modules: def.initrd_modules.iter().cloned().collect(),
@@ -451,6 +487,7 @@ fn merge(layers: Vec<Layer>) -> Result<Definition, DefinitionError> {
         merge_files(&mut def, layer)?;
         merge_trust(&mut def, layer)?;
         merge_containers(&mut def, layer)?;
+        merge_update(&mut def, layer)?;
     }
     check_merged(&def, &seen, &leaf)?;
     Ok(def)
@@ -778,6 +815,78 @@ fn merge_containers(def: &mut Definition, layer: &Layer) -> Result<(), Definitio
     Ok(())
 }
 
+/// Merges the `[update]` table and the `mask` list of one layer into `def`.
+fn merge_update(def: &mut Definition, layer: &Layer) -> Result<(), DefinitionError> {
+    let (path, text, raw) = (&layer.path, &layer.text, &layer.raw);
+    let bad = |span: std::ops::Range<usize>, field: &str, msg: String| {
+        invalid(path, text, span, field, msg)
+    };
+    if let Some(m) = &raw.mask {
+        for u in m {
+            validate_unit_name(u.get_ref()).map_err(|e| bad(u.span(), "mask", e))?;
+            if !def.mask.contains(u.get_ref()) {
+                def.mask.push(u.get_ref().clone());
+            }
+        }
+    }
+    let Some(u) = &raw.update else {
+        return Ok(());
+    };
+    let mut settings = def.update.clone().unwrap_or(UpdateSettings {
+        repository: None,
+        root: None,
+        tries: 2,
+        reboot: "off".into(),
+        health_timeout_secs: 600,
+        min_version: None,
+    });
+    if let Some(r) = &u.repository {
+        let ok = ["http://", "https://", "file:///"]
+            .iter()
+            .any(|p| r.get_ref().starts_with(p));
+        if !ok {
+            return Err(bad(
+                r.span(),
+                "update.repository",
+                format!(
+                    "`{}` must be an http://, https:// or file:/// address",
+                    r.get_ref()
+                ),
+            ));
+        }
+        settings.repository = Some(r.get_ref().clone());
+    }
+    if let Some(r) = &u.root {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        settings.root = Some(dir.join(r.get_ref()));
+    }
+    if let Some(t) = &u.tries {
+        if !(1..=9).contains(t.get_ref()) {
+            return Err(bad(t.span(), "update.tries", "between 1 and 9".into()));
+        }
+        settings.tries = *t.get_ref();
+    }
+    if let Some(r) = &u.reboot {
+        if !matches!(r.get_ref().as_str(), "off" | "immediate") {
+            return Err(bad(
+                r.span(),
+                "update.reboot",
+                format!("`{}`: one of off, immediate", r.get_ref()),
+            ));
+        }
+        settings.reboot = r.get_ref().clone();
+    }
+    if let Some(h) = u.health_timeout_secs {
+        settings.health_timeout_secs = h;
+    }
+    if let Some(v) = &u.min_version {
+        validate_version(v.get_ref()).map_err(|m| bad(v.span(), "update.min-version", m))?;
+        settings.min_version = Some(v.get_ref().clone());
+    }
+    def.update = Some(settings);
+    Ok(())
+}
+
 /// The checks on the merged definition: what every image needs, and no contradictions.
 fn check_merged(def: &Definition, seen: &Seen, leaf: &Path) -> Result<(), DefinitionError> {
     let first = || Origin {
@@ -818,6 +927,20 @@ fn check_merged(def: &Definition, seen: &Seen, leaf: &Path) -> Result<(), Defini
             origin: first(),
             field: "enable".into(),
             message: format!("`{both}` is listed in both enable and disable"),
+        });
+    }
+    if let Some(both) = def.enable.iter().find(|u| def.mask.contains(u)) {
+        return Err(DefinitionError::Invalid {
+            origin: first(),
+            field: "mask".into(),
+            message: format!("`{both}` is listed in both enable and mask"),
+        });
+    }
+    if def.update.is_some() && def.trust.is_none() {
+        return Err(DefinitionError::Invalid {
+            origin: first(),
+            field: "update".into(),
+            message: "[update] needs [trust]: nodes install only signed UKIs, and the repository's root comes from the key directory".into(),
         });
     }
     Ok(())

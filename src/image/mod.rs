@@ -8,6 +8,6 @@ mod size;
 
 pub use definition::{
     line_col as definition_line_col, ContainerSettings, Definition, DefinitionError, FileEntry,
-    Origin, OutputFormat, TrustSettings, UnitEntry, WithoutTpm, DEFAULT_MIRROR,
+    Origin, OutputFormat, TrustSettings, UnitEntry, UpdateSettings, WithoutTpm, DEFAULT_MIRROR,
 };
 pub use size::ByteSize;

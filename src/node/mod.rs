@@ -5,3 +5,4 @@
 pub mod agent;
 pub mod net;
 pub mod provision;
+pub mod update;

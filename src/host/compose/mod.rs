@@ -40,5 +40,7 @@ pub(crate) fn bootstrap_sample() -> Definition {
         files: vec![],
         trust: None,
         containers: None,
+        update: None,
+        mask: vec![],
     }
 }

@@ -94,6 +94,16 @@ pub struct ContainerFiles {
     pub machines: Option<(Vec<u8>, Vec<u8>)>,
 }
 
+/// keel-update's image settings and the update repository's root of trust (see
+/// [`crate::node::update::config`]).
+pub struct UpdateFiles {
+    pub config_toml: Vec<u8>,
+    pub root_json: Vec<u8>,
+}
+
+/// Where [`UpdateFiles`] land, relative to /usr.
+pub const UPDATE_DIR: &str = "lib/keel/update";
+
 /// Where [`TrustFiles`] land, relative to /usr.
 pub const TRUST_DIR: &str = "lib/keel/trust";
 
@@ -249,6 +259,7 @@ pub fn apply(
     binaries_dir: &Path,
     trust: Option<&TrustFiles>,
     containers: Option<&ContainerFiles>,
+    update: Option<&UpdateFiles>,
 ) -> Result<()> {
     for unit in &def.units {
         let content = fs::read(&unit.source)
@@ -306,6 +317,17 @@ pub fn apply(
             replace_file(&dir.join("machines.json"), list, 0o644)?;
             replace_file(&dir.join("machines.json.sig"), sig, 0o644)?;
         }
+    }
+    if let Some(u) = update {
+        let dir = usr.join(UPDATE_DIR);
+        replace_file(&dir.join("config.toml"), &u.config_toml, 0o644)?;
+        replace_file(&dir.join("root.json"), &u.root_json, 0o644)?;
+    }
+    for unit in &def.mask {
+        let p = usr.join("lib/systemd/system").join(unit);
+        crate::host::cache::remove_path(&p)?;
+        std::os::unix::fs::symlink("/dev/null", &p)
+            .with_context(|| format!("masking {unit} ({})", p.display()))?;
     }
     // Whether a config on the ESP needs the operator's signature: always on trusted images
     // unless their [trust] says otherwise; an image without [trust] protects nothing with it.
@@ -490,7 +512,7 @@ mod tests {
                 column: 1,
             },
         }];
-        apply(&usr, &d, Path::new("/nonexistent"), None, None).expect("apply");
+        apply(&usr, &d, Path::new("/nonexistent"), None, None, None).expect("apply");
         assert!(usr.join("lib/systemd/system/a.service").is_file());
         assert_eq!(
             fs::read_to_string(usr.join(FACTORY_ETC).join("keel/e.env")).expect("read"),
@@ -577,7 +599,7 @@ mod tests {
         d.binaries = vec!["keel-agent".into()];
         let err = format!(
             "{:#}",
-            apply(&usr, &d, t.path(), None, None).expect_err("must fail")
+            apply(&usr, &d, t.path(), None, None, None).expect_err("must fail")
         );
         assert!(
             err.contains("cargo build --release --bin keel-agent"),

@@ -2,7 +2,7 @@
 //! and an empty slot B, written by systemd-repart offline from the tools tree.
 
 use crate::disk::layout::PartitionDef;
-use crate::disk::uki::uki_file_name;
+use crate::disk::uki::factory_uki_name;
 use crate::host::tools::{run, run_capture, ToolsTree};
 use anyhow::{Context, Result};
 use std::fs;
@@ -11,7 +11,7 @@ use std::path::Path;
 pub const LOADER_CONF: &str = "timeout 0\neditor no\nconsole-mode keep\n";
 
 /// Lays out the ESP directory: systemd-boot as the removable-media loader and under
-/// EFI/systemd, the UKI under EFI/Linux with its boot counter, and loader.conf.
+/// EFI/systemd, the UKI under EFI/Linux (no boot counter: nothing to fall back to), and loader.conf.
 pub fn prepare_esp(
     tools: &ToolsTree,
     esp: &Path,
@@ -41,7 +41,7 @@ pub fn prepare_esp(
         .with_context(|| format!("copying {}", sdboot.display()))?;
     fs::copy(&sdboot, esp.join("EFI/systemd/systemd-bootx64.efi"))
         .with_context(|| format!("copying {}", sdboot.display()))?;
-    fs::copy(uki, esp.join("EFI/Linux").join(uki_file_name(version)))
+    fs::copy(uki, esp.join("EFI/Linux").join(factory_uki_name(version)))
         .context("copying the UKI into the ESP")?;
     fs::write(esp.join("loader/loader.conf"), LOADER_CONF).context("writing loader.conf")?;
     // FAT directory entries carry times; mcopy takes them from the files, so pin them.

@@ -585,7 +585,7 @@ fn install_update(
             raw: &out.join(format!("{}.raw", m.name)),
             root_hash: &m.usr_root_hash,
             label: &format!("{}_{}", m.name, m.version),
-            uki_name: &crate::disk::uki::uki_file_name(&m.version),
+            uki_name: &crate::disk::uki::trial_uki_name(&m.version, 3),
             uki: &uki,
         },
     )?;

@@ -1,0 +1,136 @@
+//! The machine as the health check sees it: units through `systemctl show`, etcd through
+//! `etcdctl endpoint health` (a read through quorum, with the node's own client certificate when
+//! etcd asks for one), and the boot through `keel-agent boot-state`.
+
+use super::health::{Observed, Probe, UnitObs};
+use super::node::os_release_value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub struct Machine {
+    pub root: PathBuf,
+    pub units: Vec<String>,
+}
+
+/// Parses `systemctl show -p Id,ActiveState,SubState,ConditionResult U…` (blocks separated by
+/// empty lines).
+pub fn parse_show(text: &str) -> Vec<UnitObs> {
+    text.split("\n\n")
+        .filter_map(|block| {
+            let get = |k: &str| {
+                block
+                    .lines()
+                    .find_map(|l| l.strip_prefix(k)?.strip_prefix('=').map(str::to_string))
+            };
+            Some(UnitObs {
+                name: get("Id")?,
+                active: get("ActiveState").unwrap_or_default(),
+                sub: get("SubState").unwrap_or_default(),
+                condition: get("ConditionResult").unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
+/// etcdctl's arguments for the local member from etcd.env: its first advertised client URL and,
+/// when etcd checks client certificates, the node's certificate.
+pub fn etcdctl_args(env: &str) -> Vec<String> {
+    let get = |k: &str| os_release_value(env, k);
+    let endpoint = get("ETCD_ADVERTISE_CLIENT_URLS")
+        .and_then(|u| u.split(',').next().map(str::to_string))
+        .unwrap_or_else(|| "http://127.0.0.1:2379".into());
+    let mut args = vec![
+        format!("--endpoints={endpoint}"),
+        "--command-timeout=5s".into(),
+        "--dial-timeout=3s".into(),
+    ];
+    for (var, flag) in [
+        ("ETCD_TRUSTED_CA_FILE", "--cacert"),
+        ("ETCD_CERT_FILE", "--cert"),
+        ("ETCD_KEY_FILE", "--key"),
+    ] {
+        if let Some(v) = get(var) {
+            args.push(format!("{flag}={v}"));
+        }
+    }
+    args.extend(["endpoint".into(), "health".into()]);
+    args
+}
+
+fn output(cmd: &mut Command) -> Result<String, String> {
+    match cmd.output() {
+        Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).into_owned()),
+        Ok(o) => {
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            Err(text.trim().lines().last().unwrap_or("failed").to_string())
+        }
+        Err(e) => Err(format!("{e}")),
+    }
+}
+
+impl Machine {
+    fn path(&self, abs: &str) -> PathBuf {
+        self.root.join(abs.trim_start_matches('/'))
+    }
+}
+
+impl Probe for Machine {
+    fn observe(&mut self) -> Observed {
+        let units = match output(
+            Command::new("systemctl")
+                .args(["show", "-p", "Id,ActiveState,SubState,ConditionResult"])
+                .args(&self.units),
+        ) {
+            Ok(text) => parse_show(&text),
+            Err(e) => vec![UnitObs {
+                name: "systemctl".into(),
+                active: "unknown".into(),
+                sub: e,
+                condition: String::new(),
+            }],
+        };
+        let etcd = if self.units.iter().any(|u| u == "etcd.service") {
+            let env = std::fs::read_to_string(self.path("/etc/keel/etcd.env")).unwrap_or_default();
+            Some(output(Command::new("etcdctl").args(etcdctl_args(&env))).map(|_| ()))
+        } else {
+            None
+        };
+        let trusted = Path::exists(&self.path("/usr/lib/keel/trust"))
+            .then(|| output(Command::new("keel-agent").arg("boot-state")).map(|_| ()));
+        Observed {
+            units,
+            etcd,
+            trusted,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn show_output() {
+        let text = "Id=etcd.service\nActiveState=active\nSubState=running\nConditionResult=yes\n\nId=keel-net.service\nActiveState=inactive\nSubState=dead\nConditionResult=no\n";
+        let u = parse_show(text);
+        assert_eq!(u.len(), 2);
+        assert_eq!(u[1].name, "keel-net.service");
+        assert_eq!(u[1].condition, "no");
+    }
+
+    #[test]
+    fn etcdctl_for_tls_and_plain_members() {
+        let plain = etcdctl_args("ETCD_ADVERTISE_CLIENT_URLS=http://127.0.0.1:2379\n");
+        assert_eq!(plain[0], "--endpoints=http://127.0.0.1:2379");
+        assert!(!plain.iter().any(|a| a.starts_with("--cert")));
+        let tls = etcdctl_args("ETCD_ADVERTISE_CLIENT_URLS=https://10.0.0.1:2379,https://x:2379\nETCD_CERT_FILE=/etc/keel/pki/node.pem\nETCD_KEY_FILE=/etc/keel/pki/node-key.pem\nETCD_TRUSTED_CA_FILE=/etc/keel/pki/ca.pem\n");
+        assert_eq!(tls[0], "--endpoints=https://10.0.0.1:2379");
+        assert!(tls.contains(&"--cert=/etc/keel/pki/node.pem".to_string()));
+        assert!(tls.contains(&"--cacert=/etc/keel/pki/ca.pem".to_string()));
+        assert_eq!(tls[tls.len() - 2..], ["endpoint", "health"]);
+    }
+}
