@@ -380,7 +380,7 @@ fn load_inputs(opts: &BuildOptions, stages: &mut Stages) -> Result<Inputs> {
             let units: Vec<String> = def
                 .enable
                 .iter()
-                .filter(|u| u.ends_with(".service"))
+                .filter(|u| u.ends_with(".service") && u.as_str() != "keel-update-health.service")
                 .cloned()
                 .collect();
             update_files(u, def.trust.as_ref(), &units)

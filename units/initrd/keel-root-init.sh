@@ -45,6 +45,9 @@ open_sealed() {
 # Only the recovery key opens the volume now, and PCR 11 is moved out of every signed state first.
 recover() {
     measure keel-recovery
+    # A new version on trial that cannot unlock this root must not wait for a person: reboot
+    # (the boot loader's counter then starts the previous version). Returns on other boots.
+    /usr/lib/keel/trial-guard "the TPM did not release the root volume's key to this version"
     say "the TPM did not release the key of the root volume $1: this boot is not one the operator signed (changed UKI or command line, Secure Boot or firmware changed, or another disk). Type the recovery key to open it in recovery mode (keel-agent will report this boot untrusted and start no containers), or power off."
     /usr/lib/systemd/systemd-cryptsetup attach root "$1" - "tpm2-measure-pcr=yes" \
         || fail "the root volume $1 was not opened"

@@ -38,7 +38,7 @@ pub const INITRD_PACKAGES: &[&str] = &[
     "openssl",
 ];
 /// Bump when the initrd's keel content or trimming changes.
-const INITRD_FORMAT: &str = "initrd-9";
+const INITRD_FORMAT: &str = "initrd-10";
 /// Bump when the pruning of the assembled tree (`initrd_prune`) changes how it decides.
 const PRUNE_FORMAT: &str = "prune-1";
 
@@ -66,6 +66,10 @@ const ROOT_INIT_UNIT: &str = include_str!("../../../units/initrd/keel-root-init.
 /// Encrypts the recovery key to the operator's recovery key (RSA-OAEP, SHA-256), for
 /// keel-root-init; `src/trust/escrow.rs` reads what it prints.
 const ESCROW: &str = include_str!("../../../units/initrd/keel-escrow.sh");
+/// On a trial boot (the boot loader counted it), reboots instead of a shell or a prompt.
+const TRIAL_GUARD: &str = include_str!("../../../units/initrd/keel-trial-guard.sh");
+const TRIAL_GUARD_DROPIN: &str =
+    include_str!("../../../units/emergency.service.d/10-keel-trial.conf");
 
 /// keel-root-init opens `/dev/mapper/root` (the UKI's `root=`) itself, however long that takes;
 /// the device's job must not time out meanwhile.
@@ -490,6 +494,7 @@ fn install_keel(tree: &Path, src: &Sources, sealed: Option<WithoutTpm>) -> Resul
     let keel_lib = tree.join("usr/lib/keel");
     fs::create_dir_all(&keel_lib).context("creating usr/lib/keel")?;
     replace_file(&keel_lib.join("etc-setup"), ETC_SETUP.as_bytes(), 0o755)?;
+    replace_file(&keel_lib.join("trial-guard"), TRIAL_GUARD.as_bytes(), 0o755)?;
     let masks = tree.join("etc/systemd/system");
     fs::create_dir_all(&masks).context("creating etc/systemd/system")?;
     for unit in INITRD_MASKED {
@@ -501,6 +506,13 @@ fn install_keel(tree: &Path, src: &Sources, sealed: Option<WithoutTpm>) -> Resul
         ETC_SETUP_UNIT.as_bytes(),
         0o644,
     )?;
+    for unit in ["emergency.service", "rescue.service"] {
+        replace_file(
+            &units.join(format!("{unit}.d/10-keel-trial.conf")),
+            TRIAL_GUARD_DROPIN.as_bytes(),
+            0o644,
+        )?;
+    }
     let wants = units.join("initrd-root-fs.target.wants");
     fs::create_dir_all(&wants).context("creating initrd-root-fs.target.wants")?;
     symlink(

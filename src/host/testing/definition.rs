@@ -91,6 +91,9 @@ enum Action {
     /// Build the image again as `version` with the same keys, and install it as an A/B update:
     /// /usr into slot B, the new UKI into the ESP. Node off, `raw-disk` node.
     InstallUpdate,
+    /// Build the image again as `version` (or build `definition`) with the same keys, into
+    /// `{work}/DEST` (one build at a time across scenarios), e.g. a release to publish.
+    Build,
     /// Copy the host file `source` to `dest` in the guest (through the guest agent); node running.
     Push,
     /// Give the node another Ignition config (`ignition`, relative to the test file) for its
@@ -161,6 +164,13 @@ pub enum StepKind {
         version: String,
         definition: Option<PathBuf>,
     },
+    /// Build the image as `version` (or build `definition`, relative to the test file) with the
+    /// same keys into `{work}/out`; the node may run meanwhile.
+    Build {
+        version: String,
+        definition: Option<PathBuf>,
+        out: String,
+    },
     /// Copy the host file `source` to `dest` in the guest (through the guest agent).
     Push { source: String, dest: String },
     /// Give the node another Ignition config (relative to the test file) for its next start;
@@ -226,6 +236,7 @@ impl StepKind {
             StepKind::RestoreUki => "restore-uki",
             StepKind::Type { .. } => "type",
             StepKind::InstallUpdate { .. } => "install-update",
+            StepKind::Build { .. } => "build",
             StepKind::Push { .. } => "push",
             StepKind::SetIgnition { .. } => "set-ignition",
             StepKind::ClearIgnition => "clear-ignition",
@@ -462,6 +473,21 @@ impl RawStep {
                 ),
                 None => return Err("install-update needs `version`".into()),
             },
+            Action::Build => match (&self.version, &self.dest) {
+                (Some(v), Some(d)) if !d.contains('/') && !d.starts_with('.') => (
+                    StepKind::Build {
+                        version: v.clone(),
+                        definition: self.definition.clone(),
+                        out: d.clone(),
+                    },
+                    &["version", "definition", "dest"],
+                ),
+                _ => {
+                    return Err(
+                        "build needs `version` and `dest` (a directory name under {work})".into(),
+                    )
+                }
+            },
             Action::Push => match (&self.source, &self.dest) {
                 (Some(s), Some(d)) => (
                     StepKind::Push {
@@ -492,7 +518,7 @@ fn owner(field: &str) -> &'static str {
         "source" | "dest" => "action = \"push\"",
         "path" => "action = \"tamper-usr\"",
         "how" | "replace" => "action = \"tamper-uki\"",
-        "version" | "definition" => "action = \"install-update\"",
+        "version" | "definition" => "action = \"install-update\" or \"build\"",
         "text" => "action = \"type\"",
         "console" | "console-not" => "action = \"start\"",
         "retry-for" => "`run` steps",
@@ -717,6 +743,10 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile> {
             }
         }
         if let StepKind::InstallUpdate {
+            definition: Some(d),
+            ..
+        }
+        | StepKind::Build {
             definition: Some(d),
             ..
         } = &s.kind

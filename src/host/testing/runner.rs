@@ -412,6 +412,19 @@ fn action(env: &mut Env, node: &mut Node, step: &Step) -> Result<()> {
         StepKind::SetIgnition { .. } | StepKind::ClearIgnition | StepKind::Push { .. } => {
             config_action(env, node, &step.kind)
         }
+        StepKind::Build {
+            version,
+            definition,
+            out,
+        } => {
+            let dir = PathBuf::from(
+                env.vars
+                    .get("work")
+                    .context("the scenario has no {work} directory")?,
+            )
+            .join(out);
+            build_version(env, node, version, definition.as_deref(), &dir).map(|_| ())
+        }
     }
 }
 
@@ -554,8 +567,41 @@ fn install_update(
     version: &str,
     definition: Option<&Path>,
 ) -> Result<()> {
+    let out = node
+        .dir
+        .join(format!("update-{}", expand(version, env.vars)?));
+    let m = build_version(env, node, version, definition, &out)?;
+    let uki =
+        std::fs::read(out.join(format!("{}.efi", m.name))).context("reading the update's UKI")?;
+    crate::disk::slot::install(
+        &node.overlay,
+        &crate::disk::slot::Release {
+            raw: &out.join(format!("{}.raw", m.name)),
+            root_hash: &m.usr_root_hash,
+            label: &format!("{}_{}", m.name, m.version),
+            uki_name: &crate::disk::uki::trial_uki_name(&m.version, 3),
+            uki: &uki,
+        },
+    )?;
+    tracing::info!(
+        node = node.index,
+        version = m.version,
+        "installed the update into slot B"
+    );
+    Ok(())
+}
+
+/// Builds `definition` (default: the image under test) as `version` with the image's keys into
+/// `out`, one build at a time across scenarios.
+fn build_version(
+    env: &mut Env,
+    node: &Node,
+    version: &str,
+    definition: Option<&Path>,
+    out: &Path,
+) -> Result<crate::manifest::Manifest> {
     let version = &expand(version, env.vars)?;
-    let out = node.dir.join(format!("update-{version}"));
+    let out = out.to_path_buf();
     let definition = match definition {
         Some(d) => node.test_dir.join(d),
         None => PathBuf::from(&env.ctx.manifest.definition),
@@ -575,26 +621,7 @@ fn install_update(
         })
     };
     env.times.build_s += started.elapsed().as_secs_f64();
-    let m =
-        built.with_context(|| format!("building {} as version {version}", definition.display()))?;
-    let uki =
-        std::fs::read(out.join(format!("{}.efi", m.name))).context("reading the update's UKI")?;
-    crate::disk::slot::install(
-        &node.overlay,
-        &crate::disk::slot::Release {
-            raw: &out.join(format!("{}.raw", m.name)),
-            root_hash: &m.usr_root_hash,
-            label: &format!("{}_{}", m.name, m.version),
-            uki_name: &crate::disk::uki::trial_uki_name(&m.version, 3),
-            uki: &uki,
-        },
-    )?;
-    tracing::info!(
-        node = node.index,
-        version,
-        "installed the update into slot B"
-    );
-    Ok(())
+    built.with_context(|| format!("building {} as version {version}", definition.display()))
 }
 
 /// The node's Ignition config (for its next start) and files pushed into it.
@@ -834,6 +861,16 @@ fn scenario_vars(ctx: &RunContext, dir: &Path) -> Result<BTreeMap<String, String
     vars.insert("usr_root_hash".into(), ctx.manifest.usr_root_hash.clone());
     vars.insert("image_name".into(), ctx.manifest.name.clone());
     vars.insert("image_version".into(), ctx.manifest.version.clone());
+    // The build directory of the image under test (its manifest, raw image and UKI).
+    if let Some(dir) = ctx.raw.parent() {
+        vars.insert(
+            "image_dir".into(),
+            std::path::absolute(dir)
+                .with_context(|| format!("resolving {}", dir.display()))?
+                .display()
+                .to_string(),
+        );
+    }
     // Absolute: {work} is used on the host and joined to test-file paths (node ignition).
     let work = std::path::absolute(dir.join("work"))
         .with_context(|| format!("resolving {}", dir.join("work").display()))?;

@@ -43,6 +43,22 @@ pub enum Command {
         #[arg(long)]
         repository: Option<String>,
     },
+    /// Install the newest eligible release (or --version V) into the free slot and activate it:
+    /// the next boot tries it. An installed release waiting for activation is activated.
+    Apply {
+        #[arg(long)]
+        version: Option<String>,
+        /// Another repository address than the configured one (a mirror).
+        #[arg(long)]
+        repository: Option<String>,
+        /// Activate but do not reboot (the next boot tries the new version).
+        #[arg(long)]
+        no_reboot: bool,
+        /// As the timer runs it: install when updates are enabled; activate and reboot only
+        /// when the strategy is `reboot = "immediate"`.
+        #[arg(long)]
+        auto: bool,
+    },
     /// Hold the node at its version (checks still report), or let it update again with --off.
     Hold {
         #[arg(long)]
@@ -86,6 +102,18 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Status { json } => status(&node, json),
         Command::Check { json, repository } => run_check(&node, json, repository.as_deref()),
+        Command::Apply {
+            version,
+            repository,
+            no_reboot,
+            auto,
+        } => apply(
+            &node,
+            version.as_deref(),
+            repository.as_deref(),
+            no_reboot,
+            auto,
+        ),
         Command::Rollback { no_reboot } => rollback(&node, no_reboot),
         Command::Reconcile => reconcile(&node),
         Command::Health { timeout } => health(&node, timeout),
@@ -410,5 +438,116 @@ fn rollback(node: &Node, no_reboot: bool) -> Result<ExitCode> {
             ": rebooting"
         }
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn activate(node: &Node, no_reboot: bool) -> Result<()> {
+    let rec = node.record()?;
+    let (next, mut actions) = step(&rec, &Event::Activate, &now())?;
+    if no_reboot {
+        actions.retain(|a| *a != Action::Reboot);
+    }
+    node.save(&next)?;
+    carry_out(node, &actions)
+}
+
+fn apply(
+    node: &Node,
+    version: Option<&str>,
+    repository: Option<&str>,
+    no_reboot: bool,
+    auto: bool,
+) -> Result<ExitCode> {
+    let cfg = node.config()?;
+    if auto && !cfg.enabled {
+        println!("updates are off (enabled = false)");
+        return Ok(ExitCode::SUCCESS);
+    }
+    if auto && repository.is_none() && cfg.repository.is_none() {
+        println!("no update repository is configured: nothing to do");
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Activation waits for the operator unless the strategy reboots by itself.
+    let go = !auto || cfg.reboot == super::config::Reboot::Immediate;
+    let mut rec = node.record()?;
+    match &rec.phase {
+        Phase::Installed { version: v } if version.is_none_or(|want| want == v) => {
+            if go {
+                activate(node, no_reboot)?;
+            } else {
+                println!("{v} is installed and waits for `keel-update apply` (reboot = \"off\")");
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Phase::Steady | Phase::Installed { .. } => {}
+        other => bail!("an update is in progress: {}", phase_name(other)),
+    }
+    let running = node.running()?;
+    let address = check::address(node, repository)?;
+    let rt = crate::update::tuf::runtime()?;
+    let found = match rt.block_on(check::check(node, &address, &running, &rec, version)) {
+        Ok(f) => f,
+        Err(e) => {
+            rec.last_check = Some(LastCheck {
+                at: now(),
+                outcome: format!("refused: {}", crate::error::chain(e.as_ref())),
+            });
+            node.save(&rec)?;
+            return Err(e);
+        }
+    };
+    let release = match found.choice {
+        Ok(r) => r,
+        Err(why) => {
+            rec.last_check = Some(LastCheck {
+                at: now(),
+                outcome: format!("nothing to install: {why}"),
+            });
+            node.save(&rec)?;
+            if version.is_some() {
+                bail!("{why}");
+            }
+            println!("{why}");
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    rec.last_check = Some(LastCheck {
+        at: now(),
+        outcome: format!("offered {}", release.version),
+    });
+    node.save(&rec)?;
+    println!(
+        "installing {} {} from {}",
+        running.image, release.version, address.base
+    );
+    let pause_at = std::env::var("KEEL_UPDATE_PAUSE_AT")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let esp = esp(node)?;
+    rt.block_on(super::install::install(
+        node,
+        &found.repo,
+        &release,
+        &running.image,
+        cfg.tries,
+        &esp,
+        pause_at,
+    ))
+    .with_context(|| format!("installing {}", release.version))?;
+    apply_event(
+        node,
+        &Event::Installed {
+            version: release.version.clone(),
+        },
+    )?;
+    println!("installed {} into the free slot", release.version);
+    if go {
+        activate(node, no_reboot)?;
+    } else {
+        println!(
+            "{} waits for `keel-update apply` (reboot = \"off\")",
+            release.version
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -18,7 +18,12 @@ pub struct UnitObs {
     pub sub: String,
     /// `yes`/`no`: whether its conditions held when it was last started.
     pub condition: String,
+    /// How often systemd restarted it since the boot.
+    pub restarts: u32,
 }
+
+/// A unit restarted this often during a trial is failing, not starting.
+pub const RESTARTS_FAILING: u32 = 5;
 
 /// What was observed at one moment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +46,12 @@ pub enum Verdict {
 pub fn judge(o: &Observed) -> Verdict {
     let mut waiting = Vec::new();
     for u in &o.units {
+        if u.restarts >= RESTARTS_FAILING {
+            return Verdict::Unhealthy(format!(
+                "{} keeps failing (restarted {} times)",
+                u.name, u.restarts
+            ));
+        }
         match (u.active.as_str(), u.sub.as_str()) {
             ("active", _) => {}
             ("failed", _) => return Verdict::Unhealthy(format!("{} failed ({})", u.name, u.sub)),
@@ -110,6 +121,7 @@ mod tests {
             active: active.into(),
             sub: sub.into(),
             condition: condition.into(),
+            restarts: 0,
         }
     }
 

@@ -12,8 +12,8 @@ pub struct Machine {
     pub units: Vec<String>,
 }
 
-/// Parses `systemctl show -p Id,ActiveState,SubState,ConditionResult U…` (blocks separated by
-/// empty lines).
+/// Parses `systemctl show -p Id,ActiveState,SubState,ConditionResult,NRestarts U…` (blocks
+/// separated by empty lines).
 pub fn parse_show(text: &str) -> Vec<UnitObs> {
     text.split("\n\n")
         .filter_map(|block| {
@@ -27,6 +27,7 @@ pub fn parse_show(text: &str) -> Vec<UnitObs> {
                 active: get("ActiveState").unwrap_or_default(),
                 sub: get("SubState").unwrap_or_default(),
                 condition: get("ConditionResult").unwrap_or_default(),
+                restarts: get("NRestarts").and_then(|n| n.parse().ok()).unwrap_or(0),
             })
         })
         .collect()
@@ -82,7 +83,11 @@ impl Probe for Machine {
     fn observe(&mut self) -> Observed {
         let units = match output(
             Command::new("systemctl")
-                .args(["show", "-p", "Id,ActiveState,SubState,ConditionResult"])
+                .args([
+                    "show",
+                    "-p",
+                    "Id,ActiveState,SubState,ConditionResult,NRestarts",
+                ])
                 .args(&self.units),
         ) {
             Ok(text) => parse_show(&text),
@@ -91,6 +96,7 @@ impl Probe for Machine {
                 active: "unknown".into(),
                 sub: e,
                 condition: String::new(),
+                restarts: 0,
             }],
         };
         let etcd = if self.units.iter().any(|u| u == "etcd.service") {
@@ -115,11 +121,12 @@ mod tests {
 
     #[test]
     fn show_output() {
-        let text = "Id=etcd.service\nActiveState=active\nSubState=running\nConditionResult=yes\n\nId=keel-net.service\nActiveState=inactive\nSubState=dead\nConditionResult=no\n";
+        let text = "Id=etcd.service\nActiveState=active\nSubState=running\nConditionResult=yes\nNRestarts=2\n\nId=keel-net.service\nActiveState=inactive\nSubState=dead\nConditionResult=no\n";
         let u = parse_show(text);
         assert_eq!(u.len(), 2);
         assert_eq!(u[1].name, "keel-net.service");
         assert_eq!(u[1].condition, "no");
+        assert_eq!((u[0].restarts, u[1].restarts), (2, 0));
     }
 
     #[test]
