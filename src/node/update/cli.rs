@@ -524,7 +524,7 @@ fn apply(
         .ok()
         .and_then(|v| v.parse().ok());
     let esp = esp(node)?;
-    rt.block_on(super::install::install(
+    let downloaded = rt.block_on(super::install::install(
         node,
         &found.repo,
         &release,
@@ -540,7 +540,10 @@ fn apply(
             version: release.version.clone(),
         },
     )?;
-    println!("installed {} into the free slot", release.version);
+    println!(
+        "installed {} into the free slot ({downloaded} bytes of targets downloaded)",
+        release.version
+    );
     if go {
         activate(node, no_reboot)?;
     } else {

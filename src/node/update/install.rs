@@ -194,19 +194,19 @@ pub async fn install(
     tries: u32,
     esp: &Path,
     pause_at: Option<u64>,
-) -> Result<()> {
+) -> Result<u64> {
     let staging = node.staging().join(&release.version);
     std::fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
     // 1. The UKI first: small, and it says whether this node can boot the release at all.
     let uki_file = staging.join("uki.efi");
-    tuf::save(repo, &release.uki, &uki_file, log_progress("UKI")).await?;
+    let mut downloaded = tuf::save(repo, &release.uki, &uki_file, log_progress("UKI")).await?;
     let uki_bytes = std::fs::read(&uki_file)?;
     let (sealed, from) = sealed_fingerprints(node)?;
     check_uki(&uki_bytes, release, &sealed, &from)?;
     // 2. /usr and its tree, each checked by TUF, then against each other and the root hash.
     let (usr, tree) = (staging.join("usr"), staging.join("verity"));
-    tuf::save(repo, &release.usr, &usr, log_progress("/usr")).await?;
-    tuf::save(repo, &release.verity, &tree, log_progress("hash tree")).await?;
+    downloaded += tuf::save(repo, &release.usr, &usr, log_progress("/usr")).await?;
+    downloaded += tuf::save(repo, &release.verity, &tree, log_progress("hash tree")).await?;
     let tree_bytes = std::fs::read(&tree)?;
     let mut reader = std::io::BufReader::new(std::fs::File::open(&usr)?);
     let root = verity::check(&mut reader, &tree_bytes).context("checking the downloaded /usr")?;
@@ -265,7 +265,7 @@ pub async fn install(
         written.data.number,
         written.hash.number
     );
-    Ok(())
+    Ok(downloaded)
 }
 
 #[cfg(test)]
