@@ -185,8 +185,24 @@ pub fn log_progress(what: &str) -> impl FnMut(u64) + '_ {
 
 /// Installs `release` (as found by a check) into the free slot. `pause_at`: stop (sleep until
 /// killed) once this many bytes were written to the slot — the hook the interrupted-install
-/// test uses to cut the power at a known point.
+/// test uses to cut the power at a known point. A failure leaves no downloaded file behind.
 pub async fn install(
+    node: &Node,
+    repo: &tough::Repository,
+    release: &Release,
+    image: &str,
+    tries: u32,
+    esp: &Path,
+    pause_at: Option<u64>,
+) -> Result<u64> {
+    let r = install_steps(node, repo, release, image, tries, esp, pause_at).await;
+    if r.is_err() {
+        let _ = std::fs::remove_dir_all(node.staging().join(&release.version));
+    }
+    r
+}
+
+async fn install_steps(
     node: &Node,
     repo: &tough::Repository,
     release: &Release,
