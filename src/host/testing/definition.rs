@@ -151,8 +151,12 @@ pub enum StepKind {
     },
     /// Change bytes of a file's data in usr slot A on the node's disk (node off).
     TamperUsr { path: String },
-    /// Replace the UKI in the node's ESP with a changed copy; node off, `raw-disk` node.
-    TamperUki(UkiEdit),
+    /// Replace the UKI in the node's ESP with a changed copy; node off, `raw-disk` node. The
+    /// UKI of `version` (templates expanded), default the image's own.
+    TamperUki {
+        edit: UkiEdit,
+        version: Option<String>,
+    },
     /// Put the UKI saved before the first `tamper-uki` back.
     RestoreUki,
     /// Type `text` on the serial console (templates expanded; `\n` is Enter); node running.
@@ -218,7 +222,7 @@ impl StepKind {
     pub fn edits_disk(&self) -> bool {
         matches!(
             self,
-            StepKind::TamperUki(_) | StepKind::RestoreUki | StepKind::InstallUpdate { .. }
+            StepKind::TamperUki { .. } | StepKind::RestoreUki | StepKind::InstallUpdate { .. }
         )
     }
 
@@ -232,7 +236,7 @@ impl StepKind {
             StepKind::PowerOff => "power-off",
             StepKind::Start { .. } => "start",
             StepKind::TamperUsr { .. } => "tamper-usr",
-            StepKind::TamperUki(_) => "tamper-uki",
+            StepKind::TamperUki { .. } => "tamper-uki",
             StepKind::RestoreUki => "restore-uki",
             StepKind::Type { .. } => "type",
             StepKind::InstallUpdate { .. } => "install-update",
@@ -457,7 +461,13 @@ impl RawStep {
                         }
                     },
                 };
-                (StepKind::TamperUki(edit), &["how", "replace"])
+                (
+                    StepKind::TamperUki {
+                        edit,
+                        version: self.version.clone(),
+                    },
+                    &["how", "replace", "version"],
+                )
             }
             Action::Type => match &self.text {
                 Some(text) => (StepKind::Type { text: text.clone() }, &["text"]),
@@ -1099,6 +1109,24 @@ retry-for = "30s"
             err.contains("belongs to action = \"install-update\""),
             "{err}"
         );
+        // `build` writes below {work}: it needs a plain directory name.
+        let build = |dest: &str| {
+            format!(
+                "description = \"d\"\ntimeout = \"5m\"\n[[node]]\n[[step]]\ntest = \"u.x\"\n\
+                 action = \"build\"\nversion = \"2\"\ndefinition = \"../images/variant.toml\"\n{dest}"
+            )
+        };
+        let f = parse(&file, &build("dest = \"v2\"\n")).expect("parses");
+        assert!(matches!(
+            &f.spec.step[0].kind,
+            StepKind::Build { out, definition: Some(_), .. } if out == "v2"
+        ));
+        for bad in ["", "dest = \"../x\"\n", "dest = \"a/b\"\n"] {
+            let err = parse(&file, &build(bad))
+                .expect_err("dest is required and plain")
+                .to_string();
+            assert!(err.contains("build needs `version` and `dest`"), "{err}");
+        }
     }
 
     /// The benchmarks' scenarios (bench/, run by scripts/bench) parse like the suite's.

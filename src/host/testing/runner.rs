@@ -405,7 +405,7 @@ fn action(env: &mut Env, node: &mut Node, step: &Step) -> Result<()> {
         | StepKind::PowerOff
         | StepKind::Start { .. }
         | StepKind::Type { .. } => power_action(env, node, &step.kind),
-        StepKind::TamperUki(_)
+        StepKind::TamperUki { .. }
         | StepKind::RestoreUki
         | StepKind::TamperUsr { .. }
         | StepKind::InstallUpdate { .. } => disk_action(env, node, &step.kind),
@@ -505,9 +505,13 @@ fn disk_action(env: &mut Env, node: &mut Node, kind: &StepKind) -> Result<()> {
     let ctx = env.ctx;
     require_off(node, kind.name())?;
     match kind {
-        StepKind::TamperUki(edit) => {
+        StepKind::TamperUki { edit, version } => {
             let esp = Esp::open(&node.overlay, true)?;
-            let name = esp.find_uki(&ctx.manifest.version)?;
+            let version = match version {
+                Some(v) => expand(v, env.vars)?,
+                None => ctx.manifest.version.clone(),
+            };
+            let name = esp.find_uki(&version)?;
             let original = esp.read(&format!("{UKI_DIR}/{name}"))?;
             let changed = match edit {
                 UkiEdit::FlipByte => tamper::flip_linux_byte(&original)?,

@@ -524,16 +524,17 @@ fn apply(
         .ok()
         .and_then(|v| v.parse().ok());
     let esp = esp(node)?;
-    let downloaded = rt.block_on(super::install::install(
-        node,
-        &found.repo,
-        &release,
-        &running.image,
-        cfg.tries,
-        &esp,
-        pause_at,
-    ))
-    .with_context(|| format!("installing {}", release.version))?;
+    let downloaded = rt
+        .block_on(super::install::install(
+            node,
+            &found.repo,
+            &release,
+            &running.image,
+            cfg.tries,
+            &esp,
+            pause_at,
+        ))
+        .with_context(|| format!("installing {}", release.version))?;
     apply_event(
         node,
         &Event::Installed {
