@@ -267,6 +267,13 @@ fn carry_out(node: &Node, actions: &[Action]) -> Result<()> {
         tracing::info!("{a:?}");
         match a {
             Action::ActivateUki { version } => {
+                let snap = node.state_dir().join("etcd-before-update.db");
+                match super::probe::etcd_snapshot(&node.root, &snap) {
+                    Ok(true) => println!("saved an etcd snapshot to {}", snap.display()),
+                    Ok(false) => {}
+                    // Not a reason to stay: the member may be down, which the update may fix.
+                    Err(e) => tracing::warn!("no etcd snapshot before the update: {e:#}"),
+                }
                 let name = Entries::new(&esp(node)?).activate(version)?;
                 println!("activated {name}: the next boot tries {version}");
             }

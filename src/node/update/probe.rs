@@ -33,6 +33,13 @@ pub fn parse_show(text: &str) -> Vec<UnitObs> {
         .collect()
 }
 
+/// etcdctl's connection arguments for the local member from etcd.env (see [`etcdctl_args`]).
+pub fn etcdctl_connection(env: &str) -> Vec<String> {
+    let mut a = etcdctl_args(env);
+    a.truncate(a.len() - 2);
+    a
+}
+
 /// etcdctl's arguments for the local member from etcd.env: its first advertised client URL and,
 /// when etcd checks client certificates, the node's certificate.
 pub fn etcdctl_args(env: &str) -> Vec<String> {
@@ -140,4 +147,19 @@ mod tests {
         assert!(tls.contains(&"--cacert=/etc/keel/pki/ca.pem".to_string()));
         assert_eq!(tls[tls.len() - 2..], ["endpoint", "health"]);
     }
+}
+
+/// Saves a snapshot of the local etcd member to `dest` before the node reboots into a new
+/// version (etcdctl writes it aside and renames it when complete), so a fall back across a
+/// storage-format change can be repaired (docs/etcd.md). Nothing to do without etcd.env.
+pub fn etcd_snapshot(root: &Path, dest: &Path) -> anyhow::Result<bool> {
+    let env_file = root.join("etc/keel/etcd.env");
+    let Ok(env) = std::fs::read_to_string(&env_file) else {
+        return Ok(false);
+    };
+    let mut args = etcdctl_connection(&env);
+    args.extend(["snapshot".into(), "save".into(), dest.display().to_string()]);
+    output(Command::new("etcdctl").args(&args))
+        .map_err(|e| anyhow::anyhow!("etcdctl snapshot save {}: {e}", dest.display()))?;
+    Ok(true)
 }
