@@ -298,6 +298,21 @@ fn root_rotation_is_followed_and_the_old_root_key_alone_is_refused() {
     .expect("rotate root");
     let found = w.check().expect("rotations followed");
     assert_eq!(found.repo.root().signed.version.get(), 3);
+    // A mirror that later hides the new roots does not take the node back to root 1 (whose
+    // retired timestamp key would then be trusted again): the node starts from the root it
+    // stored.
+    let hidden = w.files.join("hidden");
+    fs::create_dir_all(&hidden).expect("mkdir");
+    for n in [2, 3] {
+        let name = format!("{n}.root.json");
+        fs::rename(w.metadata(&name), hidden.join(&name)).expect("hide");
+    }
+    let found = w.check().expect("the stored root is the starting point");
+    assert_eq!(found.repo.root().signed.version.get(), 3);
+    for n in [2, 3] {
+        let name = format!("{n}.root.json");
+        fs::rename(hidden.join(&name), w.metadata(&name)).expect("restore");
+    }
     // Whoever holds only the retired root key signs a root 4 of their own: refused.
     let thief = tempfile::tempdir().expect("tempdir");
     copy_dir(&w.tuf(), thief.path());

@@ -936,6 +936,19 @@ fn check_merged(def: &Definition, seen: &Seen, leaf: &Path) -> Result<(), Defini
             message: format!("`{both}` is listed in both enable and mask"),
         });
     }
+    // The usr slots are labelled NAME_VERSION, and a GPT label holds 36 characters: longer ones
+    // would be cut, and an updater reading a slot's version from its label would misread it.
+    let label = def.name.len() + 1 + def.version.len();
+    if label > 36 {
+        return Err(DefinitionError::Invalid {
+            origin: first(),
+            field: "version".into(),
+            message: format!(
+                "`{}_{}` ({label} characters) is longer than a partition label (36): shorten the name or the version",
+                def.name, def.version
+            ),
+        });
+    }
     if def.update.is_some() && def.trust.is_none() {
         return Err(DefinitionError::Invalid {
             origin: first(),
@@ -1054,6 +1067,56 @@ usr-size = "512M"
 source = "configs/x.conf"
 dest = "/etc/x.conf"
 "#;
+
+    #[test]
+    fn update_settings_and_slot_label_length() {
+        let with = |extra: &str| {
+            let text = format!(
+                "{}{extra}",
+                BASE.replace(
+                    "version = \"1.0\"",
+                    "version = \"1.0.1234567890123456789012345678\""
+                )
+            );
+            project(&[
+                ("images/base.toml", &text),
+                ("units/a.service", "[Unit]\n"),
+                ("configs/x.conf", "x"),
+            ])
+        };
+        let p = with("");
+        let e = Definition::load(&p.path().join("images/base.toml")).expect_err("label too long");
+        assert!(
+            e.to_string().contains("longer than a partition label (36)"),
+            "{e}"
+        );
+        let ok = |extra: &str| {
+            let p = project(&[
+                ("images/base.toml", &format!("{BASE}{extra}")),
+                ("units/a.service", "[Unit]\n"),
+                ("configs/x.conf", "x"),
+            ]);
+            Definition::load(&p.path().join("images/base.toml"))
+        };
+        let e = ok("\n[update]\ntries = 1\n").expect_err("[update] without [trust]");
+        assert!(e.to_string().contains("[update] needs [trust]"), "{e}");
+        let e = ok("\n[trust]\nkeys = \"k\"\n[update]\nreboot = \"later\"\n").expect_err("reboot");
+        assert!(e.to_string().contains("one of off, immediate"), "{e}");
+        let e = ok("\n[trust]\nkeys = \"k\"\n[update]\nrepository = \"ftp://x/\"\n")
+            .expect_err("scheme");
+        assert!(e.to_string().contains("update.repository"), "{e}");
+        let p = project(&[
+            (
+                "images/base.toml",
+                &format!("mask = [\"a.service\"]\n{BASE}"),
+            ),
+            ("units/a.service", "[Unit]\n"),
+            ("configs/x.conf", "x"),
+        ]);
+        let d =
+            Definition::load(&p.path().join("images/base.toml")).expect_err("enabled and masked");
+        assert!(d.to_string().contains("both enable and mask"), "{d}");
+    }
 
     #[test]
     fn good_definition_loads_with_defaults() {

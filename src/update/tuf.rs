@@ -143,6 +143,32 @@ pub enum Expiry {
     IgnoreForPublisher,
 }
 
+/// The root to start from: the newer of the trusted root given (the image's) and the root the
+/// store kept from an earlier load (tough writes it there only after verifying it from the
+/// given root up). Starting from the stored one keeps a rotation in force when a mirror later
+/// hides the newer roots (else the retired keys of the image's root would be trusted again), and
+/// keeps the stored timestamp and snapshot, and with them the replay check, valid.
+pub fn starting_root(given: &[u8], datastore: &Path) -> Vec<u8> {
+    let version = |b: &[u8]| {
+        serde_json::from_slice::<tough::schema::Signed<tough::schema::Root>>(b)
+            .ok()
+            .map(|r| r.signed.version.get())
+    };
+    match std::fs::read(datastore.join("root.json")) {
+        Ok(stored) if version(&stored) > version(given) => stored,
+        _ => given.to_vec(),
+    }
+}
+
+/// Downloads of a whole /usr take minutes on slow links: a generous limit per request, retries.
+fn http() -> tough::HttpTransport {
+    tough::HttpTransportBuilder::new()
+        .connect_timeout(std::time::Duration::from_secs(30))
+        .timeout(std::time::Duration::from_secs(3600))
+        .tries(4)
+        .build()
+}
+
 /// Loads a repository: `root` is the trusted root.json (the image's, or the key directory's);
 /// `datastore` keeps the newest metadata seen (and the latest time), so replays are caught
 /// across runs.
@@ -157,10 +183,11 @@ pub async fn load(
         path: datastore.to_path_buf(),
         message: format!("creating the metadata store: {e}"),
     })?;
+    let root = starting_root(root, datastore);
     let mut loader =
         RepositoryLoader::new(&root, metadata.clone(), targets).datastore(datastore.to_path_buf());
     if address.base.scheme() != "file" {
-        loader = loader.transport(tough::HttpTransport::default());
+        loader = loader.transport(http());
     }
     if expiry == Expiry::IgnoreForPublisher {
         loader = loader.expiration_enforcement(ExpirationEnforcement::Unsafe);
@@ -169,6 +196,16 @@ pub async fn load(
         .load()
         .await
         .map_err(|e| classify(e, metadata.as_str()))
+}
+
+/// Forgets the latest time the store saw (`latest_known_time.json`): for a node whose clock is
+/// synchronised again after it once ran ahead, which would otherwise refuse every load as a
+/// clock stepped backwards until that time came.
+pub fn forget_latest_time(datastore: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(datastore.join("latest_known_time.json")) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 fn target_name(name: &str) -> Result<TargetName, TufError> {

@@ -230,6 +230,19 @@ pub fn release_from_build(build: &Path, scratch: &Path) -> Result<ReleaseFiles> 
             build.display()
         )
     })?;
+    // systemd-boot picks among boot entries by version with its own order, which agrees with
+    // the one keel-update uses (dpkg's) for digits, dots and `~`, not for letters or `^`.
+    if !m
+        .version
+        .bytes()
+        .all(|b| b.is_ascii_digit() || b == b'.' || b == b'~')
+    {
+        bail!(
+            "{}: version {} has letters or `^`: published versions are digits, dots and `~` only, so that the boot loader and keel-update order releases the same way",
+            build.display(),
+            m.version
+        );
+    }
     let raw = build.join(format!("{}.raw", m.name));
     let (_, parts) = gpt::read(&raw)?;
     let (data, hash) = slot::by_root_hash(&parts, &m.usr_root_hash)

@@ -37,9 +37,20 @@ pub async fn check(
     requested: Option<&str>,
 ) -> Result<Found> {
     let root = node.trusted_root()?;
-    let repo = tuf::load(&root, address, &node.tuf_store(), Expiry::Enforce)
-        .await
-        .with_context(|| format!("checking {}", address.base))?;
+    let store = node.tuf_store();
+    let repo = match tuf::load(&root, address, &store, Expiry::Enforce).await {
+        // The clock once ran ahead (a bad RTC, a forged NTP answer) and is synchronised now:
+        // the stored "latest time" is the wrong one.
+        Err(tuf::TufError::ClockBackward(why)) if node.clock_synchronised() => {
+            tracing::warn!(
+                "the stored latest time is ahead of the synchronised clock; forgetting it ({why})"
+            );
+            tuf::forget_latest_time(&store)?;
+            tuf::load(&root, address, &store, Expiry::Enforce).await
+        }
+        other => other,
+    }
+    .with_context(|| format!("checking {}", address.base))?;
     let index = tuf::read_index(&repo)
         .await
         .context("reading the release index")?;

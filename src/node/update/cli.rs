@@ -99,6 +99,14 @@ fn now() -> String {
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
     let node = Node::new(&cli.root);
+    // Every command that changes the record holds the lock for as long as it runs; `apply`
+    // does not wait for another one (the timer's and an operator's must not both install),
+    // `health` takes it only to record its verdict.
+    let _lock = match &cli.command {
+        Command::Status { .. } | Command::Health { .. } => None,
+        Command::Apply { .. } => Some(node.lock(false)?),
+        _ => Some(node.lock(true)?),
+    };
     match cli.command {
         Command::Status { json } => status(&node, json),
         Command::Check { json, repository } => run_check(&node, json, repository.as_deref()),
@@ -358,6 +366,7 @@ fn health(node: &Node, timeout: Option<u64>) -> Result<ExitCode> {
         || std::thread::sleep(Duration::from_secs(5)),
         Instant::now,
     );
+    let _lock = node.lock(true)?;
     match verdict {
         Verdict::Healthy => {
             apply_event(node, &Event::Healthy)?;
@@ -448,14 +457,20 @@ fn rollback(node: &Node, no_reboot: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Activation: the UKI is renamed first and the record saved after, so a failure or a power
+/// cut in between leaves either an installed release (nothing renamed) or a counted entry the
+/// next boot tries, never a record that claims an activation that did not happen.
 fn activate(node: &Node, no_reboot: bool) -> Result<()> {
     let rec = node.record()?;
-    let (next, mut actions) = step(&rec, &Event::Activate, &now())?;
-    if no_reboot {
-        actions.retain(|a| *a != Action::Reboot);
-    }
+    let (next, actions) = step(&rec, &Event::Activate, &now())?;
+    let (now_, later): (Vec<Action>, Vec<Action>) =
+        actions.into_iter().partition(|a| *a != Action::Reboot);
+    carry_out(node, &now_)?;
     node.save(&next)?;
-    carry_out(node, &actions)
+    if !no_reboot {
+        carry_out(node, &later)?;
+    }
+    Ok(())
 }
 
 fn apply(
@@ -474,9 +489,10 @@ fn apply(
         println!("no update repository is configured: nothing to do");
         return Ok(ExitCode::SUCCESS);
     }
-    // Activation waits for the operator unless the strategy reboots by itself.
-    let go = !auto || cfg.reboot == super::config::Reboot::Immediate;
     let mut rec = node.record()?;
+    // Activation waits for the operator unless the strategy reboots by itself (and the node is
+    // not held).
+    let go = !auto || (cfg.reboot == super::config::Reboot::Immediate && !rec.held);
     match &rec.phase {
         Phase::Installed { version: v } if version.is_none_or(|want| want == v) => {
             if go {

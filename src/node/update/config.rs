@@ -116,8 +116,15 @@ impl Config {
             if let Some(v) = raw.health_timeout_secs {
                 c.health_timeout_secs = v;
             }
+            // A node's file may raise the image's floor, never lower it.
             if let Some(v) = raw.min_version {
-                c.min_version = Some(v);
+                let higher = c
+                    .min_version
+                    .as_deref()
+                    .is_none_or(|old| crate::update::version::newer(&v, old));
+                if higher {
+                    c.min_version = Some(v);
+                }
             }
             if let Some(v) = raw.health_units {
                 c.health_units = v;
@@ -152,6 +159,23 @@ mod tests {
         assert_eq!(c.repository.as_deref(), Some("file:///mnt/mirror/"));
         assert_eq!(c.reboot, Reboot::Immediate);
         assert_eq!(c.tries, 2);
+        std::fs::write(&img, "min-version = \"0.3\"\n").expect("w");
+        std::fs::write(&node, "min-version = \"0.2\"\n").expect("w");
+        assert_eq!(
+            Config::load(&img, &node)
+                .expect("floor")
+                .min_version
+                .as_deref(),
+            Some("0.3")
+        );
+        std::fs::write(&node, "min-version = \"0.4\"\n").expect("w");
+        assert_eq!(
+            Config::load(&img, &node)
+                .expect("floor")
+                .min_version
+                .as_deref(),
+            Some("0.4")
+        );
     }
 
     #[test]

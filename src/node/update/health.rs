@@ -20,6 +20,10 @@ pub struct UnitObs {
     pub condition: String,
     /// How often systemd restarted it since the boot.
     pub restarts: u32,
+    /// `LoadState=loaded` (a unit file exists and parsed).
+    pub loaded: bool,
+    /// Its conditions were evaluated this boot (a skipped unit; not one never started).
+    pub condition_checked: bool,
 }
 
 /// A unit restarted this often during a trial is failing, not starting.
@@ -46,6 +50,12 @@ pub enum Verdict {
 pub fn judge(o: &Observed) -> Verdict {
     let mut waiting = Vec::new();
     for u in &o.units {
+        if !u.loaded {
+            return Verdict::Unhealthy(format!(
+                "{} is not loaded (no such unit, or it does not parse)",
+                u.name
+            ));
+        }
         if u.restarts >= RESTARTS_FAILING {
             return Verdict::Unhealthy(format!(
                 "{} keeps failing (restarted {} times)",
@@ -55,7 +65,7 @@ pub fn judge(o: &Observed) -> Verdict {
         match (u.active.as_str(), u.sub.as_str()) {
             ("active", _) => {}
             ("failed", _) => return Verdict::Unhealthy(format!("{} failed ({})", u.name, u.sub)),
-            ("inactive", _) if u.condition == "no" => {}
+            ("inactive", _) if u.condition == "no" && u.condition_checked => {}
             ("inactive", "dead") if u.condition == "yes" => {
                 return Verdict::Unhealthy(format!(
                     "{} is not running (it ran and stopped)",
@@ -122,6 +132,8 @@ mod tests {
             sub: sub.into(),
             condition: condition.into(),
             restarts: 0,
+            loaded: true,
+            condition_checked: true,
         }
     }
 

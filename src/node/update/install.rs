@@ -24,17 +24,31 @@ pub fn running_root_hash(node: &Node) -> Result<String> {
     uki::usrhash(&cmdline).with_context(|| format!("{}: no usrhash=", p.display()))
 }
 
-/// The whole disk holding the partition with UUID `part_uuid`, and that partition's device.
-pub fn disk_of(node: &Node, part_uuid: &str) -> Result<(PathBuf, PathBuf)> {
-    let link = node.path(&format!("/dev/disk/by-partuuid/{part_uuid}"));
-    let part = link
+/// The whole disk the running /usr comes from: the partition below the dm-verity device
+/// `/dev/mapper/usr` (not a lookup by partition UUID, which a second disk holding the same
+/// version, an installer stick or a clone, would share), and that partition's device.
+pub fn boot_disk(node: &Node) -> Result<(PathBuf, PathBuf)> {
+    let usr = node.path("/dev/mapper/usr");
+    let dm = usr
         .canonicalize()
-        .with_context(|| format!("resolving {}", link.display()))?;
-    let name = part
+        .with_context(|| format!("resolving {}", usr.display()))?;
+    let dm_name = dm
         .file_name()
-        .context("partition device name")?
+        .context("dm device name")?
         .to_string_lossy()
         .into_owned();
+    let slaves = node.path(&format!("/sys/class/block/{dm_name}/slaves"));
+    let mut below: Vec<String> = std::fs::read_dir(&slaves)
+        .with_context(|| format!("reading {}", slaves.display()))?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    below.sort();
+    // dm-verity has two: the data and the hash partition, on the same disk.
+    let name = below
+        .first()
+        .with_context(|| format!("{} has no device below it", usr.display()))?
+        .clone();
+    let part = node.path(&format!("/dev/{name}"));
     let sys = node
         .path(&format!("/sys/class/block/{name}"))
         .canonicalize()
@@ -234,8 +248,7 @@ async fn install_steps(
     }
     // 3. The free slot: whatever version it held loses its boot entry first.
     let running = running_root_hash(node)?;
-    let (data_uuid, _) = crate::disk::layout::verity_uuids(&running)?;
-    let (disk, _) = disk_of(node, &data_uuid)?;
+    let (disk, _) = boot_disk(node)?;
     let entries = Entries::new(esp);
     let (_, parts) = gpt::read(&disk)?;
     let (free, _) = slot::free_slot(&parts, &running)?;
@@ -287,6 +300,23 @@ async fn install_steps(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_boot_disk_is_the_one_below_the_usr_verity_device() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let node = Node::new(t.path());
+        let sys = t.path().join("sys/class/block");
+        std::fs::create_dir_all(sys.join("dm-0/slaves/vda2")).expect("mkdir");
+        std::fs::create_dir_all(sys.join("dm-0/slaves/vda3")).expect("mkdir");
+        std::fs::create_dir_all(sys.join("vda/vda2")).expect("mkdir");
+        std::os::unix::fs::symlink("vda/vda2", sys.join("vda2")).expect("link");
+        std::fs::create_dir_all(t.path().join("dev/mapper")).expect("mkdir");
+        std::fs::write(t.path().join("dev/dm-0"), b"").expect("dev");
+        std::os::unix::fs::symlink("../dm-0", t.path().join("dev/mapper/usr")).expect("link");
+        let (disk, part) = boot_disk(&node).expect("found");
+        assert_eq!(disk, t.path().join("dev/vda"));
+        assert_eq!(part, t.path().join("dev/vda2"));
+    }
 
     #[test]
     fn partition_devices_come_from_sysfs() {

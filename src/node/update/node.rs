@@ -11,6 +11,11 @@ pub struct Node {
     pub root: PathBuf,
 }
 
+/// Held while a command changes keel-update's state (released when dropped).
+pub struct Lock {
+    _flock: nix::fcntl::Flock<std::fs::File>,
+}
+
 /// The running image: os-release's IMAGE_ID and IMAGE_VERSION.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Running {
@@ -104,6 +109,36 @@ impl Node {
         Ok(())
     }
 
+    /// Takes keel-update's lock (`/var/lib/keel/update/lock`): one command that changes the state
+    /// at a time, so the timer's apply and an operator's, or a check and the health verdict,
+    /// never write over each other's record or download into the same files. `wait`: block
+    /// until it is free; else fail at once naming the holder's command.
+    pub fn lock(&self, wait: bool) -> Result<Lock> {
+        use nix::fcntl::{Flock, FlockArg};
+        let dir = self.state_dir();
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join("lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let arg = if wait {
+            FlockArg::LockExclusive
+        } else {
+            FlockArg::LockExclusiveNonblock
+        };
+        let lock = Flock::lock(file, arg).map_err(|(_, e)| {
+            anyhow::anyhow!(
+                "another keel-update command is running (it holds {}: {e}); try again when it is done",
+                path.display()
+            )
+        })?;
+        Ok(Lock { _flock: lock })
+    }
+
     /// Whether systemd-timesyncd (or another NTP client telling systemd) synchronised the clock.
     pub fn clock_synchronised(&self) -> bool {
         self.path("/run/systemd/timesync/synchronized").exists()
@@ -113,6 +148,21 @@ impl Node {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_state_changing_command_at_a_time() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let node = Node::new(t.path());
+        let held = node.lock(false).expect("free");
+        let e = node.lock(false).err().expect("held by the first");
+        assert!(
+            e.to_string()
+                .contains("another keel-update command is running"),
+            "{e}"
+        );
+        drop(held);
+        node.lock(false).expect("free again");
+    }
 
     #[test]
     fn os_release_values() {

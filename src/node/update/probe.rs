@@ -28,6 +28,9 @@ pub fn parse_show(text: &str) -> Vec<UnitObs> {
                 sub: get("SubState").unwrap_or_default(),
                 condition: get("ConditionResult").unwrap_or_default(),
                 restarts: get("NRestarts").and_then(|n| n.parse().ok()).unwrap_or(0),
+                loaded: get("LoadState").as_deref() == Some("loaded"),
+                condition_checked: get("ConditionTimestampMonotonic")
+                    .is_some_and(|t| !t.is_empty() && t != "0"),
             })
         })
         .collect()
@@ -93,7 +96,7 @@ impl Probe for Machine {
                 .args([
                     "show",
                     "-p",
-                    "Id,ActiveState,SubState,ConditionResult,NRestarts",
+                    "Id,LoadState,ActiveState,SubState,ConditionResult,ConditionTimestampMonotonic,NRestarts",
                 ])
                 .args(&self.units),
         ) {
@@ -104,6 +107,8 @@ impl Probe for Machine {
                 sub: e,
                 condition: String::new(),
                 restarts: 0,
+                loaded: true,
+                condition_checked: false,
             }],
         };
         let etcd = if self.units.iter().any(|u| u == "etcd.service") {
@@ -128,11 +133,13 @@ mod tests {
 
     #[test]
     fn show_output() {
-        let text = "Id=etcd.service\nActiveState=active\nSubState=running\nConditionResult=yes\nNRestarts=2\n\nId=keel-net.service\nActiveState=inactive\nSubState=dead\nConditionResult=no\n";
+        let text = "Id=etcd.service\nLoadState=loaded\nActiveState=active\nSubState=running\nConditionResult=yes\nConditionTimestampMonotonic=5000\nNRestarts=2\n\nId=keel-net.service\nLoadState=loaded\nActiveState=inactive\nSubState=dead\nConditionResult=no\nConditionTimestampMonotonic=0\n\nId=gone.service\nLoadState=not-found\nActiveState=inactive\n";
         let u = parse_show(text);
-        assert_eq!(u.len(), 2);
+        assert_eq!(u.len(), 3);
         assert_eq!(u[1].name, "keel-net.service");
         assert_eq!(u[1].condition, "no");
+        assert!(u[0].condition_checked && !u[1].condition_checked);
+        assert!(u[1].loaded && !u[2].loaded);
         assert_eq!((u[0].restarts, u[1].restarts), (2, 0));
     }
 

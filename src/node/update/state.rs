@@ -13,7 +13,7 @@
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "name", rename_all = "kebab-case", deny_unknown_fields)]
+#[serde(tag = "name", rename_all = "kebab-case")]
 pub enum Phase {
     /// Running a version; nothing in progress.
     Steady,
@@ -26,8 +26,10 @@ pub enum Phase {
     Trial { version: String },
 }
 
+// Records are read back by other versions of keel-update (after a fall back to an older
+// release, by the older one): fields they do not know are ignored, not refused.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+#[serde(rename_all = "kebab-case")]
 pub struct Failure {
     pub version: String,
     pub reason: String,
@@ -37,7 +39,7 @@ pub struct Failure {
 
 /// Everything keel-update remembers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+#[serde(rename_all = "kebab-case")]
 pub struct Record {
     pub schema: u32,
     pub phase: Phase,
@@ -52,7 +54,7 @@ pub struct Record {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+#[serde(rename_all = "kebab-case")]
 pub struct LastCheck {
     pub at: String,
     pub outcome: String,
