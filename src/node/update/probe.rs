@@ -127,6 +127,21 @@ impl Probe for Machine {
     }
 }
 
+/// Saves a snapshot of the local etcd member to `dest` before the node reboots into a new
+/// version (etcdctl writes it aside and renames it when complete), so a fall back across a
+/// storage-format change can be repaired (docs/etcd.md). Nothing to do without etcd.env.
+pub fn etcd_snapshot(root: &Path, dest: &Path) -> anyhow::Result<bool> {
+    let env_file = root.join("etc/keel/etcd.env");
+    let Ok(env) = std::fs::read_to_string(&env_file) else {
+        return Ok(false);
+    };
+    let mut args = etcdctl_connection(&env);
+    args.extend(["snapshot".into(), "save".into(), dest.display().to_string()]);
+    output(Command::new("etcdctl").args(&args))
+        .map_err(|e| anyhow::anyhow!("etcdctl snapshot save {}: {e}", dest.display()))?;
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,19 +169,4 @@ mod tests {
         assert!(tls.contains(&"--cacert=/etc/keel/pki/ca.pem".to_string()));
         assert_eq!(tls[tls.len() - 2..], ["endpoint", "health"]);
     }
-}
-
-/// Saves a snapshot of the local etcd member to `dest` before the node reboots into a new
-/// version (etcdctl writes it aside and renames it when complete), so a fall back across a
-/// storage-format change can be repaired (docs/etcd.md). Nothing to do without etcd.env.
-pub fn etcd_snapshot(root: &Path, dest: &Path) -> anyhow::Result<bool> {
-    let env_file = root.join("etc/keel/etcd.env");
-    let Ok(env) = std::fs::read_to_string(&env_file) else {
-        return Ok(false);
-    };
-    let mut args = etcdctl_connection(&env);
-    args.extend(["snapshot".into(), "save".into(), dest.display().to_string()]);
-    output(Command::new("etcdctl").args(&args))
-        .map_err(|e| anyhow::anyhow!("etcdctl snapshot save {}: {e}", dest.display()))?;
-    Ok(true)
 }
