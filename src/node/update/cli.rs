@@ -143,15 +143,47 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// One usr slot as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SlotView {
+    pub partition: u32,
+    /// The slot's label: `IMAGE_VERSION`, or `_empty`.
+    pub label: String,
+    pub running: bool,
+}
+
+/// The usr slots of a disk's partitions; `running_data_uuid` marks the running one.
+pub fn slots(parts: &[crate::disk::gpt::Partition], running_data_uuid: &str) -> Vec<SlotView> {
+    parts
+        .iter()
+        .filter(|p| p.is(crate::disk::PartitionType::Usr))
+        .map(|p| SlotView {
+            partition: p.number,
+            label: p.label.clone(),
+            running: p.uuid.eq_ignore_ascii_case(running_data_uuid),
+        })
+        .collect()
+}
+
+fn slot_views(node: &Node) -> Result<Vec<SlotView>> {
+    let hash = super::install::running_root_hash(node)?;
+    let (data_uuid, _) = crate::disk::layout::verity_uuids(&hash)?;
+    let (disk, _) = super::install::boot_disk(node)?;
+    let (_, parts) = crate::disk::gpt::read(&disk)?;
+    Ok(slots(&parts, &data_uuid))
+}
+
 fn status(node: &Node, json: bool) -> Result<ExitCode> {
     let rec = node.record()?;
     let running = node.running()?;
     let cfg = node.config()?;
     let clock = node.clock_synchronised();
     let blocked = why_not_updating(&rec, &cfg, clock);
+    let slots = slot_views(node).map_err(|e| format!("{e:#}"));
     if json {
         let v = serde_json::json!({
             "running": running,
+            "slots": slots.as_ref().ok(),
             "state": rec,
             "config": cfg,
             "clock-synchronised": clock,
@@ -161,6 +193,19 @@ fn status(node: &Node, json: bool) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!("running {} {}", running.image, running.version);
+    match &slots {
+        Ok(slots) => {
+            for s in slots {
+                println!(
+                    "slot (partition {}): {}{}",
+                    s.partition,
+                    s.label,
+                    if s.running { " (running)" } else { "" }
+                );
+            }
+        }
+        Err(e) => println!("slots: unknown ({e})"),
+    }
     println!("state: {}", phase_name(&rec.phase));
     if let Some(hw) = &rec.high_water {
         println!("newest blessed: {hw}");
@@ -577,4 +622,50 @@ fn apply(
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::gpt::Partition;
+
+    fn part(number: u32, kind: crate::disk::PartitionType, uuid: &str, label: &str) -> Partition {
+        Partition {
+            number,
+            type_: kind.name().into(),
+            kind: Some(kind),
+            uuid: uuid.into(),
+            label: label.into(),
+            offset: 0,
+            size: 0,
+            flags: 0,
+        }
+    }
+
+    #[test]
+    fn both_slots_are_shown_with_the_running_one_marked() {
+        use crate::disk::PartitionType::{Esp, Usr, UsrVerity};
+        let parts = [
+            part(1, Esp, "e", "ESP"),
+            part(2, Usr, "AAAA", "img_0.1.0"),
+            part(3, UsrVerity, "aaab", "img_0.1.0"),
+            part(4, Usr, "bbbb", "_empty"),
+        ];
+        let s = slots(&parts, "aaaa");
+        assert_eq!(
+            s,
+            vec![
+                SlotView {
+                    partition: 2,
+                    label: "img_0.1.0".into(),
+                    running: true
+                },
+                SlotView {
+                    partition: 4,
+                    label: "_empty".into(),
+                    running: false
+                },
+            ]
+        );
+    }
 }
