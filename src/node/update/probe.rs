@@ -117,8 +117,12 @@ impl Probe for Machine {
         } else {
             None
         };
-        let trusted = Path::exists(&self.path("/usr/lib/keel/trust"))
-            .then(|| output(Command::new("keel-agent").arg("boot-state")).map(|_| ()));
+        // The boot must be one the operator signed on trusted images, on machines with a TPM: an
+        // image built to run without one (trust.without-tpm = "unencrypted") on a machine that
+        // has none can never report a signed state, and is not rejected for it.
+        let trusted = (self.path("/usr/lib/keel/trust").exists()
+            && self.path("/sys/class/tpm/tpm0").exists())
+        .then(|| output(Command::new("keel-agent").arg("boot-state")).map(|_| ()));
         Observed {
             units,
             etcd,
