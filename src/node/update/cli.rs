@@ -592,16 +592,15 @@ fn apply(
         .ok()
         .and_then(|v| v.parse().ok());
     let esp = esp(node)?;
+    let plan = super::install::Plan {
+        release: &release,
+        image: &running.image,
+        tries: cfg.tries,
+        esp: &esp,
+        pause_at,
+    };
     let downloaded = rt
-        .block_on(super::install::install(
-            node,
-            &found.repo,
-            &release,
-            &running.image,
-            cfg.tries,
-            &esp,
-            pause_at,
-        ))
+        .block_on(super::install::install(node, &found.repo, &plan))
         .with_context(|| format!("installing {}", release.version))?;
     apply_event(
         node,

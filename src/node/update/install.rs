@@ -197,34 +197,36 @@ pub fn log_progress(what: &str) -> impl FnMut(u64) + '_ {
     }
 }
 
-/// Installs `release` (as found by a check) into the free slot. `pause_at`: stop (sleep until
-/// killed) once this many bytes were written to the slot — the hook the interrupted-install
-/// test uses to cut the power at a known point. A failure leaves no downloaded file behind.
-pub async fn install(
-    node: &Node,
-    repo: &tough::Repository,
-    release: &Release,
-    image: &str,
-    tries: u32,
-    esp: &Path,
-    pause_at: Option<u64>,
-) -> Result<u64> {
-    let r = install_steps(node, repo, release, image, tries, esp, pause_at).await;
+/// What an install writes: the release (as found by a check), the image's name (slot labels),
+/// the boot attempts it gets, the mounted ESP, and `pause_at`: stop (sleep until killed) once
+/// this many bytes were written to the slot — the hook the interrupted-install test uses to cut
+/// the power at a known point.
+pub struct Plan<'a> {
+    pub release: &'a Release,
+    pub image: &'a str,
+    pub tries: u32,
+    pub esp: &'a Path,
+    pub pause_at: Option<u64>,
+}
+
+/// Installs a release into the free slot; returns the bytes of targets downloaded. A failure
+/// leaves no downloaded file behind.
+pub async fn install(node: &Node, repo: &tough::Repository, plan: &Plan<'_>) -> Result<u64> {
+    let r = install_steps(node, repo, plan).await;
     if r.is_err() {
-        let _ = std::fs::remove_dir_all(node.staging().join(&release.version));
+        let _ = std::fs::remove_dir_all(node.staging().join(&plan.release.version));
     }
     r
 }
 
-async fn install_steps(
-    node: &Node,
-    repo: &tough::Repository,
-    release: &Release,
-    image: &str,
-    tries: u32,
-    esp: &Path,
-    pause_at: Option<u64>,
-) -> Result<u64> {
+async fn install_steps(node: &Node, repo: &tough::Repository, plan: &Plan<'_>) -> Result<u64> {
+    let Plan {
+        release,
+        image,
+        tries,
+        esp,
+        pause_at,
+    } = *plan;
     let staging = node.staging().join(&release.version);
     std::fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
     // 1. The UKI first: small, and it says whether this node can boot the release at all.
