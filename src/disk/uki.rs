@@ -120,11 +120,13 @@ pub fn read(name: &str, data: &[u8]) -> Result<UkiView> {
     Ok(view)
 }
 
-/// The `usrhash=` of a kernel command line.
+/// The `usrhash=` of a kernel command line: the last one, as systemd's generators read a
+/// repeated option.
 pub fn usrhash(cmdline: &str) -> Option<String> {
     cmdline
         .split_whitespace()
-        .find_map(|a| a.strip_prefix("usrhash="))
+        .filter_map(|a| a.strip_prefix("usrhash="))
+        .next_back()
         .map(|s| s.to_string())
 }
 
@@ -159,6 +161,12 @@ mod tests {
             Some("abc")
         );
         assert_eq!(usrhash("rw"), None);
+    }
+
+    #[test]
+    fn the_last_usrhash_counts() {
+        assert_eq!(usrhash("usrhash=aa rw usrhash=bb").as_deref(), Some("bb"));
+        assert_eq!(usrhash("rw quiet"), None);
     }
 
     #[test]

@@ -715,6 +715,9 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
     let usr_image = stages.run("erofs /usr and dm-verity", || {
         let erofs = ws.work.join("usr.erofs");
         let verity = ws.work.join("usr.verity");
+        // Compressed, the image is smaller than the tree; its hash tree adds under 1%.
+        let need = crate::host::space::tree_bytes(&usr_tree)?.saturating_add(256 << 20);
+        crate::host::space::require(&ws.work, need, "the erofs /usr image and its hash tree")?;
         usr::make_erofs(&tools, &usr_tree, &erofs, &content_id, epoch)?;
         let root_hash = usr::make_verity(&tools, &erofs, &verity, &content_id)?;
         Ok(UsrImage {
@@ -768,6 +771,23 @@ pub fn build(opts: &BuildOptions) -> Result<Manifest> {
 
     let raw = ws.staging.join(format!("{}.raw", def.name));
     let parts = stages.run("disk image", || {
+        // The raw image is sparse: what it holds is the ESP and slot A (the /usr image and its
+        // hash tree); the qcow2 made from it holds the same again.
+        let copies = if def.formats.contains(&OutputFormat::Qcow2) {
+            2
+        } else {
+            1
+        };
+        let held = def
+            .esp_size
+            .bytes()
+            .saturating_add(file_size(&usr_image.erofs)?)
+            .saturating_add(file_size(&usr_image.verity)?);
+        crate::host::space::require(
+            &ws.staging,
+            held.saturating_mul(copies).saturating_add(64 << 20),
+            "the disk image",
+        )?;
         disk_image(&ws, &tools, &inputs, &usr_image, &uki_out, &raw)
     })?;
     if def.formats.contains(&OutputFormat::Qcow2) {

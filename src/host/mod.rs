@@ -17,6 +17,7 @@ pub mod progress;
 pub mod publish;
 pub mod qemu;
 pub mod render;
+pub mod space;
 pub mod store;
 pub mod testing;
 pub mod tools;

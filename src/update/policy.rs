@@ -64,7 +64,11 @@ fn skipped_note(skipped: &[(String, String)]) -> String {
 }
 
 fn check(r: &Release, node: &NodeFacts) -> Result<(), NotEligible> {
-    if node.failed.iter().any(|f| f == &r.version) {
+    if node
+        .failed
+        .iter()
+        .any(|f| crate::update::version::same(f, &r.version))
+    {
         return Err(NotEligible::Failed(r.version.clone()));
     }
     if !newer(&r.version, node.running) {
@@ -368,5 +372,19 @@ mod tests {
         };
         let e = choose(&i, &facts, None).expect_err("other image");
         assert!(matches!(e, NotEligible::OtherImage { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_failed_version_published_again_under_an_alias_is_still_failed() {
+        let i = index(&["0.03.0"]);
+        let failed = vec!["0.3.0".to_string()];
+        let facts = NodeFacts {
+            image: "img",
+            running: "0.2.0",
+            failed: &failed,
+            ..Default::default()
+        };
+        let e = choose(&i, &facts, Some("0.03.0")).expect_err("alias");
+        assert!(matches!(e, NotEligible::Failed(_)), "{e}");
     }
 }

@@ -125,10 +125,13 @@ impl ReleaseIndex {
         if self.schema != SCHEMA {
             return Err(IndexError::Schema(self.schema));
         }
-        let mut seen = std::collections::BTreeSet::new();
-        for r in &self.releases {
+        for (i, r) in self.releases.iter().enumerate() {
             r.check()?;
-            if !seen.insert(r.version.as_str()) {
+            // `0.3.0` and `0.03.0` are one version in dpkg's order.
+            if self.releases[..i]
+                .iter()
+                .any(|o| crate::update::version::same(&o.version, &r.version))
+            {
                 return Err(IndexError::Duplicate(r.version.clone()));
             }
         }
@@ -136,7 +139,9 @@ impl ReleaseIndex {
     }
 
     pub fn find(&self, version: &str) -> Option<&Release> {
-        self.releases.iter().find(|r| r.version == version)
+        self.releases
+            .iter()
+            .find(|r| crate::update::version::same(&r.version, version))
     }
 
     /// Adds or replaces a release; the list stays ordered oldest first.

@@ -25,7 +25,7 @@ pub enum TufError {
         trusted: u64,
         offered: u64,
     },
-    #[error("the system clock is behind the newest time this node saw in update metadata; refusing until the clock is correct (is NTP synchronised?): {0}")]
+    #[error("the system clock is behind the newest time this node saw in update metadata; refusing until the clock is correct (is NTP synchronised?). If the clock is right and once ran ahead, `keel-update check --clock-is-right` forgets that time: {0}")]
     ClockBackward(String),
     #[error("target {target}: its bytes do not match the length or sha256 the signed metadata gives; nothing of it is kept: {detail}")]
     Target { target: String, detail: String },

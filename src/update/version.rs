@@ -17,6 +17,12 @@ fn weight(c: Option<u8>) -> i32 {
 }
 
 /// Compares two versions in dpkg's order.
+/// The same version in dpkg's order (`0.03.0` is `0.3.0`): what "this version failed" and
+/// "already published" compare with, so an alias is the same version.
+pub fn same(a: &str, b: &str) -> bool {
+    compare(a, b) == Ordering::Equal
+}
+
 pub fn compare(a: &str, b: &str) -> Ordering {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     let (mut i, mut j) = (0, 0);

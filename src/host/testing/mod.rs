@@ -38,6 +38,10 @@ pub struct TestArgs {
     /// cores divided by this many vCPUs, at least one.
     #[arg(long)]
     pub jobs: Option<usize>,
+    /// vCPUs per VM (default: the machine's cores divided by --jobs). More vCPUs than cores
+    /// lets a VM that is alone use every core while the other lane waits.
+    #[arg(long)]
+    pub vcpus: Option<u32>,
     /// Print the suite's wall time against this many minutes, and the slowest scenarios.
     #[arg(long)]
     pub budget: Option<u64>,
@@ -46,6 +50,21 @@ pub struct TestArgs {
 /// `keel test`: builds (or finds) the image, runs the selected tests, prints the summary line;
 /// an error when any test failed.
 pub fn command(args: &TestArgs) -> Result<()> {
+    // The run's helpers come from a copy of this binary (target/release/keel may be rebuilt
+    // while the suite runs).
+    let pinned = crate::host::tools::pin_keel_exe(
+        &Cache::from_env()?
+            .dir()
+            .join(format!("bin/keel-test-{}", std::process::id())),
+    )?;
+    let outcome = command_pinned(args);
+    if let Some(dir) = pinned.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    outcome
+}
+
+fn command_pinned(args: &TestArgs) -> Result<()> {
     let image = crate::host::boot::resolve_image(&args.image, args.no_build)?;
     let dir = image
         .dir
@@ -103,7 +122,10 @@ pub fn run(args: &TestArgs, image_dir: &Path, results: &Path) -> Result<Vec<Test
     // 1.5 times slower than a 2-vCPU one, and two 1-vCPU lanes side by side gained nothing
     // (docs/testing.md). One lane per two cores, then.
     let lanes = args.jobs.unwrap_or((cores / 2).max(1)).max(1);
-    let cpus = u32::try_from((cores / lanes).max(1)).unwrap_or(1);
+    let cpus = args
+        .vcpus
+        .unwrap_or_else(|| u32::try_from((cores / lanes).max(1)).unwrap_or(1))
+        .max(1);
     eprintln!(
         "keel test: {} scenario(s), {lanes} side by side, {cpus} vCPU(s) per VM ({})",
         files.len(),
@@ -159,6 +181,10 @@ pub fn run(args: &TestArgs, image_dir: &Path, results: &Path) -> Result<Vec<Test
     for (tests, t) in outcomes.into_iter().flatten() {
         all.extend(tests);
         times.push(t);
+    }
+    // The saved states (a disk and a memory image each) serve this run only.
+    if let Err(e) = crate::host::cache::remove_path(&results.join("saved-states")) {
+        tracing::warn!("could not remove the saved states: {e:#}");
     }
     eprint!("{}", timing::table(&times));
     if let Some(minutes) = args.budget {

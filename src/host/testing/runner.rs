@@ -842,6 +842,39 @@ pub struct ScenarioRun {
     pub times: ScenarioTimes,
 }
 
+/// Free space a scenario needs to start.
+const SCENARIO_SPACE: u64 = 2 << 30;
+
+/// Files a passing scenario made that are deleted when it ends: disks, images, UKIs and
+/// published repositories are gigabytes a scenario (one CI run filled its disk with them);
+/// what a person reads after a run (consoles, journals, logs, reports) is small and stays.
+/// A failed scenario keeps everything.
+const PRUNE_FROM_BYTES: u64 = 8 << 20;
+
+/// Deletes the large files under `dir` (see [`PRUNE_FROM_BYTES`]) but for logs and reports;
+/// returns the bytes freed. Best effort: a file that cannot be removed is left.
+fn prune_outputs(dir: &Path) -> u64 {
+    let mut freed = 0u64;
+    for entry in walkdir::WalkDir::new(dir).into_iter().flatten() {
+        if !entry.file_type().is_file() {
+            continue;
+        }
+        let keep = entry
+            .path()
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| matches!(e, "log" | "txt" | "json"));
+        let Ok(meta) = entry.metadata() else { continue };
+        if keep || meta.len() < PRUNE_FROM_BYTES {
+            continue;
+        }
+        if std::fs::remove_file(entry.path()).is_ok() {
+            freed = freed.saturating_add(meta.len());
+        }
+    }
+    freed
+}
+
 /// Runs one test file; returns a result per named test in it.
 pub fn run_scenario(ctx: &RunContext, file: &TestFile) -> Result<ScenarioRun> {
     let started = Instant::now();
@@ -882,10 +915,7 @@ fn scenario_vars(ctx: &RunContext, dir: &Path) -> Result<BTreeMap<String, String
     vars.insert("work".into(), work.display().to_string());
     vars.insert(
         "keel".into(),
-        std::env::current_exe()
-            .context("locating the keel binary")?
-            .display()
-            .to_string(),
+        crate::host::tools::keel_exe()?.display().to_string(),
     );
     if let Ok(def) = crate::image::Definition::load(Path::new(&ctx.manifest.definition)) {
         if let Some(t) = def.trust {
@@ -1029,6 +1059,9 @@ impl<'s, 'c> Scenario<'s, 'c> {
         // console log, and the console checks would read the old boot's text. Start empty.
         crate::host::cache::remove_path(&dir)?;
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        // A node's disk overlay takes what its boots write (up to about 1 GiB when the root
+        // file system is made); builds in steps check their own needs.
+        crate::host::space::require(&dir, SCENARIO_SPACE, "a scenario's disks")?;
         let tests = file
             .test_names()
             .into_iter()
@@ -1275,6 +1308,11 @@ impl<'s, 'c> Scenario<'s, 'c> {
             let _ = std::fs::remove_file(&n.overlay);
         }
         self._switch = None;
+        if all_passed {
+            let dir = self.ctx.results.join(&self.file.scenario);
+            let freed = prune_outputs(&dir);
+            tracing::debug!(scenario = %self.file.scenario, freed_mib = freed >> 20, "pruned");
+        }
         self.times.teardown_s = started.elapsed().as_secs_f64() - self.times.save_s;
         Ok(())
     }
@@ -1412,6 +1450,33 @@ fn save_node(node: &mut Node, dir: &Path) -> Result<SavedState> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_passed_scenario_keeps_its_logs_and_loses_its_disks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node = dir.path().join("node1/update-1");
+        std::fs::create_dir_all(&node).expect("mkdir");
+        let big = vec![0u8; (PRUNE_FROM_BYTES as usize) + 1];
+        for name in [
+            "node1/update-1/x.raw",
+            "node1/update-1/x.efi",
+            "work/repo/t.usr",
+        ] {
+            let p = dir.path().join(name);
+            std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            std::fs::write(&p, &big).expect("write");
+        }
+        std::fs::write(dir.path().join("node1/node1.boot1.console.log"), &big).expect("write");
+        std::fs::write(dir.path().join("node1/node1.journal.txt"), &big).expect("write");
+        std::fs::write(dir.path().join("node1/OVMF_VARS.fd"), [0u8; 4096]).expect("write");
+        let freed = prune_outputs(dir.path());
+        assert_eq!(freed, 3 * big.len() as u64);
+        assert!(!dir.path().join("node1/update-1/x.raw").exists());
+        assert!(!dir.path().join("work/repo/t.usr").exists());
+        assert!(dir.path().join("node1/node1.boot1.console.log").exists());
+        assert!(dir.path().join("node1/node1.journal.txt").exists());
+        assert!(dir.path().join("node1/OVMF_VARS.fd").exists());
+    }
 
     /// Typed text stays on a connection that remains open after the step, for a guest that reads
     /// it late, and the console's output is read (and dropped) meanwhile so it never backs up.

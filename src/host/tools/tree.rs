@@ -98,8 +98,7 @@ impl ToolsTree {
 
     /// A command that runs `program` inside the tree. Arguments are added by the caller.
     pub fn command(&self, program: impl AsRef<OsStr>) -> Result<Command> {
-        let exe = std::env::current_exe().context("locating the keel executable")?;
-        let mut cmd = Command::new(exe);
+        let mut cmd = Command::new(super::keel_exe()?);
         cmd.arg("__sandbox").arg("--root").arg(&self.root);
         for b in &self.binds {
             cmd.arg("--bind").arg(b);

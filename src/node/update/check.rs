@@ -38,19 +38,11 @@ pub async fn check(
 ) -> Result<Found> {
     let root = node.trusted_root()?;
     let store = node.tuf_store();
-    let repo = match tuf::load(&root, address, &store, Expiry::Enforce).await {
-        // The clock once ran ahead (a bad RTC, a forged NTP answer) and is synchronised now:
-        // the stored "latest time" is the wrong one.
-        Err(tuf::TufError::ClockBackward(why)) if node.clock_synchronised() => {
-            tracing::warn!(
-                "the stored latest time is ahead of the synchronised clock; forgetting it ({why})"
-            );
-            tuf::forget_latest_time(&store)?;
-            tuf::load(&root, address, &store, Expiry::Enforce).await
-        }
-        other => other,
-    }
-    .with_context(|| format!("checking {}", address.base))?;
+    // A clock behind the newest time seen in signed metadata is refused (TufError::ClockBackward
+    // says how to go on once an operator has checked the clock), synchronised or not.
+    let repo = tuf::load(&root, address, &store, Expiry::Enforce)
+        .await
+        .with_context(|| format!("checking {}", address.base))?;
     let index = tuf::read_index(&repo)
         .await
         .context("reading the release index")?;

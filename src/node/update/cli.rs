@@ -42,6 +42,12 @@ pub enum Command {
         /// Another repository address than the configured one (a mirror).
         #[arg(long)]
         repository: Option<String>,
+        /// The clock is right and the newest time seen in signed metadata is wrong (the clock
+        /// once ran ahead): forget that time. Only an operator who checked the clock says so;
+        /// a synchronised clock alone is not trusted for it (an unauthenticated NTP answer
+        /// could set it back to make expired metadata valid again).
+        #[arg(long)]
+        clock_is_right: bool,
     },
     /// Install the newest eligible release (or --version V) into the free slot and activate it:
     /// the next boot tries it. An installed release waiting for activation is activated.
@@ -109,7 +115,17 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     };
     match cli.command {
         Command::Status { json } => status(&node, json),
-        Command::Check { json, repository } => run_check(&node, json, repository.as_deref()),
+        Command::Check {
+            json,
+            repository,
+            clock_is_right,
+        } => {
+            if clock_is_right {
+                crate::update::tuf::forget_latest_time(&node.tuf_store())?;
+                println!("forgot the newest time seen in signed metadata; checking with the clock as it is");
+            }
+            run_check(&node, json, repository.as_deref())
+        }
         Command::Apply {
             version,
             repository,
@@ -367,16 +383,26 @@ fn apply_event(node: &Node, ev: &Event) -> Result<Record> {
     Ok(next)
 }
 
+/// The boot as the state machine sees it: also the floor, and whether an activated release's
+/// entry is still untried.
+fn booted_event(node: &Node, running: &str, counted: bool) -> Result<Event> {
+    let rec = node.record()?;
+    let target_untried = match &rec.phase {
+        Phase::Activated { version } => Entries::new(&esp(node)?).untried(version)?,
+        _ => false,
+    };
+    Ok(Event::Booted {
+        running: running.to_string(),
+        counted,
+        floor: node.config()?.min_version,
+        target_untried,
+    })
+}
+
 fn reconcile(node: &Node) -> Result<ExitCode> {
     let running = node.running()?;
     let boot = BootInfo::read(&efivars(node));
-    let next = apply_event(
-        node,
-        &Event::Booted {
-            running: running.version.clone(),
-            counted: boot.counted(),
-        },
-    )?;
+    let next = apply_event(node, &booted_event(node, &running.version, boot.counted())?)?;
     for f in next.failed.iter().filter(|f| f.version != running.version) {
         tracing::info!("{} stays failed: {}", f.version, f.reason);
     }
@@ -437,13 +463,7 @@ fn reject(node: &Node, reason: &str) -> Result<ExitCode> {
     }
     let running = node.running()?;
     if !matches!(rec.phase, Phase::Trial { .. }) {
-        apply_event(
-            node,
-            &Event::Booted {
-                running: running.version.clone(),
-                counted: true,
-            },
-        )?;
+        apply_event(node, &booted_event(node, &running.version, true)?)?;
     }
     eprintln!(
         "rejecting {}: {reason}; rebooting into the previous version",
@@ -538,8 +558,34 @@ fn apply(
     // Activation waits for the operator unless the strategy reboots by itself (and the node is
     // not held).
     let go = !auto || (cfg.reboot == super::config::Reboot::Immediate && !rec.held);
+    let running = node.running()?;
+    // After a rollback without its reboot (or a rejected trial) the running version is
+    // recorded as failed and the other slot holds where the node goes next: writing that slot
+    // now would take the way back away.
+    if rec.is_failed(&running.version) {
+        bail!(
+            "{} is being left (rolled back from or failed here; `keel-update status`): reboot first, then update",
+            running.version
+        );
+    }
+    // The floor may have been raised since an install: such a release is not activated, and
+    // the check below looks for a newer one to install over it.
+    let below_floor = |v: &str| {
+        cfg.min_version.as_deref().is_some_and(|floor| {
+            crate::update::version::compare(v, floor) == std::cmp::Ordering::Less
+        })
+    };
+    // An installed release whose staged UKI is gone (a power cut between activation's rename
+    // and its record, then a failed try) is installed again below.
+    let staged = |v: &str| {
+        esp(node)
+            .and_then(|e| Entries::new(&e).has_staged(v))
+            .unwrap_or(false)
+    };
     match &rec.phase {
-        Phase::Installed { version: v } if version.is_none_or(|want| want == v) => {
+        Phase::Installed { version: v }
+            if version.is_none_or(|want| want == v) && !below_floor(v) && staged(v) =>
+        {
             if go {
                 activate(node, no_reboot)?;
             } else {
@@ -550,7 +596,6 @@ fn apply(
         Phase::Steady | Phase::Installed { .. } => {}
         other => bail!("an update is in progress: {}", phase_name(other)),
     }
-    let running = node.running()?;
     let address = check::address(node, repository)?;
     let rt = crate::update::tuf::runtime()?;
     let found = match rt.block_on(check::check(node, &address, &running, &rec, version)) {

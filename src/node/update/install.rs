@@ -126,10 +126,24 @@ pub fn sealed_fingerprints(node: &Node) -> Result<(Vec<String>, String)> {
 pub fn check_uki(
     bytes: &[u8],
     release: &Release,
+    image: &str,
     sealed: &[String],
     sealed_from: &str,
 ) -> Result<()> {
     let view = uki::read(&release.uki, bytes)?;
+    // The index is signed by the online TUF keys; the UKI by the build. An older signed
+    // release listed under a new version number says its real version here.
+    let osrel = |k| super::node::os_release_value(&view.os_release, k);
+    let (id, ver) = (osrel("IMAGE_ID"), osrel("IMAGE_VERSION"));
+    if id.as_deref() != Some(image) || ver.as_deref() != Some(release.version.as_str()) {
+        bail!(
+            "{}: its os-release says image {} version {}, but the release index lists it as {image} {}; refused before anything was written",
+            release.uki,
+            id.as_deref().unwrap_or("(none)"),
+            ver.as_deref().unwrap_or("(none)"),
+            release.version
+        );
+    }
     if uki::usrhash(&view.cmdline).as_deref() != Some(release.root_hash.as_str()) {
         bail!(
             "{}: its command line does not pin the release's /usr (usrhash= is not {})",
@@ -153,6 +167,46 @@ pub fn check_uki(
             release.uki,
             release.version,
             sealed.join(", ")
+        );
+    }
+    let key = crate::trust::keys::public_from_pem(&bytes[off..off + len])
+        .with_context(|| format!("{}: the .pcrpkey section", release.uki))?;
+    check_pcrsig(bytes, &release.uki, &key, &fp)
+}
+
+/// The UKI's `.pcrsig` must hold a signature by `key` (fingerprint `fp`) over the policy for
+/// the PCR 11 value its own sections give when the initrd starts: what the TPM checks before
+/// it releases the root's key. A UKI whose signature is missing, stale (sections changed
+/// after signing) or made with another key would stop at the recovery prompt.
+fn check_pcrsig(
+    bytes: &[u8],
+    name: &str,
+    key: &openssl::pkey::PKey<openssl::pkey::Public>,
+    fp: &str,
+) -> Result<()> {
+    use crate::trust::measure;
+    let sections = measure::measured_sections(bytes)
+        .with_context(|| format!("{name}: reading its measured sections"))?;
+    let want = measure::predict(&sections)
+        .into_iter()
+        .find(|p| p.phase == "enter-initrd")
+        .context("no enter-initrd prediction")?
+        .policy;
+    let (off, len) = uki::section_range(bytes, ".pcrsig")
+        .with_context(|| format!("{name}: no .pcrsig section (an unsigned PCR policy)"))?;
+    let text = std::str::from_utf8(&bytes[off..off + len])
+        .with_context(|| format!("{name}: .pcrsig is not text"))?;
+    let doc =
+        measure::parse_pcrsig(text).with_context(|| format!("{name}: reading its .pcrsig"))?;
+    let signed = doc.get("sha256").into_iter().flatten().any(|e| {
+        e.pcrs == [measure::PCR_KERNEL_BOOT]
+            && e.pkfp == fp
+            && e.pol == want
+            && measure::verify_entry(e, key).unwrap_or(false)
+    });
+    if !signed {
+        bail!(
+            "{name}: its .pcrsig holds no valid signature by {fp} for the PCR 11 value its own sections give when the initrd starts (policy {want}): the TPM would not release the root's key to it; refused before anything was written"
         );
     }
     Ok(())
@@ -183,6 +237,64 @@ pub fn read_back(data: &Path, hash: &Path, root_hash: &str) -> Result<()> {
         .with_context(|| format!("reading {} back through dm-verity", dev.display()));
     let _ = Command::new(veritysetup).args(["detach", name]).output();
     read.map(|_| ())
+}
+
+/// The signed lengths of a release's targets.
+#[derive(Clone, Copy)]
+struct Lengths {
+    uki: u64,
+    usr: u64,
+    verity: u64,
+}
+
+/// Where they go: the free slot's two partitions, the staging directory's file system (/var),
+/// and the ESP (the staged UKI).
+#[derive(Clone, Copy)]
+struct Room {
+    slot: u64,
+    hash_slot: u64,
+    staging: u64,
+    esp: u64,
+}
+
+/// Space left for others on /var (etcd's data lives there) after the downloads.
+const STAGING_RESERVE: u64 = 256 << 20;
+
+fn fits(version: &str, l: &Lengths, room: &Room) -> Result<()> {
+    let mib = |b: u64| b >> 20;
+    if l.usr > room.slot || l.verity > room.hash_slot {
+        bail!(
+            "{version} does not fit the free slot: /usr {} MiB and its hash tree {} MiB, the slot's partitions {} MiB and {} MiB; nothing downloaded",
+            mib(l.usr),
+            mib(l.verity),
+            mib(room.slot),
+            mib(room.hash_slot)
+        );
+    }
+    let staged = l.uki.saturating_add(l.usr).saturating_add(l.verity);
+    if staged.saturating_add(STAGING_RESERVE) > room.staging {
+        bail!(
+            "{version} needs {} MiB in /var/lib/keel/update/staging and {} MiB more left free; {} MiB are free; nothing downloaded",
+            mib(staged),
+            mib(STAGING_RESERVE),
+            mib(room.staging)
+        );
+    }
+    if l.uki > room.esp {
+        bail!(
+            "{version}'s UKI ({} MiB) does not fit the ESP ({} MiB free); nothing downloaded",
+            mib(l.uki),
+            mib(room.esp)
+        );
+    }
+    Ok(())
+}
+
+/// Bytes free for unprivileged writers on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> Result<u64> {
+    let st = nix::sys::statvfs::statvfs(dir)
+        .with_context(|| format!("reading the free space of {}", dir.display()))?;
+    Ok(st.blocks_available().saturating_mul(st.fragment_size()))
 }
 
 /// The steps of an install, for progress lines and for the tests' pause hook.
@@ -227,14 +339,33 @@ async fn install_steps(node: &Node, repo: &tough::Repository, plan: &Plan<'_>) -
         esp,
         pause_at,
     } = *plan;
+    // What an install cut off by a power cut or a kill left, of any version, goes first.
+    let _ = std::fs::remove_dir_all(node.staging());
     let staging = node.staging().join(&release.version);
     std::fs::create_dir_all(&staging).with_context(|| format!("creating {}", staging.display()))?;
+    // 0. Before any byte is fetched: the signed lengths fit the free slot and /var.
+    let running = running_root_hash(node)?;
+    let (disk, _) = boot_disk(node)?;
+    let (_, parts) = gpt::read(&disk)?;
+    let (free, free_hash) = slot::free_slot(&parts, &running)?;
+    let lengths = Lengths {
+        uki: tuf::target_length(repo, &release.uki)?,
+        usr: tuf::target_length(repo, &release.usr)?,
+        verity: tuf::target_length(repo, &release.verity)?,
+    };
+    let room = Room {
+        slot: free.size,
+        hash_slot: free_hash.size,
+        staging: free_bytes(&staging)?,
+        esp: free_bytes(esp)?,
+    };
+    fits(&release.version, &lengths, &room)?;
     // 1. The UKI first: small, and it says whether this node can boot the release at all.
     let uki_file = staging.join("uki.efi");
     let mut downloaded = tuf::save(repo, &release.uki, &uki_file, log_progress("UKI")).await?;
     let uki_bytes = std::fs::read(&uki_file)?;
     let (sealed, from) = sealed_fingerprints(node)?;
-    check_uki(&uki_bytes, release, &sealed, &from)?;
+    check_uki(&uki_bytes, release, image, &sealed, &from)?;
     // 2. /usr and its tree, each checked by TUF, then against each other and the root hash.
     let (usr, tree) = (staging.join("usr"), staging.join("verity"));
     downloaded += tuf::save(repo, &release.usr, &usr, log_progress("/usr")).await?;
@@ -249,11 +380,7 @@ async fn install_steps(node: &Node, repo: &tough::Repository, plan: &Plan<'_>) -
         );
     }
     // 3. The free slot: whatever version it held loses its boot entry first.
-    let running = running_root_hash(node)?;
-    let (disk, _) = boot_disk(node)?;
     let entries = Entries::new(esp);
-    let (_, parts) = gpt::read(&disk)?;
-    let (free, _) = slot::free_slot(&parts, &running)?;
     if let Some(v) = free.label.strip_prefix(&format!("{image}_")) {
         tracing::info!("slot {} held {v}; removing its boot entry", free.number);
         entries.remove(v)?;
@@ -377,6 +504,51 @@ mod tests {
     }
 
     #[test]
+    fn a_release_too_big_for_the_slot_or_var_is_refused_before_downloading() {
+        const M: u64 = 1 << 20;
+        let l = Lengths {
+            uki: 31 * M,
+            usr: 340 * M,
+            verity: 3 * M,
+        };
+        let room = Room {
+            slot: 1024 * M,
+            hash_slot: 64 * M,
+            staging: 2048 * M,
+            esp: 400 * M,
+        };
+        fits("0.2.0", &l, &room).expect("fits");
+        let e = fits("0.2.0", &Lengths { usr: 2048 * M, ..l }, &room).expect_err("slot");
+        assert!(
+            format!("{e:#}").contains("does not fit the free slot"),
+            "{e:#}"
+        );
+        let e = fits(
+            "0.2.0",
+            &l,
+            &Room {
+                staging: 500 * M,
+                ..room
+            },
+        )
+        .expect_err("var");
+        assert!(
+            format!("{e:#}").contains("374 MiB in /var/lib/keel/update/staging"),
+            "{e:#}"
+        );
+        let e = fits(
+            "0.2.0",
+            &l,
+            &Room {
+                esp: 10 * M,
+                ..room
+            },
+        )
+        .expect_err("esp");
+        assert!(format!("{e:#}").contains("does not fit the ESP"), "{e:#}");
+    }
+
+    #[test]
     fn an_update_signed_with_another_pcr_key_is_refused_before_anything_is_written() {
         let sealed_key =
             openssl::pkey::PKey::from_rsa(openssl::rsa::Rsa::generate(2048).expect("rsa"))
@@ -397,11 +569,36 @@ mod tests {
             manifest: "img_0.2.0.manifest.json".into(),
             pcr_initrd_key: key.into(),
         };
+        // Sections, then a .pcrsig signed by `signer` over what those sections predict.
+        let signed_uki = |k: &openssl::pkey::PKey<openssl::pkey::Private>,
+                          signer: &openssl::pkey::PKey<openssl::pkey::Private>,
+                          cmdline: &str,
+                          tamper_after_signing: bool| {
+            let osrel = "ID=debian\nIMAGE_ID=img\nIMAGE_VERSION=0.2.0\n";
+            let pem = k.public_key_to_pem().expect("pem");
+            let mut secs: Vec<(&str, Vec<u8>)> = vec![
+                (".linux", b"a kernel".to_vec()),
+                (".osrel", osrel.as_bytes().to_vec()),
+                (".cmdline", cmdline.as_bytes().to_vec()),
+                (".pcrpkey", pem),
+            ];
+            let unsigned: Vec<(&str, &[u8])> =
+                secs.iter().map(|(n, d)| (*n, d.as_slice())).collect();
+            let preds = crate::trust::measure::predict(
+                &crate::trust::measure::measured_sections(&pe(&unsigned)).expect("sections"),
+            );
+            let entries = crate::trust::measure::sign_phases(&preds, &["enter-initrd"], signer)
+                .expect("sign");
+            if tamper_after_signing {
+                secs[0].1 = b"another kernel".to_vec();
+            }
+            let sig = crate::trust::measure::pcrsig_json(entries).expect("json");
+            secs.push((".pcrsig", sig.into_bytes()));
+            let all: Vec<(&str, &[u8])> = secs.iter().map(|(n, d)| (*n, d.as_slice())).collect();
+            pe(&all)
+        };
         let uki_with = |k: &openssl::pkey::PKey<openssl::pkey::Private>, cmdline: &str| {
-            pe(&[
-                (".cmdline", cmdline.as_bytes()),
-                (".pcrpkey", &k.public_key_to_pem().expect("pem")),
-            ])
+            signed_uki(k, k, cmdline, false)
         };
         let good_cmdline = format!("usrhash={hash} rw");
         let sealed = vec![fp(&sealed_key)];
@@ -409,6 +606,7 @@ mod tests {
         check_uki(
             &uki_with(&sealed_key, &good_cmdline),
             &release(&fp(&sealed_key)),
+            "img",
             &sealed,
             "token",
         )
@@ -417,6 +615,7 @@ mod tests {
         let e = check_uki(
             &uki_with(&other_key, &good_cmdline),
             &release(&fp(&other_key)),
+            "img",
             &sealed,
             "the TPM2 token of /dev/vda6",
         )
@@ -431,6 +630,7 @@ mod tests {
         let e = check_uki(
             &uki_with(&other_key, &good_cmdline),
             &release(&fp(&sealed_key)),
+            "img",
             &sealed,
             "token",
         )
@@ -443,6 +643,7 @@ mod tests {
         let e = check_uki(
             &uki_with(&sealed_key, &format!("usrhash={} rw", "ee".repeat(32))),
             &release(&fp(&sealed_key)),
+            "img",
             &sealed,
             "token",
         )
@@ -451,6 +652,58 @@ mod tests {
             format!("{e:#}").contains("does not pin the release's /usr"),
             "{e:#}"
         );
+        // The right .pcrpkey, but the policy signed by another key (a build that mixed keys):
+        // the TPM would refuse it, so it is refused here.
+        let e = check_uki(
+            &signed_uki(&sealed_key, &other_key, &good_cmdline, false),
+            &release(&fp(&sealed_key)),
+            "img",
+            &sealed,
+            "token",
+        )
+        .expect_err("signed by another key");
+        assert!(
+            format!("{e:#}").contains("holds no valid signature"),
+            "{e:#}"
+        );
+        // Signed, then a measured section changed: the signature is for other PCR 11 values.
+        let e = check_uki(
+            &signed_uki(&sealed_key, &sealed_key, &good_cmdline, true),
+            &release(&fp(&sealed_key)),
+            "img",
+            &sealed,
+            "token",
+        )
+        .expect_err("stale signature");
+        assert!(
+            format!("{e:#}").contains("holds no valid signature"),
+            "{e:#}"
+        );
+        // The online keys list an older signed release under a new version number (or under
+        // another image's name): the UKI's own os-release gives it away.
+        let mut relisted = release(&fp(&sealed_key));
+        relisted.version = "9.0.0".into();
+        let e = check_uki(
+            &uki_with(&sealed_key, &good_cmdline),
+            &relisted,
+            "img",
+            &sealed,
+            "token",
+        )
+        .expect_err("relisted");
+        assert!(
+            format!("{e:#}").contains("version 0.2.0, but the release index lists it as img 9.0.0"),
+            "{e:#}"
+        );
+        let e = check_uki(
+            &uki_with(&sealed_key, &good_cmdline),
+            &release(&fp(&sealed_key)),
+            "another-image",
+            &sealed,
+            "token",
+        )
+        .expect_err("other image");
+        assert!(format!("{e:#}").contains("says image img"), "{e:#}");
     }
 
     #[test]

@@ -75,6 +75,19 @@ impl Entries {
             .collect())
     }
 
+    /// Whether `version` has a staged UKI (installed, not yet activated).
+    pub fn has_staged(&self, version: &str) -> Result<bool> {
+        Ok(self.of(version)?.iter().any(|(_, e)| e.staged))
+    }
+
+    /// Whether `version` has a counted entry the loader never tried (tries left, none done).
+    pub fn untried(&self, version: &str) -> Result<bool> {
+        Ok(self
+            .of(version)?
+            .iter()
+            .any(|(_, e)| !e.staged && e.left.is_some_and(|l| l > 0) && e.done.is_none()))
+    }
+
     /// Renames `version`'s staged UKI to its counted name: from now on the loader tries it.
     pub fn activate(&self, version: &str) -> Result<String> {
         let staged = self.of(version)?.into_iter().find(|(_, e)| e.staged);

@@ -122,7 +122,10 @@ impl Probe for Machine {
         // has none can never report a signed state, and is not rejected for it.
         let trusted = (self.path("/usr/lib/keel/trust").exists()
             && self.path("/sys/class/tpm/tpm0").exists())
-        .then(|| output(Command::new("keel-agent").arg("boot-state")).map(|_| ()));
+        .then(|| {
+            // A probe that hangs must not keep the trial undecided: the check runs again.
+            output(Command::new("timeout").args(["60", "keel-agent", "boot-state"])).map(|_| ())
+        });
         Observed {
             units,
             etcd,

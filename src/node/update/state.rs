@@ -78,8 +78,15 @@ impl Record {
         self.failed.iter().map(|f| f.version.clone()).collect()
     }
 
+    /// Whether `version` (or an alias of it in dpkg's order) failed here.
+    pub fn is_failed(&self, version: &str) -> bool {
+        self.failed
+            .iter()
+            .any(|f| crate::update::version::same(&f.version, version))
+    }
+
     fn fail(&mut self, version: &str, reason: String, at: &str) {
-        if !self.failed.iter().any(|f| f.version == version) {
+        if !self.is_failed(version) {
             self.failed.push(Failure {
                 version: version.to_string(),
                 reason,
@@ -102,9 +109,16 @@ impl Record {
 /// What happened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// The first run in a boot: the running version, and whether the boot loader counted this
-    /// boot (a trial: its entry still has a counter).
-    Booted { running: String, counted: bool },
+    /// The first run in a boot: the running version, whether the boot loader counted this
+    /// boot (a trial: its entry still has a counter), the image's floor (`min-version`), and
+    /// whether the activated version's entry is still untried (someone chose another entry
+    /// at the boot menu: that is no failure of it).
+    Booted {
+        running: String,
+        counted: bool,
+        floor: Option<String>,
+        target_untried: bool,
+    },
     /// A release was written and read back, its UKI staged.
     Installed { version: String },
     /// The operator's or the strategy's go: make the staged UKI bootable and reboot.
@@ -168,7 +182,38 @@ pub fn step(rec: &Record, ev: &Event, now: &str) -> Result<(Record, Vec<Action>)
         )))
     };
     match (&rec.phase, ev) {
-        (phase, Event::Booted { running, counted }) => {
+        (
+            phase,
+            Event::Booted {
+                running,
+                counted,
+                floor,
+                target_untried,
+            },
+        ) => {
+            // A counted boot of a version that failed here, or of one below the floor (an
+            // entry chosen by hand at the menu, or planted on the ESP): never kept, never
+            // blessed. Its entry is marked bad and the node reboots into a good one.
+            let below_floor = floor.as_deref().is_some_and(|f| {
+                crate::update::version::compare(running, f) == std::cmp::Ordering::Less
+            });
+            if *counted && (r.is_failed(running) || below_floor) {
+                let why = if below_floor {
+                    format!(
+                        "{running} is older than the floor {}",
+                        floor.as_deref().unwrap_or_default()
+                    )
+                } else {
+                    format!("{running} was booted again after it failed here")
+                };
+                r.fail(running, why, now);
+                actions.push(Action::MarkBad);
+                actions.push(Action::Reboot);
+                if matches!(phase, Phase::Trial { version } if version == running) {
+                    r.phase = Phase::Steady;
+                }
+                return Ok((r, actions));
+            }
             let target = match phase {
                 Phase::Activated { version } | Phase::Trial { version } => Some(version),
                 _ => None,
@@ -179,6 +224,11 @@ pub fn step(rec: &Record, ev: &Event, now: &str) -> Result<(Record, Vec<Action>)
                     // Blessed outside keel-update (by hand): take it as blessed.
                     r.bless(v);
                     Phase::Steady
+                }
+                // Another entry was chosen at the menu before the new one was ever tried: it
+                // stays activated, and the next boot tries it.
+                (Some(_), _) if *target_untried && matches!(phase, Phase::Activated { .. }) => {
+                    phase.clone()
                 }
                 (Some(v), _) => {
                     let why = match phase {
@@ -202,12 +252,12 @@ pub fn step(rec: &Record, ev: &Event, now: &str) -> Result<(Record, Vec<Action>)
                 },
             };
         }
-        (Phase::Steady, Event::Installed { version }) => {
+        // Installing another release over one that waits for activation replaces it (the
+        // slot was written again, the earlier staged UKI removed).
+        (Phase::Steady | Phase::Installed { .. }, Event::Installed { version }) => {
             r.phase = Phase::Installed {
                 version: version.clone(),
             };
-        }
-        (Phase::Installed { version }, Event::Installed { version: again }) if version == again => {
         }
         (_, Event::Installed { .. }) => return refuse("cannot install another release"),
         (Phase::Installed { version }, Event::Activate) => {
@@ -271,6 +321,8 @@ mod tests {
         Event::Booted {
             running: running.into(),
             counted,
+            floor: None,
+            target_untried: false,
         }
     }
 
@@ -396,6 +448,48 @@ mod tests {
                 None,
                 "1",
             ),
+            // Someone chose the running version at the menu before the activated one was ever
+            // tried: no failure, still activated.
+            (
+                activated("2"),
+                Event::Booted {
+                    running: "1".into(),
+                    counted: false,
+                    floor: None,
+                    target_untried: true,
+                },
+                activated("2"),
+                vec![],
+                None,
+                "1",
+            ),
+            // A counted boot of a version below the floor (an old signed UKI planted on the
+            // ESP, or a bad entry chosen by hand): marked bad, recorded, rebooted; never a
+            // trial, never blessed.
+            (
+                Phase::Steady,
+                Event::Booted {
+                    running: "0.5".into(),
+                    counted: true,
+                    floor: Some("0.9".into()),
+                    target_untried: false,
+                },
+                Phase::Steady,
+                vec![MarkBad, Reboot],
+                Some("0.5"),
+                "1",
+            ),
+            // Another release installed over one waiting for activation replaces it.
+            (
+                installed("2"),
+                Event::Installed {
+                    version: "3".into(),
+                },
+                installed("3"),
+                vec![],
+                None,
+                "1",
+            ),
             // Health failures outside a trial report only.
             (
                 Phase::Steady,
@@ -474,6 +568,27 @@ mod tests {
         let back: Record = serde_json::from_str(&json).expect("parse");
         assert_eq!(back, r);
         assert!(json.contains("\"phase\":{\"name\":\"steady\"}"), "{json}");
+    }
+
+    #[test]
+    fn a_failed_version_booted_again_is_never_blessed() {
+        let (r, _) = step(
+            &rec(trial("2")),
+            &Event::Unhealthy { reason: "x".into() },
+            NOW,
+        )
+        .expect("step");
+        let (r, _) = step(&r, &booted("1", false), NOW).expect("step");
+        // Its bad entry chosen by hand at the menu (counted, `+0-1`), or written back.
+        let (r, a) = step(&r, &booted("2", true), NOW).expect("step");
+        assert_eq!(a, vec![Action::MarkBad, Action::Reboot]);
+        assert_eq!(r.phase, Phase::Steady);
+        let (r, a) = step(&r, &Event::Healthy, NOW).expect("step");
+        assert!(a.is_empty());
+        assert_eq!(r.high_water.as_deref(), Some("1"));
+        // An alias of the failed version is the same version.
+        let (_, a) = step(&r, &booted("02", true), NOW).expect("step");
+        assert_eq!(a, vec![Action::MarkBad, Action::Reboot]);
     }
 
     #[test]
