@@ -12,3 +12,9 @@ pub mod uki;
 pub mod verity;
 
 pub use partition::{PartitionType, EMPTY_LABEL};
+
+/// Bytes an unprivileged writer may still use on the file system holding `path` (statvfs).
+pub fn free_bytes(path: &std::path::Path) -> nix::Result<u64> {
+    let st = nix::sys::statvfs::statvfs(path)?;
+    Ok(st.blocks_available().saturating_mul(st.fragment_size()))
+}

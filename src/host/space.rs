@@ -49,11 +49,10 @@ pub fn free_bytes(dir: &Path) -> Result<u64, SpaceError> {
             }
         }
     }
-    let st = nix::sys::statvfs::statvfs(probe).map_err(|source| SpaceError::Stat {
+    crate::disk::free_bytes(probe).map_err(|source| SpaceError::Stat {
         dir: dir.to_path_buf(),
         source,
-    })?;
-    Ok(st.blocks_available().saturating_mul(st.fragment_size()))
+    })
 }
 
 /// Fails unless the file system holding `dir` has `need` bytes free for `what`.

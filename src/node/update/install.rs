@@ -292,9 +292,8 @@ fn fits(version: &str, l: &Lengths, room: &Room) -> Result<()> {
 
 /// Bytes free for unprivileged writers on the file system holding `dir`.
 fn free_bytes(dir: &Path) -> Result<u64> {
-    let st = nix::sys::statvfs::statvfs(dir)
-        .with_context(|| format!("reading the free space of {}", dir.display()))?;
-    Ok(st.blocks_available().saturating_mul(st.fragment_size()))
+    crate::disk::free_bytes(dir)
+        .with_context(|| format!("reading the free space of {}", dir.display()))
 }
 
 /// The steps of an install, for progress lines and for the tests' pause hook.
