@@ -11,6 +11,7 @@ pub mod host;
 pub mod node;
 
 pub mod atomic;
+pub mod attest;
 pub mod container;
 pub mod disk;
 pub mod error;

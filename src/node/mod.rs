@@ -3,6 +3,7 @@
 //! modules at the top of the crate, never [`crate::host`].
 
 pub mod agent;
+pub mod attest;
 pub mod net;
 pub mod provision;
 pub mod update;
