@@ -2,6 +2,8 @@
 //! (`tpm2`). A node proves with its TPM that it is an enrolled machine running a boot the
 //! operator signed; see docs/attestation.md.
 
+pub mod admission;
+pub mod protocol;
 pub mod tpm2;
 
 use sha2::{Digest, Sha256};

@@ -2,6 +2,8 @@
 //! and waiting for a condition. Each test file uses a part of them.
 #![allow(dead_code)]
 
+pub mod swtpm;
+
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 

@@ -95,6 +95,37 @@ pub fn new_ca(common_name: &str, days: u32) -> Result<CertPair, PkiError> {
     })
 }
 
+/// An issuer: an intermediate CA signed by `ca` that may sign leaves only (path length 0), for
+/// one verifier. Returns the certificate and its key; the key is what `keel cluster init` seals
+/// to that member's TPM and never writes anywhere in plain.
+pub fn new_issuer(ca: &CertPair, common_name: &str, days: u32) -> Result<CertPair, PkiError> {
+    let build = || -> Result<CertPair, openssl::error::ErrorStack> {
+        let ca_cert = X509::from_pem(&ca.cert_pem)?;
+        let ca_key = PKey::private_key_from_pem(&ca.key_pem)?;
+        let key = new_key()?;
+        let mut b = builder(common_name, Some(&ca_cert), &key, days)?;
+        b.append_extension(BasicConstraints::new().critical().ca().pathlen(0).build()?)?;
+        b.append_extension(
+            KeyUsage::new()
+                .critical()
+                .key_cert_sign()
+                .crl_sign()
+                .build()?,
+        )?;
+        let ski = SubjectKeyIdentifier::new().build(&b.x509v3_context(Some(&ca_cert), None))?;
+        b.append_extension(ski)?;
+        b.sign(&ca_key, MessageDigest::sha256())?;
+        Ok(CertPair {
+            cert_pem: b.build().to_pem()?,
+            key_pem: key.private_key_to_pem_pkcs8()?,
+        })
+    };
+    build().map_err(|source| PkiError {
+        what: format!("issuer {common_name}"),
+        source,
+    })
+}
+
 /// A certificate for a node (server and client use), signed by `ca`, naming `ips` and `dns`.
 pub fn issue(
     ca: &CertPair,

@@ -1,3 +1,6 @@
-//! Attestation on the node: the TPM half (`tpm`). See docs/attestation.md.
+//! Attestation on the node: the TPM half (`tpm`), the verifier's decisions (`verifier`). See
+//! docs/attestation.md.
 
+pub mod session;
 pub mod tpm;
+pub mod verifier;
