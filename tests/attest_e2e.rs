@@ -287,8 +287,6 @@ fn an_enrolled_node_in_a_signed_boot_is_admitted_with_a_short_lived_leaf() {
         .next()
         .unwrap()
         .data()
-        .as_utf8()
-        .unwrap()
         .to_string();
     assert_eq!(cn, "node3");
     let ips: Vec<Vec<u8>> = chain[0]
