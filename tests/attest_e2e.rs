@@ -287,7 +287,8 @@ fn an_enrolled_node_in_a_signed_boot_is_admitted_with_a_short_lived_leaf() {
         .next()
         .unwrap()
         .data()
-        .to_string();
+        .to_string()
+        .unwrap();
     assert_eq!(cn, "node3");
     let ips: Vec<Vec<u8>> = chain[0]
         .subject_alt_names()
