@@ -87,6 +87,10 @@ enum Boot {
 
 /// Plays a boot into `tpm` and returns the logs the node will send.
 fn boot(tpm: &mut Tpm, boot_key: &PKey<Private>, how: Boot) -> BootLogs {
+    boot_with_config(tpm, boot_key, how, &config_sha())
+}
+
+fn boot_with_config(tpm: &mut Tpm, boot_key: &PKey<Private>, how: Boot, config: &str) -> BootLogs {
     let sections = vec![measure::MeasuredSection {
         name: ".linux".into(),
         digest: Sha256::digest(b"a kernel").into(),
@@ -117,7 +121,7 @@ fn boot(tpm: &mut Tpm, boot_key: &PKey<Private>, how: Boot) -> BootLogs {
         ));
         userspace.push('\n');
         if w == "keel-root-opened" {
-            let word = keel::node::provision::measurement(&config_sha());
+            let word = keel::node::provision::measurement(config);
             tpm.extend(12, Sha256::digest(word.as_bytes()).into())
                 .unwrap();
         }
@@ -448,4 +452,92 @@ fn a_node_refuses_a_verifier_outside_its_cluster() {
         "{err:#}"
     );
     drop(server);
+}
+
+/// `keel cluster init --ek` seals a first member's issuer to the member's TPM under the policy
+/// the node's keel-attest satisfies: opened on that TPM after a boot in a signed state with
+/// exactly this config provisioned, and not on another TPM or with another config.
+#[test]
+fn cluster_init_seals_the_issuer_to_its_members_tpm_and_config() {
+    let soft = SoftTpm::start();
+    let other = SoftTpm::start();
+    let mut tpm = soft.open();
+    let work = tempfile::tempdir().unwrap();
+    let keys = work.path().join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    let boot_key = rsa();
+    std::fs::write(keys.join("pcr-boot.pub.pem"), boot_key.public_key_to_pem().unwrap()).unwrap();
+    let ek = keel::attest::tpm2::EkPublic::parse(tpm.ek_public()).unwrap();
+    std::fs::write(work.path().join("ek1.pem"), ek.pem().unwrap()).unwrap();
+    std::fs::write(
+        work.path().join("ek2.pem"),
+        keel::attest::tpm2::EkPublic::parse(other.open().ek_public())
+            .unwrap()
+            .pem()
+            .unwrap(),
+    )
+    .unwrap();
+    let dir = work.path().join("cluster");
+    common::ok(common::keel().args(["cluster", "init", "--dir"]).arg(&dir).args([
+        "--node",
+        "node1=10.77.0.1",
+        "--node",
+        "node2=10.77.0.2",
+        "--issuers",
+        "node1",
+        "--cert-ttl",
+        "600",
+    ])
+    .arg(format!("--ek=node1={}", work.path().join("ek1.pem").display()))
+    .arg(format!("--ek=node2={}", work.path().join("ek2.pem").display()))
+    .arg("--trust-keys")
+    .arg(&keys));
+    let bytes = std::fs::read(dir.join("node1.ign")).unwrap();
+    for n in ["node1.ign", "node2.ign"] {
+        let text = std::fs::read_to_string(dir.join(n)).unwrap();
+        assert!(!text.contains("PRIVATE KEY"), "{n} holds a private key");
+    }
+    let plan = keel::node::provision::config::parse(&bytes).unwrap();
+    // The node's files, as provisioning would write them.
+    let root = work.path().join("root");
+    for f in &plan.files {
+        let p = root.join(f.path.trim_start_matches('/'));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, &f.contents).unwrap();
+    }
+    let logs = boot_with_config(&mut tpm, &boot_key, Boot::Signed, &plan.sha256);
+    let sig_path = root.join(keel::node::agent::boot_state::PCRSIG);
+    std::fs::create_dir_all(sig_path.parent().unwrap()).unwrap();
+    std::fs::write(&sig_path, &logs.pcrsig).unwrap();
+    let keys_list = vec![TrustedKey {
+        file: BOOT_KEY.into(),
+        fingerprint: measure::key_fingerprint(
+            &PKey::public_key_from_pem(&boot_key.public_key_to_pem().unwrap()).unwrap(),
+        )
+        .unwrap(),
+        key: PKey::public_key_from_pem(&boot_key.public_key_to_pem().unwrap()).unwrap(),
+    }];
+    let issuer = keel::node::attest::service::unseal_issuer(&root, &mut tpm, &keys_list)
+        .expect("the member's TPM opens its issuer in the signed state with its config");
+    assert!(issuer
+        .cert
+        .subject_name()
+        .entries()
+        .any(|e| e.data().to_string().unwrap().contains("keel issuer node1")));
+
+    // The same config on another machine: its TPM cannot import the blob.
+    let mut tpm2 = other.open();
+    boot_with_config(&mut tpm2, &boot_key, Boot::Signed, &plan.sha256);
+    let err = keel::node::attest::service::unseal_issuer(&root, &mut tpm2, &keys_list)
+        .err()
+        .expect("another TPM");
+    assert!(format!("{err:#}").contains("importing"), "{err:#}");
+
+    // The member's own TPM with PCR 12 extended once more, as another config or a command line
+    // from outside the UKI would.
+    tpm.extend(12, Sha256::digest(b"another config").into()).unwrap();
+    let err = keel::node::attest::service::unseal_issuer(&root, &mut tpm, &keys_list)
+        .err()
+        .expect("PCR 12 changed");
+    assert!(format!("{err:#}").contains("unsealing"), "{err:#}");
 }

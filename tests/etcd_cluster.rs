@@ -218,6 +218,8 @@ fn bootstrap_add_remove_backup_restore() {
         "node2=10.77.0.2",
         "--node",
         "node3=10.77.0.3",
+        // The etcd procedures, not admission (tests/attest_*.rs): keys in the configs.
+        "--keys-in-configs",
     ]);
     for n in 1..=3u8 {
         c.add_host(n);

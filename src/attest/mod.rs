@@ -8,6 +8,47 @@ pub mod tpm2;
 
 use sha2::{Digest, Sha256};
 
+/// Where a first member's sealed issuer key is delivered (an Ignition file; ciphertext only its
+/// TPM can import).
+pub const SEALED_ISSUER_PATH: &str = "/etc/keel/attest/issuer.sealed";
+
+/// The sha256 (hex) of a provisioning config as measured into PCR 12. It is the hash of the
+/// config's bytes, except for a config that delivers a sealed issuer: that blob is sealed to
+/// the PCR 12 value of the config it travels in, so its own contents cannot be part of what
+/// is measured. Such a config is measured as its JSON with that file's `contents.source`
+/// emptied (keys sorted, no spaces), under its own domain tag. Leaving the blob out loses
+/// nothing: it is integrity-protected by the TPM, and a swapped blob yields a key that does not
+/// match the issuer certificate the (measured) config names.
+pub fn measured_config_sha256(bytes: &[u8]) -> String {
+    let plain = || hex::encode(Sha256::digest(bytes));
+    let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(bytes) else {
+        return plain();
+    };
+    let Some(files) = v
+        .pointer_mut("/storage/files")
+        .and_then(serde_json::Value::as_array_mut)
+    else {
+        return plain();
+    };
+    let mut found = false;
+    for f in files.iter_mut() {
+        if f.get("path").and_then(serde_json::Value::as_str) == Some(SEALED_ISSUER_PATH) {
+            if let Some(src) = f.pointer_mut("/contents/source") {
+                *src = serde_json::Value::String(String::new());
+                found = true;
+            }
+        }
+    }
+    if !found {
+        return plain();
+    }
+    let canonical = serde_json::to_vec(&v).unwrap_or_default();
+    let mut h = Sha256::new();
+    h.update(b"keel-ignition-sealed-issuer-elided/v1\0");
+    h.update(&canonical);
+    hex::encode(h.finalize())
+}
+
 /// What a quote's qualifying data commits to: the verifier's nonce, the secret only the enrolled
 /// TPM could release (credential activation), the certificate request the node wants signed and
 /// the name it asks for. A quote made for one session, key or name is worthless in another.
@@ -21,4 +62,30 @@ pub fn qualifying_data(nonce: &[u8], secret: &[u8], csr_der: &[u8], name: &str) 
     h.update(Sha256::digest(csr_der));
     h.update(name.as_bytes());
     h.finalize().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_sealed_issuer_blob_is_left_out_of_the_measurement() {
+        let plain = br#"{"ignition":{"version":"3.4.0"},"storage":{"files":[{"path":"/etc/a","contents":{"source":"data:,x"}}]}}"#;
+        assert_eq!(
+            measured_config_sha256(plain),
+            hex::encode(Sha256::digest(plain))
+        );
+        let with = |blob: &str, other: &str| {
+            format!(
+                r#"{{"ignition":{{"version":"3.4.0"}},"storage":{{"files":[{{"path":"/etc/a","contents":{{"source":"data:,{other}"}}}},{{"path":"{SEALED_ISSUER_PATH}","contents":{{"source":"data:,{blob}"}}}}]}}}}"#
+            )
+        };
+        let a = measured_config_sha256(with("blob1", "x").as_bytes());
+        assert_eq!(a, measured_config_sha256(with("blob2", "x").as_bytes()));
+        assert_ne!(a, measured_config_sha256(with("blob1", "y").as_bytes()));
+        assert_ne!(
+            a,
+            hex::encode(Sha256::digest(with("blob1", "x").as_bytes()))
+        );
+    }
 }

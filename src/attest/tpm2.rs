@@ -277,6 +277,26 @@ impl EkPublic {
         })
     }
 
+    /// An EK from the PEM public key `keel-agent ek` prints (RSA 2048, exponent 65537): enough
+    /// to enrol it and to seal or protect secrets for it.
+    pub fn from_pem(pem: &[u8]) -> Result<Self, Tpm2Error> {
+        let key = PKey::public_key_from_pem(pem)
+            .map_err(|e| invalid("endorsement key", format!("not a PEM public key: {e}")))?;
+        let rsa = key
+            .rsa()
+            .map_err(|_| invalid("endorsement key", "not an RSA key"))?;
+        if rsa.size() != 256 || rsa.e().to_vec() != [1, 0, 1] {
+            return Err(invalid(
+                "endorsement key",
+                "not an RSA 2048 key with exponent 65537 (the TCG default EK)",
+            ));
+        }
+        Ok(EkPublic {
+            modulus: rsa.n().to_vec_padded(256)?,
+            marshalled: Vec::new(),
+        })
+    }
+
     pub fn key(&self) -> Result<PKey<Public>, Tpm2Error> {
         let n = BigNum::from_slice(&self.modulus)?;
         let e = BigNum::from_u32(65537)?;

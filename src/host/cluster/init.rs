@@ -75,18 +75,45 @@ pub struct ClusterRecord {
     pub token: String,
     pub network_config: Value,
     pub nodes: Vec<NodeSpec>,
+    /// Nodes get their certificates by TPM attestation (no key in any config).
+    #[serde(default)]
+    pub attested: bool,
 }
 
 pub const PKI_DIR: &str = "/etc/keel/pki";
+/// Where an attested node's certificate and key live (tmpfs; made at every boot).
+pub const RUN_PKI_DIR: &str = "/run/keel/pki";
 
-fn data_url(bytes: &[u8]) -> String {
+/// How the nodes of a cluster get their TLS credentials.
+pub enum Credentials {
+    /// Each node's key and certificate travel in its config (machines without a TPM).
+    InConfig,
+    /// Each node proves with its TPM that it is enrolled and runs a signed boot
+    /// (docs/attestation.md): the configs hold public material only.
+    Attested(AttestInit),
+}
+
+/// What `keel cluster init --ek …` needs for attested clusters.
+pub struct AttestInit {
+    /// Each node's endorsement key (from `keel-agent ek` or `keel cluster ek`), by name.
+    pub eks: std::collections::BTreeMap<String, crate::attest::tpm2::EkPublic>,
+    /// The members that hold an issuer and serve the verifier.
+    pub issuers: Vec<String>,
+    /// The operator's PCR boot key (pcr-boot.pub.pem): the issuers' keys open only in states
+    /// it signed.
+    pub boot_key: openssl::pkey::PKey<openssl::pkey::Public>,
+    /// Lifetime of the nodes' certificates, seconds.
+    pub cert_ttl: u64,
+}
+
+pub(super) fn data_url(bytes: &[u8]) -> String {
     format!(
         "data:;base64,{}",
         base64::engine::general_purpose::STANDARD.encode(bytes)
     )
 }
 
-fn file(path: &str, contents: &[u8], mode: u32, owner: Option<&str>) -> Value {
+pub(super) fn file(path: &str, contents: &[u8], mode: u32, owner: Option<&str>) -> Value {
     let mut v = json!({
         "path": path,
         "overwrite": true,
@@ -109,7 +136,13 @@ fn client_url(n: &NodeSpec) -> String {
 }
 
 /// etcd's settings for `node` in a cluster whose members (including it) are `members`.
-pub fn etcd_env(node: &NodeSpec, members: &[NodeSpec], state: &str, token: &str) -> String {
+pub fn etcd_env(
+    node: &NodeSpec,
+    members: &[NodeSpec],
+    state: &str,
+    token: &str,
+    node_pki: &str,
+) -> String {
     let initial: Vec<String> = members
         .iter()
         .map(|m| format!("{}={}", m.name, peer_url(m)))
@@ -125,12 +158,12 @@ ETCD_INITIAL_ADVERTISE_PEER_URLS={peer}\n\
 ETCD_INITIAL_CLUSTER={initial}\n\
 ETCD_INITIAL_CLUSTER_STATE={state}\n\
 ETCD_INITIAL_CLUSTER_TOKEN={token}\n\
-ETCD_CERT_FILE={PKI_DIR}/node.pem\n\
-ETCD_KEY_FILE={PKI_DIR}/node-key.pem\n\
+ETCD_CERT_FILE={node_pki}/node.pem\n\
+ETCD_KEY_FILE={node_pki}/node-key.pem\n\
 ETCD_TRUSTED_CA_FILE={PKI_DIR}/ca.pem\n\
 ETCD_CLIENT_CERT_AUTH=true\n\
-ETCD_PEER_CERT_FILE={PKI_DIR}/node.pem\n\
-ETCD_PEER_KEY_FILE={PKI_DIR}/node-key.pem\n\
+ETCD_PEER_CERT_FILE={node_pki}/node.pem\n\
+ETCD_PEER_KEY_FILE={node_pki}/node-key.pem\n\
 ETCD_PEER_TRUSTED_CA_FILE={PKI_DIR}/ca.pem\n\
 ETCD_PEER_CLIENT_CERT_AUTH=true\n",
         name = node.name,
@@ -141,14 +174,25 @@ ETCD_PEER_CLIENT_CERT_AUTH=true\n",
 }
 
 /// The Ignition config (spec 3.4.0) for one node.
+/// A node's credentials in its config: its key and certificate, or (attested) the files that
+/// let it obtain them.
+pub enum NodeCreds<'a> {
+    Keys(&'a CertPair),
+    Attested(Vec<Value>),
+}
+
 pub fn node_config(
     node: &NodeSpec,
     members: &[NodeSpec],
     state: &str,
     record: &ClusterRecord,
     ca: &CertPair,
-    cert: &CertPair,
+    creds: NodeCreds,
 ) -> Result<Value> {
+    let node_pki = match creds {
+        NodeCreds::Keys(_) => PKI_DIR,
+        NodeCreds::Attested(_) => RUN_PKI_DIR,
+    };
     let endpoints: Vec<String> = members.iter().map(client_url).collect();
     let endpoints = endpoints.join(",");
     let net = serde_json::to_vec_pretty(&record.network_config)?;
@@ -156,8 +200,8 @@ pub fn node_config(
         "# keel-net settings, written by `keel cluster` (docs/networking.md).\n\
 KEEL_NET_ETCD_ENDPOINTS={endpoints}\n\
 KEEL_NET_ETCD_CAFILE={PKI_DIR}/ca.pem\n\
-KEEL_NET_ETCD_CERTFILE={PKI_DIR}/node.pem\n\
-KEEL_NET_ETCD_KEYFILE={PKI_DIR}/node-key.pem\n\
+KEEL_NET_ETCD_CERTFILE={node_pki}/node.pem\n\
+KEEL_NET_ETCD_KEYFILE={node_pki}/node-key.pem\n\
 KEEL_NET_PUBLIC_IP={ip}\n\
 KEEL_NET_HOSTNAME={name}\n\
 KEEL_NET_BOOTSTRAP_CONFIG=/etc/keel/net-config.json\n",
@@ -165,7 +209,7 @@ KEEL_NET_BOOTSTRAP_CONFIG=/etc/keel/net-config.json\n",
         name = node.name
     );
     let etcdctl = format!(
-        "ETCDCTL_API=3\nETCDCTL_ENDPOINTS={endpoints}\nETCDCTL_CACERT={PKI_DIR}/ca.pem\nETCDCTL_CERT={PKI_DIR}/node.pem\nETCDCTL_KEY={PKI_DIR}/node-key.pem\n"
+        "ETCDCTL_API=3\nETCDCTL_ENDPOINTS={endpoints}\nETCDCTL_CACERT={PKI_DIR}/ca.pem\nETCDCTL_CERT={node_pki}/node.pem\nETCDCTL_KEY={node_pki}/node-key.pem\n"
     );
     let mut files = vec![
         file(
@@ -176,18 +220,11 @@ KEEL_NET_BOOTSTRAP_CONFIG=/etc/keel/net-config.json\n",
         ),
         file(
             "/etc/keel/etcd.env",
-            etcd_env(node, members, state, &record.token).as_bytes(),
+            etcd_env(node, members, state, &record.token, node_pki).as_bytes(),
             0o644,
             None,
         ),
         file(&format!("{PKI_DIR}/ca.pem"), &ca.cert_pem, 0o644, None),
-        file(&format!("{PKI_DIR}/node.pem"), &cert.cert_pem, 0o644, None),
-        file(
-            &format!("{PKI_DIR}/node-key.pem"),
-            &cert.key_pem,
-            0o600,
-            Some("etcd"),
-        ),
         file("/etc/keel/keel-net.env", keel_net.as_bytes(), 0o644, None),
         file("/etc/keel/net-config.json", &net, 0o644, None),
         file("/etc/keel/etcdctl.env", etcdctl.as_bytes(), 0o644, None),
@@ -206,6 +243,35 @@ ExecStartPre=/bin/sh -c 'for i in $$(seq 120); do ip -4 -o addr show | grep -q \
         0o644,
         None,
     ));
+    match creds {
+        NodeCreds::Keys(cert) => {
+            files.push(file(
+                &format!("{PKI_DIR}/node.pem"),
+                &cert.cert_pem,
+                0o644,
+                None,
+            ));
+            files.push(file(
+                &format!("{PKI_DIR}/node-key.pem"),
+                &cert.key_pem,
+                0o600,
+                Some("etcd"),
+            ));
+        }
+        NodeCreds::Attested(extra) => {
+            // etcd and keel-net start once keel-attest has this boot's certificate.
+            let after = "# Written by `keel cluster`: the node's certificate comes from keel-attest (docs/attestation.md).\n[Unit]\nWants=keel-attest.service\nAfter=keel-attest.service\n";
+            for unit in ["etcd.service", "keel-net.service"] {
+                files.push(file(
+                    &format!("/etc/systemd/system/{unit}.d/30-keel-attest.conf"),
+                    after.as_bytes(),
+                    0o644,
+                    None,
+                ));
+            }
+            files.extend(extra);
+        }
+    }
     if let (Some(mac), Some(prefix)) = (&node.mac, node.prefix) {
         let network = format!(
             "# Static cluster address, written by `keel cluster`.\n[Match]\nMACAddress={mac}\n\n[Network]\nAddress={}/{prefix}\nLinkLocalAddressing=no\n",
@@ -224,7 +290,28 @@ ExecStartPre=/bin/sh -c 'for i in $$(seq 120); do ip -4 -o addr show | grep -q \
     }))
 }
 
-fn write(path: &Path, data: &[u8], mode: u32) -> Result<()> {
+fn check_attest_init(nodes: &[NodeSpec], a: &AttestInit) -> Result<()> {
+    for n in nodes {
+        if !a.eks.contains_key(&n.name) {
+            bail!(
+                "--ek: no endorsement key for {} (give --ek {}=FILE; `keel-agent ek` prints it on the machine)",
+                n.name,
+                n.name
+            );
+        }
+    }
+    for name in a.eks.keys().chain(a.issuers.iter()) {
+        if !nodes.iter().any(|n| &n.name == name) {
+            bail!("--ek/--issuers: {name} is not one of the --node names");
+        }
+    }
+    if a.issuers.is_empty() {
+        bail!("--issuers: at least one first member must hold an issuer");
+    }
+    Ok(())
+}
+
+pub fn write(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     crate::node::net::files::write_atomic(path, data, mode)
         .with_context(|| format!("writing {}", path.display()))
 }
@@ -251,7 +338,12 @@ fn load_ca(dir: &Path) -> Result<CertPair> {
 }
 
 /// Make DIR/{ca.pem, ca-key.pem, admin.pem, admin-key.pem, cluster.json, NAME.ign...}.
-pub fn init(dir: &Path, nodes: &[NodeSpec], network_config: &str) -> Result<()> {
+pub fn init(
+    dir: &Path,
+    nodes: &[NodeSpec],
+    network_config: &str,
+    creds: &Credentials,
+) -> Result<()> {
     if nodes.is_empty() {
         bail!("give at least one --node");
     }
@@ -270,23 +362,43 @@ pub fn init(dir: &Path, nodes: &[NodeSpec], network_config: &str) -> Result<()> 
     let admin = pki::issue(&ca, "admin", &[], &[], 3650)?;
     let mut token = [0u8; 8];
     openssl::rand::rand_bytes(&mut token)?;
+    if let Credentials::Attested(a) = creds {
+        check_attest_init(nodes, a)?;
+    }
     let record = ClusterRecord {
         token: format!("keel-{}", hex::encode(token)),
         network_config: network_value,
         nodes: nodes.to_vec(),
+        attested: matches!(creds, Credentials::Attested(_)),
     };
     write(&dir.join("ca.pem"), &ca.cert_pem, 0o644)?;
     write(&dir.join("ca-key.pem"), &ca.key_pem, 0o600)?;
     write(&dir.join("admin.pem"), &admin.cert_pem, 0o644)?;
     write(&dir.join("admin-key.pem"), &admin.key_pem, 0o600)?;
-    for n in nodes {
-        let cert = issue_for(&ca, n)?;
-        let cfg = node_config(n, nodes, "new", &record, &ca, &cert)?;
-        write(
-            &dir.join(format!("{}.ign", n.name)),
-            serde_json::to_string_pretty(&cfg)?.as_bytes(),
-            0o600,
-        )?;
+    match creds {
+        Credentials::InConfig => {
+            for n in nodes {
+                let cert = issue_for(&ca, n)?;
+                let cfg = node_config(n, nodes, "new", &record, &ca, NodeCreds::Keys(&cert))?;
+                write(
+                    &dir.join(format!("{}.ign", n.name)),
+                    serde_json::to_string_pretty(&cfg)?.as_bytes(),
+                    0o600,
+                )?;
+            }
+        }
+        Credentials::Attested(a) => {
+            let admission = super::attested::admission(nodes, a, 1)?;
+            let (list, sig) = admission
+                .sign(&openssl::pkey::PKey::private_key_from_pem(&ca.key_pem)?)
+                .context("signing the admission list")?;
+            write(&dir.join("admission.json"), &list, 0o644)?;
+            write(&dir.join("admission.json.sig"), sig.as_bytes(), 0o644)?;
+            for n in nodes {
+                let cfg = super::attested::node_config(n, nodes, &record, &ca, a, &list, &sig)?;
+                write(&dir.join(format!("{}.ign", n.name)), &cfg, 0o644)?;
+            }
+        }
     }
     write(
         &dir.join("cluster.json"),
@@ -314,9 +426,22 @@ pub fn add_node(dir: &Path, node: &NodeSpec) -> Result<()> {
             node.name
         );
     }
+    if record.attested {
+        bail!(
+            "{}: this cluster admits nodes by attestation; adding a machine to it is not supported yet (docs/attestation.md)",
+            path.display()
+        );
+    }
     record.nodes.push(node.clone());
     let cert = issue_for(&ca, node)?;
-    let cfg = node_config(node, &record.nodes, "existing", &record, &ca, &cert)?;
+    let cfg = node_config(
+        node,
+        &record.nodes,
+        "existing",
+        &record,
+        &ca,
+        NodeCreds::Keys(&cert),
+    )?;
     write(
         &dir.join(format!("{}.ign", node.name)),
         serde_json::to_string_pretty(&cfg)?.as_bytes(),
@@ -370,7 +495,13 @@ mod tests {
         .iter()
         .map(|s| s.parse().unwrap())
         .collect();
-        init(dir.path(), &nodes, r#"{"Network":"10.5.0.0/16"}"#).unwrap();
+        init(
+            dir.path(),
+            &nodes,
+            r#"{"Network":"10.5.0.0/16"}"#,
+            &Credentials::InConfig,
+        )
+        .unwrap();
         let text = std::fs::read_to_string(dir.path().join("n2.ign")).unwrap();
         let plan = crate::node::provision::config::parse(text.as_bytes()).unwrap();
         let etcd = plan
@@ -390,7 +521,13 @@ mod tests {
                 && etcd.contains("ETCD_CLIENT_CERT_AUTH=true")
         );
         // A second init into the same directory is refused; add-node extends the cluster.
-        assert!(init(dir.path(), &nodes, r#"{"Network":"10.5.0.0/16"}"#).is_err());
+        assert!(init(
+            dir.path(),
+            &nodes,
+            r#"{"Network":"10.5.0.0/16"}"#,
+            &Credentials::InConfig
+        )
+        .is_err());
         add_node(
             dir.path(),
             &"n3=10.77.0.3/24@52:54:00:4b:00:03".parse().unwrap(),
@@ -413,7 +550,8 @@ mod tests {
         assert!(init(
             tempfile::tempdir().unwrap().path(),
             &nodes,
-            r#"{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}"#
+            r#"{"Network":"10.5.0.0/16","Backend":{"Type":"udp"}}"#,
+            &Credentials::InConfig
         )
         .is_err());
     }

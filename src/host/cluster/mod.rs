@@ -1,5 +1,7 @@
 //! Cluster-wide material made on the operator's machine: TLS for etcd and keel-net.
 
+pub mod attested;
+pub mod ek;
 pub mod init;
 pub mod pki;
 
@@ -28,6 +30,34 @@ pub enum ClusterCommand {
         /// configs.
         #[arg(long)]
         key: Option<PathBuf>,
+        /// NAME=FILE: the machine's TPM endorsement key (PEM, as `keel-agent ek` or
+        /// `keel cluster ek` print it). Given for every node, the cluster admits nodes by TPM
+        /// attestation and no config holds a private key (docs/attestation.md).
+        #[arg(long = "ek", value_parser = parse_ek)]
+        eks: Vec<(String, PathBuf)>,
+        /// The first members that hold an issuer and serve the verifier (default: all nodes).
+        #[arg(long, value_delimiter = ',')]
+        issuers: Vec<String>,
+        /// The key directory whose pcr-boot.pub.pem signs the images' boot states (`keel keys
+        /// init`); the issuers' keys open only in states it signed.
+        #[arg(long)]
+        trust_keys: Option<PathBuf>,
+        /// Lifetime of the certificates verifiers issue, in seconds (renewed at half).
+        #[arg(long, default_value_t = 86400)]
+        cert_ttl: u64,
+        /// Put each node's private key into its config instead (machines without a TPM): anyone
+        /// who reads a config holds that node's cluster credentials.
+        #[arg(long, conflicts_with_all = ["eks", "issuers", "trust_keys"])]
+        keys_in_configs: bool,
+    },
+    /// Print the endorsement key of a VM's software TPM (state directory DIR, created when
+    /// missing) before its first boot, for `--ek`. On a machine, `keel-agent ek` prints it.
+    Ek {
+        #[arg(long)]
+        swtpm_state: PathBuf,
+        /// Write the PEM here instead of printing it.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Issue DIR/NAME.ign for a new member joining the cluster in DIR; run
     /// `etcdctl member add NAME --peer-urls=https://IP:2380` on the cluster first.
@@ -41,6 +71,49 @@ pub enum ClusterCommand {
         #[arg(long)]
         key: Option<PathBuf>,
     },
+}
+
+fn parse_ek(s: &str) -> Result<(String, PathBuf), String> {
+    let (name, file) = s
+        .split_once('=')
+        .ok_or_else(|| format!("--ek {s:?}: expected NAME=FILE"))?;
+    Ok((name.to_string(), PathBuf::from(file)))
+}
+
+fn attest_init(
+    nodes: &[init::NodeSpec],
+    eks: &[(String, PathBuf)],
+    issuers: Vec<String>,
+    trust_keys: Option<PathBuf>,
+    cert_ttl: u64,
+) -> Result<init::AttestInit> {
+    use anyhow::Context;
+    let mut map = std::collections::BTreeMap::new();
+    for (name, path) in eks {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("--ek {name}: reading {}", path.display()))?;
+        let ek = crate::attest::tpm2::EkPublic::from_pem(&pem)
+            .with_context(|| format!("--ek {name}: {}", path.display()))?;
+        map.insert(name.clone(), ek);
+    }
+    let dir = trust_keys.context(
+        "--trust-keys: the key directory whose pcr-boot.pub.pem signs the images' boot states",
+    )?;
+    let boot = dir.join(crate::trust::keys::file::PCR_BOOT_PUB);
+    let pem = std::fs::read(&boot).with_context(|| format!("reading {}", boot.display()))?;
+    let boot_key = openssl::pkey::PKey::public_key_from_pem(&pem)
+        .with_context(|| format!("{}: not a PEM public key", boot.display()))?;
+    let issuers = if issuers.is_empty() {
+        nodes.iter().map(|n| n.name.clone()).collect()
+    } else {
+        issuers
+    };
+    Ok(init::AttestInit {
+        eks: map,
+        issuers,
+        boot_key,
+        cert_ttl,
+    })
 }
 
 /// Signs DIR/NAME.ign with `key`, when one is given.
@@ -64,15 +137,53 @@ pub fn command(c: ClusterCommand) -> Result<()> {
             nodes,
             network_config,
             key,
+            eks,
+            issuers,
+            trust_keys,
+            cert_ttl,
+            keys_in_configs,
         } => {
-            init::init(&dir, &nodes, &network_config)?;
+            let creds = if keys_in_configs {
+                init::Credentials::InConfig
+            } else if eks.is_empty() {
+                anyhow::bail!(
+                    "give --ek NAME=FILE for every node (its TPM endorsement key: `keel-agent ek` on the machine, `keel cluster ek` for a VM's software TPM) so nodes are admitted by attestation, or --keys-in-configs for machines without a TPM (each config then holds that node's private key)"
+                );
+            } else {
+                init::Credentials::Attested(attest_init(
+                    &nodes, &eks, issuers, trust_keys, cert_ttl,
+                )?)
+            };
+            init::init(&dir, &nodes, &network_config, &creds)?;
             let names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
             sign_configs(&dir, &names, key.as_ref())?;
-            println!(
-                "{}: CA, admin certificate and {} node config(s) written",
-                dir.display(),
-                nodes.len()
-            );
+            match creds {
+                init::Credentials::InConfig => println!(
+                    "{}: CA, admin certificate and {} node config(s) written (each holds its node's private key)",
+                    dir.display(),
+                    nodes.len()
+                ),
+                init::Credentials::Attested(a) => println!(
+                    "{}: CA, admin certificate, admission list (serial 1) and {} node config(s) written; no config holds a private key; issuers (sealed to their TPMs): {}",
+                    dir.display(),
+                    nodes.len(),
+                    a.issuers.join(", ")
+                ),
+            }
+        }
+        ClusterCommand::Ek { swtpm_state, out } => {
+            let pem = ek::swtpm_ek_pem(&swtpm_state)?;
+            match out {
+                Some(p) => {
+                    init::write(&p, pem.as_bytes(), 0o644)?;
+                    println!(
+                        "{}: EK of the TPM in {}",
+                        p.display(),
+                        swtpm_state.display()
+                    );
+                }
+                None => print!("{pem}"),
+            }
         }
         ClusterCommand::AddNode { dir, node, key } => {
             init::add_node(&dir, &node)?;
@@ -103,7 +214,13 @@ mod tests {
             .map(|s| s.parse().expect("spec"))
             .collect();
         let out = dir.path().join("cluster");
-        init::init(&out, &nodes, r#"{"Network":"10.5.0.0/16"}"#).expect("init");
+        init::init(
+            &out,
+            &nodes,
+            r#"{"Network":"10.5.0.0/16"}"#,
+            &init::Credentials::InConfig,
+        )
+        .expect("init");
         let key = crate::container::signature::generate_key().expect("key");
         let key_file = dir.path().join("container-signing.key");
         std::fs::write(&key_file, key.private_key_to_pem_pkcs8().expect("pem")).expect("key");

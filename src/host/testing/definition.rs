@@ -101,6 +101,9 @@ enum Action {
     SetIgnition,
     /// Pass no Ignition config through fw_cfg from the node's next start; node off.
     ClearIgnition,
+    /// Give the node a new, empty software TPM (another machine's TPM, as far as anyone can
+    /// tell) and a fresh copy of the image as its disk; node off. Its Ignition config stays.
+    NewMachine,
 }
 
 /// `how` of a `tamper-uki` step in the file.
@@ -150,7 +153,9 @@ pub enum StepKind {
         timeout: Option<Secs>,
     },
     /// Change bytes of a file's data in usr slot A on the node's disk (node off).
-    TamperUsr { path: String },
+    TamperUsr {
+        path: String,
+    },
     /// Replace the UKI in the node's ESP with a changed copy; node off, `raw-disk` node. The
     /// UKI of `version` (templates expanded), default the image's own.
     TamperUki {
@@ -160,7 +165,9 @@ pub enum StepKind {
     /// Put the UKI saved before the first `tamper-uki` back.
     RestoreUki,
     /// Type `text` on the serial console (templates expanded; `\n` is Enter); node running.
-    Type { text: String },
+    Type {
+        text: String,
+    },
     /// Build the image again as `version` (or build `definition`, relative to the test file),
     /// with the same keys, and install it as an A/B update: /usr into slot B, the new UKI into
     /// the ESP. Node off, `raw-disk` node.
@@ -176,12 +183,18 @@ pub enum StepKind {
         out: String,
     },
     /// Copy the host file `source` to `dest` in the guest (through the guest agent).
-    Push { source: String, dest: String },
+    Push {
+        source: String,
+        dest: String,
+    },
     /// Give the node another Ignition config (relative to the test file) for its next start;
     /// node off.
-    SetIgnition { ignition: PathBuf },
+    SetIgnition {
+        ignition: PathBuf,
+    },
     /// Pass no Ignition config through fw_cfg from the node's next start; node off.
     ClearIgnition,
+    NewMachine,
 }
 
 /// How `tamper-uki` changes the UKI.
@@ -244,6 +257,7 @@ impl StepKind {
             StepKind::Push { .. } => "push",
             StepKind::SetIgnition { .. } => "set-ignition",
             StepKind::ClearIgnition => "clear-ignition",
+            StepKind::NewMachine => "new-machine",
         }
     }
 }
@@ -426,6 +440,7 @@ impl RawStep {
             Action::PowerOff => (StepKind::PowerOff, &[]),
             Action::RestoreUki => (StepKind::RestoreUki, &[]),
             Action::ClearIgnition => (StepKind::ClearIgnition, &[]),
+            Action::NewMachine => (StepKind::NewMachine, &[]),
             Action::Start => (
                 StepKind::Start {
                     console: self.console.clone(),

@@ -412,6 +412,7 @@ fn action(env: &mut Env, node: &mut Node, step: &Step) -> Result<()> {
         StepKind::SetIgnition { .. } | StepKind::ClearIgnition | StepKind::Push { .. } => {
             config_action(env, node, &step.kind)
         }
+        StepKind::NewMachine => new_machine(env, node),
         StepKind::Build {
             version,
             definition,
@@ -659,6 +660,23 @@ fn config_action(env: &mut Env, node: &mut Node, kind: &StepKind) -> Result<()> 
         }
         other => bail!("{} is not a config action", other.name()),
     }
+}
+
+/// Another machine in the node's place: a new software TPM (new endorsement seed) and a fresh
+/// copy of the image as its disk; the Ignition config stays, as a stolen config would.
+fn new_machine(env: &mut Env, node: &mut Node) -> Result<()> {
+    require_off(node, "new-machine")?;
+    crate::host::cache::remove_path(&node.tpm)?;
+    std::fs::create_dir_all(&node.tpm)
+        .with_context(|| format!("creating {}", node.tpm.display()))?;
+    let size = virtual_size(&env.ctx.raw)? + ROOT_SPACE;
+    if node.overlay.extension().is_some_and(|e| e == "raw") {
+        sparse_copy(&env.ctx.raw, &node.overlay, size)?;
+    } else {
+        crate::host::cache::remove_path(&node.overlay)?;
+        create_overlay(&env.ctx.raw, &node.overlay, size)?;
+    }
+    Ok(())
 }
 
 fn open_console_input(sock: &Path) -> Result<UnixStream> {

@@ -28,6 +28,14 @@ pub enum Command {
     },
     /// Print this machine's TPM endorsement key hash, for `keel machines add`.
     EkHash,
+    /// Print this machine's TPM endorsement key (PEM public key, then its hash), for
+    /// `keel cluster init --ek NAME=FILE`.
+    Ek,
+    /// Cluster admission by TPM attestation (docs/attestation.md).
+    Attest {
+        #[command(subcommand)]
+        command: AttestCommand,
+    },
     /// Verify a signed image (layout directory or oci-archive), check this machine against the
     /// image policy, unpack it and start it as a systemd unit (keel-ctr-NAME.service).
     Run {
@@ -70,6 +78,19 @@ pub enum Command {
     Serve,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum AttestCommand {
+    /// Get and renew this node's cluster certificate; on a first member, serve the verifier
+    /// (the keel-attest service runs this).
+    Run,
+    /// Show the certificate this node holds, who issued it, when it is renewed and the last
+    /// error. Exits 0 when the node holds a valid certificate, 1 when not.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 pub fn run(cli: Cli) -> Result<ExitCode> {
     let root = cli.root.as_path();
     match cli.command {
@@ -98,6 +119,49 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::BootState { json } => boot_state(root, json),
+        Command::Ek => {
+            let tpm = crate::node::attest::tpm::Tpm::machine()?;
+            let ek = crate::attest::tpm2::EkPublic::parse(tpm.ek_public())?;
+            print!("{}", ek.pem()?);
+            println!("# {}", ek.sha256()?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Attest { command } => attest(root, command),
+    }
+}
+
+fn attest(root: &Path, command: AttestCommand) -> Result<ExitCode> {
+    use crate::node::attest::service;
+    match command {
+        AttestCommand::Run => {
+            service::run(root)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        AttestCommand::Status { json } => {
+            let st = service::status(root)?;
+            let valid = st.state == "admitted" && st.not_after > service::now();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                println!("name:       {}", st.name);
+                println!("state:      {}", st.state);
+                println!("issued by:  {}", st.issued_by);
+                println!("serial:     {}", st.serial);
+                println!("not after:  {}", st.not_after);
+                println!("renew at:   {}", st.renew_after);
+                println!("renewals:   {}", st.renewals);
+                println!("verifier:   {}", if st.verifier { "serving" } else { "no" });
+                println!("admission:  serial {}", st.admission_serial);
+                if !st.last_error.is_empty() {
+                    println!("last error: {}", st.last_error);
+                }
+            }
+            Ok(if valid {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
     }
 }
 

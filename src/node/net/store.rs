@@ -82,7 +82,23 @@ impl Store {
                 tls = tls.ca_cert_pem(&read(ca)?);
             }
             match (&opts.cert_file, &opts.key_file) {
-                (Some(c), Some(k)) => tls = tls.client_cert_pem_and_key(&read(c)?, &read(k)?),
+                (Some(c), Some(k)) => {
+                    // The certificate file may hold a chain (an attested node's leaf, then the
+                    // issuer that signed it): etcd knows only the root, so the issuer is sent too.
+                    let (chain, key) = (read(c)?, read(k)?);
+                    tls = tls.manually(move |b| {
+                        let mut certs = openssl::x509::X509::stack_from_pem(&chain)?.into_iter();
+                        if let Some(leaf) = certs.next() {
+                            b.set_certificate(&leaf)?;
+                        }
+                        for extra in certs {
+                            b.add_extra_chain_cert(extra)?;
+                        }
+                        let key = openssl::pkey::PKey::private_key_from_pem(&key)?;
+                        b.set_private_key(&key)?;
+                        Ok(())
+                    });
+                }
                 (None, None) => {}
                 _ => {
                     return Err(StoreError::Other(

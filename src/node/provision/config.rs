@@ -105,7 +105,8 @@ pub struct GroupOp {
 /// Everything a config asks for, checked.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Plan {
-    /// sha256 (hex) of the config's bytes.
+    /// sha256 (hex) of the config as measured into PCR 12: its bytes' hash
+    /// (`crate::attest::measured_config_sha256` says the one exception).
     pub sha256: String,
     pub version: String,
     pub groups: Vec<GroupOp>,
@@ -257,7 +258,7 @@ pub fn parse(bytes: &[u8]) -> Result<Plan, ConfigError> {
     let cfg = decode(bytes)?;
     refuse_unsupported(&cfg)?;
     Ok(Plan {
-        sha256: hex::encode(Sha256::digest(bytes)),
+        sha256: crate::attest::measured_config_sha256(bytes),
         version: cfg.ignition.version.clone(),
         groups: plan_groups(cfg.passwd.groups.unwrap_or_default())?,
         users: plan_users(cfg.passwd.users.unwrap_or_default())?,

@@ -1,0 +1,133 @@
+//! The attested half of `keel cluster init`: the admission list, each node's attestation
+//! settings, and for the first members an issuer (an intermediate CA) whose key is sealed to the
+//! member's TPM. Nothing written here is secret: the issuer key exists in plain only in this
+//! process's memory, and leaves it sealed to one TPM, openable only when PCR 11 is in a state
+//! the operator's boot key signed and PCRs 12 and 13 hold exactly that member's provisioning.
+
+use super::init::{self, AttestInit, ClusterRecord, NodeCreds, NodeSpec};
+use super::pki::{self, CertPair};
+use crate::attest::admission::{Admission, Entry, Role};
+use crate::attest::protocol::PORT;
+use crate::attest::{tpm2, SEALED_ISSUER_PATH};
+use anyhow::{Context, Result};
+use serde_json::json;
+use std::net::{IpAddr, SocketAddr};
+
+/// Issuers live a year: `keel cluster init` again (or a future rotate command) renews them.
+pub const ISSUER_DAYS: u32 = 365;
+
+/// The admission list for `nodes`: issuers and the other initial nodes are members.
+pub fn admission(nodes: &[NodeSpec], a: &AttestInit, serial: u64) -> Result<Admission> {
+    let machines = nodes
+        .iter()
+        .map(|n| {
+            let ek = a.eks.get(&n.name).context("an EK for every node")?;
+            Ok(Entry {
+                name: n.name.clone(),
+                ek_sha256: ek.sha256()?,
+                ip: IpAddr::V4(n.ip),
+                role: Role::Member,
+                config_sha256: None,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let adm = Admission {
+        cluster: String::new(),
+        serial,
+        cert_ttl: a.cert_ttl,
+        machines,
+        deny_pcr11: vec![],
+    };
+    adm.check()?;
+    Ok(adm)
+}
+
+/// The policy a member's issuer is sealed to: PolicyAuthorize by the boot key (PCR 11 in a state
+/// it signed), then PolicyPCR over PCRs 12 and 13 holding `pcr12` and nothing.
+pub fn issuer_policy(
+    boot_key: &openssl::pkey::PKey<openssl::pkey::Public>,
+    pcr12: [u8; 32],
+) -> Result<[u8; 32]> {
+    let key_name = tpm2::name(&tpm2::rsa_verify_key_public(boot_key)?);
+    Ok(tpm2::policy_pcr(
+        &tpm2::policy_authorize(&key_name),
+        &[12, 13],
+        &[pcr12, [0u8; 32]],
+    ))
+}
+
+/// A node's Ignition config (bytes), with its sealed issuer when it is one.
+pub fn node_config(
+    n: &NodeSpec,
+    nodes: &[NodeSpec],
+    record: &ClusterRecord,
+    ca: &CertPair,
+    a: &AttestInit,
+    list: &[u8],
+    sig: &str,
+) -> Result<Vec<u8>> {
+    let is_issuer = a.issuers.contains(&n.name);
+    let verifiers: Vec<SocketAddr> = nodes
+        .iter()
+        .filter(|m| a.issuers.contains(&m.name))
+        .map(|m| SocketAddr::new(IpAddr::V4(m.ip), PORT))
+        .collect();
+    let settings = crate::node::attest::service::AttestConfig {
+        name: n.name.clone(),
+        verifiers,
+        issuer: is_issuer,
+    };
+    let mut extra = vec![
+        init::file(
+            "/etc/keel/attest/attest.json",
+            &serde_json::to_vec_pretty(&settings)?,
+            0o644,
+            None,
+        ),
+        init::file("/etc/keel/attest/admission.json", list, 0o644, None),
+        init::file(
+            "/etc/keel/attest/admission.json.sig",
+            format!("{sig}\n").as_bytes(),
+            0o644,
+            None,
+        ),
+    ];
+    let mut issuer_key = None;
+    if is_issuer {
+        let issuer = pki::new_issuer(ca, &format!("keel issuer {}", n.name), ISSUER_DAYS)?;
+        extra.push(init::file(
+            "/etc/keel/attest/issuer.pem",
+            &issuer.cert_pem,
+            0o644,
+            None,
+        ));
+        // A placeholder: the measured hash leaves this file's contents out.
+        extra.push(init::file(SEALED_ISSUER_PATH, b"", 0o600, None));
+        issuer_key = Some(issuer.key_pem);
+    }
+    let mut cfg = init::node_config(n, nodes, "new", record, ca, NodeCreds::Attested(extra))?;
+    if let Some(key_pem) = issuer_key {
+        let measured = crate::attest::measured_config_sha256(&serde_json::to_vec(&cfg)?);
+        let pcr12 = crate::node::attest::verifier::expected_pcr12(&measured);
+        let policy = issuer_policy(&a.boot_key, pcr12)?;
+        let key = openssl::pkey::PKey::private_key_from_pem(&key_pem)?;
+        let scalar = key.ec_key()?.private_key().to_vec_padded(32)?;
+        let ek = a.eks.get(&n.name).context("an EK for every node")?;
+        let blob = tpm2::seal_for_import(ek, &policy, &scalar)
+            .with_context(|| format!("sealing {}'s issuer to its TPM", n.name))?;
+        let source = init::data_url(&serde_json::to_vec(&blob)?);
+        let files = cfg
+            .pointer_mut("/storage/files")
+            .and_then(serde_json::Value::as_array_mut)
+            .context("config without files")?;
+        for f in files.iter_mut() {
+            if f.get("path").and_then(serde_json::Value::as_str) == Some(SEALED_ISSUER_PATH) {
+                f["contents"] = json!({ "source": source });
+            }
+        }
+        let bytes = serde_json::to_vec_pretty(&cfg)?;
+        debug_assert_eq!(crate::attest::measured_config_sha256(&bytes), measured);
+        return Ok(bytes);
+    }
+    Ok(serde_json::to_vec_pretty(&cfg)?)
+}

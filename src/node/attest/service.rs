@@ -1,0 +1,589 @@
+//! `keel-agent attest run` (the keel-attest service): gets this node its cluster certificate and
+//! keeps it valid, and on a first member also serves the verifier.
+//!
+//! A first member holds an issuer key sealed to its TPM. The TPM releases it only when PCR 11
+//! is in a state the operator's boot key signed (the running UKI's `.pcrsig`) and PCRs 12 and 13
+//! hold exactly this node's provisioning and nothing else; the member then checks its own boot
+//! state and its own entry in the admission list, issues its own certificate and answers other
+//! nodes on port 2382. Any other node attests to one of the verifiers its config names. The
+//! node's TLS key is made at every boot and lives in /run only; certificates are renewed at
+//! half their lifetime, and a node that cannot renew keeps its certificate until it expires,
+//! then deletes it.
+
+use super::session::{self, BootLogs, NodeSession, Served};
+use super::tpm::Tpm;
+use super::verifier::{self, Issuer, Verifier};
+use crate::attest::admission::{Admission, Role};
+use crate::attest::protocol::{self, Answer};
+use crate::attest::tpm2::ImportBlob;
+use crate::node::agent::boot_state::{self, TrustedKey, BOOT_KEY};
+use anyhow::{bail, Context, Result};
+use openssl::pkey::{PKey, Private};
+use openssl::x509::X509;
+use serde::{Deserialize, Serialize};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Node files (relative to the root).
+pub const CONFIG: &str = "etc/keel/attest/attest.json";
+pub const ADMISSION: &str = "etc/keel/attest/admission.json";
+/// A newer admission list delivered after provisioning (highest valid serial wins).
+pub const ADMISSION_UPDATE: &str = "var/lib/keel/attest/admission.json";
+pub const ISSUER_CERT: &str = "etc/keel/attest/issuer.pem";
+pub const ROOT_CA: &str = "etc/keel/pki/ca.pem";
+pub const NODE_CERT: &str = "run/keel/pki/node.pem";
+pub const NODE_KEY: &str = "run/keel/pki/node-key.pem";
+pub const STATUS: &str = "run/keel/attest/status.json";
+
+/// Sessions a verifier serves at once; more wait in the kernel's accept queue.
+pub const MAX_SESSIONS: usize = 8;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AttestConfig {
+    /// This machine's name in the admission list.
+    pub name: String,
+    /// Verifiers to attest to (the first members, port 2382).
+    pub verifiers: Vec<SocketAddr>,
+    /// This node holds a sealed issuer (etc/keel/attest/issuer.sealed) and serves the verifier.
+    #[serde(default)]
+    pub issuer: bool,
+}
+
+/// What `keel-agent attest status` shows.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub struct Status {
+    pub name: String,
+    /// `admitted`, `waiting` (no certificate yet) or `expired`.
+    pub state: String,
+    pub serial: String,
+    pub issued_by: String,
+    pub not_after: i64,
+    pub renew_after: i64,
+    pub renewals: u64,
+    pub last_error: String,
+    pub last_attempt: i64,
+    /// This node serves the verifier.
+    pub verifier: bool,
+    pub admission_serial: u64,
+}
+
+/// What the service does next: a pure function of the certificate it holds and the clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Get a certificate now (none yet, or its renewal time came).
+    Obtain,
+    /// Sleep until then (renewal time, or the retry after a failure, whichever is first).
+    Wait(i64),
+    /// The certificate ran out without a renewal: delete it.
+    Expire,
+}
+
+/// Renewal at half the lifetime; retries after failures every `retry` seconds.
+pub fn next_step(cert: Option<(i64, i64)>, now: i64, retry_at: Option<i64>) -> Step {
+    let Some((not_before, not_after)) = cert else {
+        return match retry_at {
+            Some(t) if t > now => Step::Wait(t),
+            _ => Step::Obtain,
+        };
+    };
+    if now >= not_after {
+        return Step::Expire;
+    }
+    let renew = not_before + (not_after - not_before) / 2;
+    if now < renew {
+        return Step::Wait(renew);
+    }
+    match retry_at {
+        Some(t) if t > now => Step::Wait(t.min(not_after)),
+        _ => Step::Obtain,
+    }
+}
+
+/// The retry delay after `failures` failed attempts in a row: 5 s doubling to 5 min.
+pub fn backoff(failures: u32) -> i64 {
+    (5i64 << failures.min(6)).min(300)
+}
+
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn read(root: &Path, rel: &str) -> Result<Vec<u8>> {
+    let p = root.join(rel);
+    std::fs::read(&p).with_context(|| format!("reading {}", p.display()))
+}
+
+pub fn load_config(root: &Path) -> Result<AttestConfig> {
+    let bytes = read(root, CONFIG)?;
+    serde_json::from_slice(&bytes).with_context(|| format!("{}: not an attest config", CONFIG))
+}
+
+/// The valid admission list with the highest serial among the config's and a later delivery.
+pub fn load_admission(root: &Path, ca: &X509) -> Result<Admission> {
+    let key = ca.public_key().context("the CA certificate's key")?;
+    let mut best: Option<Admission> = None;
+    let mut errors = Vec::new();
+    for rel in [ADMISSION, ADMISSION_UPDATE] {
+        let p = root.join(rel);
+        let Ok(bytes) = std::fs::read(&p) else {
+            continue;
+        };
+        let sig = std::fs::read_to_string(format!("{}.sig", p.display())).unwrap_or_default();
+        match Admission::from_signed(&bytes, &sig, &key) {
+            Ok(a) if best.as_ref().is_none_or(|b| a.serial > b.serial) => best = Some(a),
+            Ok(_) => {}
+            Err(e) => errors.push(format!("{}: {e}", p.display())),
+        }
+    }
+    for e in &errors {
+        tracing::warn!("{e}");
+    }
+    best.with_context(|| format!("no valid admission list ({})", errors.join("; ")))
+}
+
+fn write_private(path: &Path, data: &[u8], owner: Option<&str>) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    if let Some(user) = owner.and_then(|o| nix::unistd::User::from_name(o).ok().flatten()) {
+        nix::unistd::chown(&tmp, Some(user.uid), Some(user.gid))
+            .with_context(|| format!("giving {} to {}", tmp.display(), user.name))?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+}
+
+fn x509_unix(t: &openssl::asn1::Asn1TimeRef) -> Result<i64> {
+    let d = openssl::asn1::Asn1Time::from_unix(0)?.diff(t)?;
+    Ok(i64::from(d.days) * 86400 + i64::from(d.secs))
+}
+
+/// (not_before, not_after) of the first certificate in a PEM chain.
+pub fn validity(chain_pem: &[u8]) -> Result<(i64, i64)> {
+    let c = X509::from_pem(chain_pem).context("certificate")?;
+    Ok((x509_unix(c.not_before())?, x509_unix(c.not_after())?))
+}
+
+/// The issuer key sealed to this TPM: the `.pcrsig` entry for the current PCR 11 signed by the
+/// operator's boot key approves the policy, and the TPM checks PCRs 11, 12 and 13 itself.
+pub fn unseal_issuer(root: &Path, tpm: &mut Tpm, keys: &[TrustedKey]) -> Result<Issuer> {
+    let blob: ImportBlob = serde_json::from_slice(&read(
+        root,
+        crate::attest::SEALED_ISSUER_PATH.trim_start_matches('/'),
+    )?)
+    .context("the sealed issuer is not an import blob")?;
+    let cert = X509::from_pem(&read(root, ISSUER_CERT)?).context("the issuer certificate")?;
+    let boot = keys
+        .iter()
+        .find(|k| k.file == BOOT_KEY)
+        .context("the image has no boot key (pcr-boot.pub.pem)")?;
+    let sig_text = String::from_utf8(read(root, boot_state::PCRSIG)?)
+        .context("the .pcrsig file is not text")?;
+    let pcrsig = crate::trust::measure::parse_pcrsig(&sig_text)?;
+    // systemd-pcrphase may extend PCR 11 between the read and the unseal (sysinit → ready):
+    // then the policy no longer matches and the whole sequence is tried again.
+    let mut last = None;
+    let mut secret = None;
+    for _ in 0..3 {
+        let pcr11 = tpm.read_pcrs(&[11])?[0];
+        let pol = crate::trust::measure::policy_pcr_digest(&pcr11);
+        let entry = pcrsig
+            .get("sha256")
+            .into_iter()
+            .flatten()
+            .find(|e| e.pol == hex::encode(pol) && e.pkfp == boot.fingerprint)
+            .context("the running UKI's .pcrsig has no signature by the boot key for the current PCR 11: not a signed boot state, the issuer stays sealed")?;
+        use base64::Engine;
+        let sig = base64::engine::general_purpose::STANDARD
+            .decode(&entry.sig)
+            .context("the .pcrsig signature is not base64")?;
+        match tpm.unseal_imported(&blob, &boot.key, &pol, &sig, &[12, 13]) {
+            Ok(s) => {
+                secret = Some(s);
+                break;
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    let secret = match (secret, last) {
+        (Some(s), _) => s,
+        (None, Some(e)) => return Err(e),
+        (None, None) => bail!("the issuer was not unsealed"),
+    };
+    let key = ec_key_from_scalar(&secret.0)?;
+    let cert_key = cert.public_key()?;
+    if !key.public_eq(&cert_key) {
+        bail!("the unsealed issuer key does not belong to {ISSUER_CERT}");
+    }
+    Ok(Issuer { cert, key })
+}
+
+/// A P-256 private key from its 32-byte scalar.
+pub fn ec_key_from_scalar(d: &[u8]) -> Result<PKey<Private>> {
+    use openssl::bn::{BigNum, BigNumContext};
+    use openssl::ec::{EcGroup, EcKey, EcPoint};
+    let group = EcGroup::from_curve_name(openssl::nid::Nid::X9_62_PRIME256V1)?;
+    let d = BigNum::from_slice(d)?;
+    let mut ctx = BigNumContext::new()?;
+    let mut point = EcPoint::new(&group)?;
+    point.mul_generator2(&group, &d, &mut ctx)?;
+    let key = EcKey::from_private_components(&group, &d, &point)?;
+    key.check_key()
+        .context("the issuer key is not a valid P-256 key")?;
+    Ok(PKey::from_ec_key(key)?)
+}
+
+/// What the running service shares between its loop and the verifier's threads.
+pub struct Shared {
+    pub root: PathBuf,
+    pub name: String,
+    pub ca: X509,
+    pub ca_pem: Vec<u8>,
+    pub keys: Vec<TrustedKey>,
+    pub node_key: PKey<Private>,
+    /// This node's current chain (leaf, issuer), once it has one.
+    pub chain: Mutex<Option<Vec<u8>>>,
+    pub issuer: Option<Issuer>,
+}
+
+/// Self-issue on an issuer: its own boot state must be trusted and its own EK enrolled under its
+/// name as a member, exactly what it would demand of another node.
+fn self_issue(s: &Shared, tpm: &Tpm) -> Result<(Vec<u8>, String)> {
+    let issuer = s.issuer.as_ref().context("not an issuer")?;
+    let admission = load_admission(&s.root, &s.ca)?;
+    let entry = admission.entry(&s.name).with_context(|| {
+        format!(
+            "{} is not in the admission list (serial {})",
+            s.name, admission.serial
+        )
+    })?;
+    let ek = crate::attest::tpm2::EkPublic::parse(tpm.ek_public())?.sha256()?;
+    if ek != entry.ek_sha256 || entry.role != Role::Member {
+        bail!(
+            "this machine (EK {ek}) is not enrolled as member {} (admission list serial {})",
+            s.name,
+            admission.serial
+        );
+    }
+    let state = boot_state::read(&s.root)?;
+    if !state.trusted {
+        bail!(
+            "this node's own boot state is not trusted: {}",
+            state.problems.join("; ")
+        );
+    }
+    if admission.deny_pcr11.contains(&state.pcr11) {
+        bail!("this node's PCR 11 {} is deny-listed", state.pcr11);
+    }
+    let csr = openssl::x509::X509Req::from_der(&session::csr(&s.name, &s.node_key)?)?;
+    let now = now();
+    let ttl = i64::try_from(admission.cert_ttl).unwrap_or(i64::MAX);
+    let leaf = verifier::issue_leaf(issuer, entry, &csr, now, now.saturating_add(ttl))?;
+    let mut chain = leaf.to_pem()?;
+    chain.extend(issuer.cert.to_pem()?);
+    Ok((chain, format!("{} (self)", s.name)))
+}
+
+/// Attest to the verifiers in turn (starting at a rotating index); the first admission wins.
+fn attest_remote(
+    s: &Shared,
+    cfg: &AttestConfig,
+    tpm: &mut Tpm,
+    start: usize,
+) -> Result<(Vec<u8>, String)> {
+    let logs = BootLogs::read(&s.root)?;
+    let stamp = crate::node::provision::apply::stamp(&s.root)?;
+    let config_sha = stamp.map(|x| x.sha256).unwrap_or_default();
+    let mut errors = Vec::new();
+    let n = cfg.verifiers.len();
+    for i in 0..n {
+        let addr = cfg.verifiers[(start + i) % n];
+        let attempt = (|| -> Result<Answer> {
+            let csr = session::csr(&s.name, &s.node_key)?;
+            let sess = NodeSession::start(tpm, &s.name, &config_sha, csr)?;
+            let mut tls = session::connect(addr, &s.ca_pem)?;
+            session::attest(&mut tls, tpm, sess, &logs)
+        })();
+        match attempt {
+            Ok(Answer::Admitted {
+                chain_pem,
+                verifier,
+                ..
+            }) => {
+                check_chain(chain_pem.as_bytes(), &s.ca, &s.node_key)?;
+                return Ok((chain_pem.into_bytes(), verifier));
+            }
+            Ok(Answer::Refused { reason }) => errors.push(format!("{addr}: refused: {reason}")),
+            Err(e) => errors.push(format!("{addr}: {e:#}")),
+        }
+    }
+    bail!("no verifier admitted this node: {}", errors.join("; "))
+}
+
+/// The chain a verifier sent: leaf signed by the issuer, issuer by the root, leaf holds our key.
+fn check_chain(pem: &[u8], root: &X509, key: &PKey<Private>) -> Result<()> {
+    let chain = X509::stack_from_pem(pem).context("the certificate chain")?;
+    let (Some(leaf), Some(issuer)) = (chain.first(), chain.get(1)) else {
+        bail!(
+            "the verifier sent {} certificates, not a leaf and its issuer",
+            chain.len()
+        );
+    };
+    if !leaf.public_key()?.public_eq(key) {
+        bail!("the certificate is not for this node's key");
+    }
+    let (issuer_key, root_key) = (issuer.public_key()?, root.public_key()?);
+    if !leaf.verify(&issuer_key)? || !issuer.verify(&root_key)? {
+        bail!("the certificate does not chain to the cluster's root");
+    }
+    Ok(())
+}
+
+fn notify_ready() {
+    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
+        let sock = std::os::unix::net::UnixDatagram::unbound();
+        if let Ok(sock) = sock {
+            let _ = sock.send_to(b"READY=1", &path);
+        }
+    }
+}
+
+fn write_status(root: &Path, st: &Status) {
+    if let Ok(bytes) = serde_json::to_vec_pretty(st) {
+        let p = root.join(STATUS);
+        if let Err(e) = crate::atomic::write(&p, &bytes, 0o644) {
+            tracing::warn!("writing {}: {e:#}", p.display());
+        }
+    }
+}
+
+/// Serves the verifier on `listener` until the process ends.
+pub fn serve_verifier(shared: Arc<Shared>, listener: TcpListener) {
+    let active = Arc::new(AtomicUsize::new(0));
+    for conn in listener.incoming() {
+        let Ok(tcp) = conn else { continue };
+        if active.load(Ordering::SeqCst) >= MAX_SESSIONS {
+            tracing::warn!("verifier busy ({MAX_SESSIONS} sessions): closing a connection");
+            continue;
+        }
+        active.fetch_add(1, Ordering::SeqCst);
+        let shared = Arc::clone(&shared);
+        let active = Arc::clone(&active);
+        std::thread::spawn(move || {
+            if let Err(e) = serve_one(&shared, tcp) {
+                tracing::warn!("attestation session: {e:#}");
+            }
+            active.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+}
+
+fn serve_one(s: &Shared, tcp: std::net::TcpStream) -> Result<()> {
+    let peer = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    tcp.set_read_timeout(Some(session::DEADLINE))?;
+    tcp.set_write_timeout(Some(session::DEADLINE))?;
+    let chain = s.chain.lock().map_err(|_| anyhow::anyhow!("lock"))?.clone();
+    let chain = chain.context("this verifier has no certificate yet")?;
+    let acceptor = session::acceptor(&chain, &s.node_key)?;
+    let mut tls = acceptor
+        .accept(tcp)
+        .map_err(|e| anyhow::anyhow!("TLS from {peer}: {e}"))?;
+    let admission = load_admission(&s.root, &s.ca)?;
+    let issuer = s.issuer.as_ref().context("not an issuer")?;
+    let v = Verifier {
+        admission: &admission,
+        keys: &s.keys,
+        issuer,
+        name: &s.name,
+    };
+    match session::serve(&mut tls, &v, now)? {
+        Served::Admitted(a) => tracing::info!(
+            "admitted {} from {peer} (PCR 11 {}, not after {})",
+            a.name,
+            a.pcr11,
+            a.not_after
+        ),
+        Served::Refused { name, refusal } => {
+            tracing::warn!("refused `{name}` from {peer}: {refusal}")
+        }
+    }
+    Ok(())
+}
+
+/// The service: obtain, write, renew; serve the verifier on an issuer.
+pub fn run(root: &Path) -> Result<()> {
+    let cfg = load_config(root)?;
+    let ca_pem = read(root, ROOT_CA)?;
+    let ca = X509::from_pem(&ca_pem).context("the cluster's root certificate")?;
+    let keys = boot_state::load_keys(root)?;
+    let mut tpm = Tpm::machine()?;
+    let node_key = {
+        let g = openssl::ec::EcGroup::from_curve_name(openssl::nid::Nid::X9_62_PRIME256V1)?;
+        PKey::from_ec_key(openssl::ec::EcKey::generate(&g)?)?
+    };
+    write_private(
+        &root.join(NODE_KEY),
+        &node_key.private_key_to_pem_pkcs8()?,
+        Some("etcd"),
+    )?;
+    let issuer = if cfg.issuer {
+        let i =
+            unseal_issuer(root, &mut tpm, &keys).context("unsealing this member's issuer key")?;
+        tracing::info!("issuer key unsealed under a boot state signed by {BOOT_KEY}");
+        Some(i)
+    } else {
+        None
+    };
+    let shared = Arc::new(Shared {
+        root: root.to_path_buf(),
+        name: cfg.name.clone(),
+        ca,
+        ca_pem,
+        keys,
+        node_key,
+        chain: Mutex::new(None),
+        issuer,
+    });
+    let mut status = Status {
+        name: cfg.name.clone(),
+        state: "waiting".into(),
+        verifier: cfg.issuer,
+        ..Status::default()
+    };
+    let mut cert: Option<(i64, i64)> = None;
+    let mut failures = 0u32;
+    let mut retry_at = None;
+    let mut ready = false;
+    let mut rotate = 0usize;
+    loop {
+        match next_step(cert, now(), retry_at) {
+            Step::Wait(t) => {
+                let secs = (t - now()).clamp(1, 60) as u64;
+                std::thread::sleep(std::time::Duration::from_secs(secs));
+            }
+            Step::Expire => {
+                let _ = std::fs::remove_file(root.join(NODE_CERT));
+                tracing::error!(
+                    "the certificate expired without a renewal: no cluster credentials"
+                );
+                cert = None;
+                status.state = "expired".into();
+                write_status(root, &status);
+            }
+            Step::Obtain => {
+                status.last_attempt = now();
+                let got = if shared.issuer.is_some() {
+                    self_issue(&shared, &tpm)
+                } else {
+                    rotate += 1;
+                    attest_remote(&shared, &cfg, &mut tpm, rotate)
+                };
+                match got {
+                    Ok((chain, by)) => {
+                        write_private(&root.join(NODE_CERT), &chain, Some("etcd"))?;
+                        let v = validity(&chain)?;
+                        let leaf = X509::from_pem(&chain)?;
+                        status.serial = leaf
+                            .serial_number()
+                            .to_bn()
+                            .and_then(|b| b.to_hex_str().map(|s| s.to_string()))
+                            .unwrap_or_default();
+                        if cert.is_some() {
+                            status.renewals += 1;
+                        }
+                        cert = Some(v);
+                        *shared.chain.lock().map_err(|_| anyhow::anyhow!("lock"))? = Some(chain);
+                        status.state = "admitted".into();
+                        status.issued_by = by.clone();
+                        status.not_after = v.1;
+                        status.renew_after = v.0 + (v.1 - v.0) / 2;
+                        status.last_error.clear();
+                        status.admission_serial = load_admission(root, &shared.ca)
+                            .map(|a| a.serial)
+                            .unwrap_or(0);
+                        failures = 0;
+                        retry_at = None;
+                        tracing::info!(
+                            "certificate for {} from {by}, serial {}, not after {}",
+                            cfg.name,
+                            status.serial,
+                            v.1
+                        );
+                        write_status(root, &status);
+                        if !ready {
+                            ready = true;
+                            if shared.issuer.is_some() {
+                                let listener = TcpListener::bind(("0.0.0.0", protocol::PORT))
+                                    .with_context(|| {
+                                        format!("listening on port {}", protocol::PORT)
+                                    })?;
+                                let s = Arc::clone(&shared);
+                                std::thread::spawn(move || serve_verifier(s, listener));
+                                tracing::info!("verifier listening on port {}", protocol::PORT);
+                            }
+                            notify_ready();
+                        }
+                    }
+                    Err(e) => {
+                        failures = failures.saturating_add(1);
+                        let delay = backoff(failures);
+                        retry_at = Some(now() + delay);
+                        status.last_error = format!("{e:#}");
+                        tracing::warn!("no certificate: {e:#} (next try in {delay} s)");
+                        write_status(root, &status);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Reads the status file.
+pub fn status(root: &Path) -> Result<Status> {
+    let bytes = read(root, STATUS)?;
+    Ok(serde_json::from_slice(&bytes)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_comes_at_half_life_and_failures_back_off_until_expiry() {
+        assert_eq!(next_step(None, 100, None), Step::Obtain);
+        assert_eq!(next_step(None, 100, Some(105)), Step::Wait(105));
+        assert_eq!(next_step(None, 110, Some(105)), Step::Obtain);
+        // Issued at 0, expires at 100: wait until 50, then renew.
+        assert_eq!(next_step(Some((0, 100)), 10, None), Step::Wait(50));
+        assert_eq!(next_step(Some((0, 100)), 50, None), Step::Obtain);
+        // A failed renewal waits for its retry, never past expiry; at expiry the cert goes.
+        assert_eq!(next_step(Some((0, 100)), 60, Some(70)), Step::Wait(70));
+        assert_eq!(next_step(Some((0, 100)), 95, Some(200)), Step::Wait(100));
+        assert_eq!(next_step(Some((0, 100)), 100, Some(200)), Step::Expire);
+        assert_eq!(
+            (1..=8).map(backoff).collect::<Vec<_>>(),
+            [10, 20, 40, 80, 160, 300, 300, 300]
+        );
+    }
+
+    #[test]
+    fn an_issuer_key_round_trips_through_its_scalar() {
+        let g = openssl::ec::EcGroup::from_curve_name(openssl::nid::Nid::X9_62_PRIME256V1)
+            .expect("group");
+        let k = openssl::ec::EcKey::generate(&g).expect("key");
+        let d = k.private_key().to_vec_padded(32).expect("scalar");
+        let back = ec_key_from_scalar(&d).expect("key");
+        assert!(back.public_eq(&PKey::from_ec_key(k).expect("pkey")));
+        assert!(ec_key_from_scalar(&[0u8; 32]).is_err());
+    }
+}
