@@ -43,8 +43,8 @@ fn p256() -> PKey<Private> {
     PKey::from_ec_key(openssl::ec::EcKey::generate(&g).unwrap()).unwrap()
 }
 
-/// A TCG2 log as OVMF writes it (Spec ID header: sha1 + sha256), then PCR 11 events.
-fn tcg2_log(digests: &[[u8; 32]]) -> Vec<u8> {
+/// A TCG2 log as OVMF writes it (Spec ID header: sha1 + sha256), then (PCR, type, digest, data).
+fn tcg2_log(events: &[(u32, u32, [u8; 32], Vec<u8>)]) -> Vec<u8> {
     let mut spec = b"Spec ID Event03\0".to_vec();
     spec.extend_from_slice(&[0; 4]);
     spec.extend_from_slice(&[0, 2, 0, 2]);
@@ -60,15 +60,16 @@ fn tcg2_log(digests: &[[u8; 32]]) -> Vec<u8> {
     out.extend_from_slice(&[0; 20]);
     out.extend_from_slice(&(spec.len() as u32).to_le_bytes());
     out.extend_from_slice(&spec);
-    for d in digests {
-        out.extend_from_slice(&11u32.to_le_bytes());
-        out.extend_from_slice(&0xDu32.to_le_bytes());
+    for (pcr, ty, d, data) in events {
+        out.extend_from_slice(&pcr.to_le_bytes());
+        out.extend_from_slice(&ty.to_le_bytes());
         out.extend_from_slice(&2u32.to_le_bytes());
         out.extend_from_slice(&0x0004u16.to_le_bytes());
         out.extend_from_slice(&[0xAA; 20]);
         out.extend_from_slice(&0x000Bu16.to_le_bytes());
         out.extend_from_slice(d);
-        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        out.extend_from_slice(data);
     }
     out
 }
@@ -83,6 +84,22 @@ enum Boot {
     CommandLineOverride,
     /// A UKI whose .pcrsig was made with a key that is not the operator's.
     SignedByAnotherKey,
+    /// Secure Boot off: whatever booted (the attacker's own system) extended PCR 11 by hand to
+    /// the signed states, and PCR 12 to the node's config measurement.
+    SecureBootOff,
+    /// Secure Boot on, but db also trusts another vendor's key (whose signed loaders boot
+    /// anything).
+    ForeignKeyInDb,
+}
+
+/// The operator's Secure Boot db certificate every test cluster uses (DER).
+fn db_der() -> Vec<u8> {
+    static DB: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    DB.get_or_init(|| {
+        let ca = pki::new_ca("keel test db", 30).unwrap();
+        X509::from_pem(&ca.cert_pem).unwrap().to_der().unwrap()
+    })
+    .clone()
 }
 
 /// Plays a boot into `tpm` and returns the logs the node will send.
@@ -91,6 +108,20 @@ fn boot(tpm: &mut Tpm, boot_key: &PKey<Private>, how: Boot) -> BootLogs {
 }
 
 fn boot_with_config(tpm: &mut Tpm, boot_key: &PKey<Private>, how: Boot, config: &str) -> BootLogs {
+    use keel::trust::secureboot::{
+        variable_data, x509_signature_list, EV_EFI_VARIABLE_DRIVER_CONFIG,
+    };
+    let mut db = x509_signature_list(&db_der());
+    if how == Boot::ForeignKeyInDb {
+        db.extend(x509_signature_list(b"another vendor's certificate"));
+    }
+    let sb = if how == Boot::SecureBootOff { 0 } else { 1 };
+    let mut log: Vec<(u32, u32, [u8; 32], Vec<u8>)> = Vec::new();
+    for data in [variable_data("SecureBoot", &[sb]), variable_data("db", &db)] {
+        let d: [u8; 32] = Sha256::digest(&data).into();
+        tpm.extend(7, d).unwrap();
+        log.push((7, EV_EFI_VARIABLE_DRIVER_CONFIG, d, data));
+    }
     let sections = vec![measure::MeasuredSection {
         name: ".linux".into(),
         digest: Sha256::digest(b"a kernel").into(),
@@ -102,6 +133,7 @@ fn boot_with_config(tpm: &mut Tpm, boot_key: &PKey<Private>, how: Boot, config: 
     }
     for d in &stub {
         tpm.extend(11, *d).unwrap();
+        log.push((11, 0xD, *d, Vec::new()));
     }
     let words = [
         "enter-initrd",
@@ -133,7 +165,7 @@ fn boot_with_config(tpm: &mut Tpm, boot_key: &PKey<Private>, how: Boot, config: 
     };
     let entries = measure::sign_phases(&preds, &measure::PHASES[2..], &signer).unwrap();
     BootLogs {
-        firmware: tcg2_log(&stub),
+        firmware: tcg2_log(&log),
         userspace,
         pcrsig: measure::pcrsig_json(entries).unwrap(),
     }
@@ -182,6 +214,7 @@ impl Cluster {
                 cert_ttl: 600,
                 machines: vec![],
                 deny_pcr11: vec![],
+                allow_secure_boot_off: false,
             }),
         }
     }
@@ -223,11 +256,13 @@ impl Cluster {
                 let (tcp, _) = listener.accept().unwrap();
                 let mut tls = acceptor.accept(tcp).unwrap();
                 let admission = me.admission.lock().unwrap().clone();
+                let db = db_der();
                 let v = Verifier {
                     admission: &admission,
                     keys: &keys,
                     issuer: &me.issuer,
                     name: "node1",
+                    db_cert: Some(&db),
                 };
                 out.push(match session::serve(&mut tls, &v, now) {
                     Ok(Served::Admitted(a)) => format!("admitted {}", a.name),
@@ -357,6 +392,63 @@ fn a_boot_state_signed_by_another_key_is_refused() {
     server.join().unwrap();
 }
 
+/// The attack a signed PCR 11 alone does not stop: on an enrolled machine with Secure Boot off,
+/// the attacker boots their own system and extends PCR 11 (and PCR 12) by hand to exactly the
+/// values a signed boot gives, with logs to match.
+#[test]
+fn pcr11_forged_by_hand_on_a_machine_without_secure_boot_is_refused() {
+    let c = Arc::new(Cluster::new());
+    let soft = SoftTpm::start();
+    let mut tpm = soft.open();
+    c.enrol("node3", &tpm, "10.77.0.3");
+    let logs = boot(&mut tpm, &c.boot_key, Boot::SecureBootOff);
+    let (addr, server) = c.serve(1);
+    let a = attest(&c, addr, &mut tpm, "node3", &logs);
+    assert!(refused(&a).contains("Secure Boot was off"), "{a:?}");
+    server.join().unwrap();
+}
+
+#[test]
+fn a_firmware_that_trusts_another_vendors_key_is_refused() {
+    let c = Arc::new(Cluster::new());
+    let soft = SoftTpm::start();
+    let mut tpm = soft.open();
+    c.enrol("node3", &tpm, "10.77.0.3");
+    let logs = boot(&mut tpm, &c.boot_key, Boot::ForeignKeyInDb);
+    let (addr, server) = c.serve(1);
+    let a = attest(&c, addr, &mut tpm, "node3", &logs);
+    assert!(
+        refused(&a).contains("other keys than the operator's db"),
+        "{a:?}"
+    );
+    server.join().unwrap();
+}
+
+/// An enrolled machine booted with the signed UKI but a config of the attacker's making (one
+/// that would hand the attacker the node's key): its PCR 12 is honest, but not the pinned one.
+#[test]
+fn an_enrolled_machine_running_another_config_is_refused() {
+    let c = Arc::new(Cluster::new());
+    let soft = SoftTpm::start();
+    let mut tpm = soft.open();
+    c.enrol("node3", &tpm, "10.77.0.3");
+    let other = "cd".repeat(32);
+    let logs = boot_with_config(&mut tpm, &c.boot_key, Boot::Signed, &other);
+    let (addr, server) = c.serve(1);
+    let key = p256();
+    let s = NodeSession::start(
+        &mut tpm,
+        "node3",
+        &other,
+        session::csr("node3", &key).unwrap(),
+    )
+    .unwrap();
+    let mut tls = session::connect(addr, &c.root_pem).unwrap();
+    let a = session::attest(&mut tls, &mut tpm, s, &logs).unwrap();
+    assert!(refused(&a).contains("must run config"), "{a:?}");
+    server.join().unwrap();
+}
+
 #[test]
 fn a_deny_listed_boot_state_is_refused() {
     let c = Arc::new(Cluster::new());
@@ -466,7 +558,11 @@ fn cluster_init_seals_the_issuer_to_its_members_tpm_and_config() {
     let keys = work.path().join("keys");
     std::fs::create_dir_all(&keys).unwrap();
     let boot_key = rsa();
-    std::fs::write(keys.join("pcr-boot.pub.pem"), boot_key.public_key_to_pem().unwrap()).unwrap();
+    std::fs::write(
+        keys.join("pcr-boot.pub.pem"),
+        boot_key.public_key_to_pem().unwrap(),
+    )
+    .unwrap();
     let ek = keel::attest::tpm2::EkPublic::parse(tpm.ek_public()).unwrap();
     std::fs::write(work.path().join("ek1.pem"), ek.pem().unwrap()).unwrap();
     std::fs::write(
@@ -478,20 +574,31 @@ fn cluster_init_seals_the_issuer_to_its_members_tpm_and_config() {
     )
     .unwrap();
     let dir = work.path().join("cluster");
-    common::ok(common::keel().args(["cluster", "init", "--dir"]).arg(&dir).args([
-        "--node",
-        "node1=10.77.0.1",
-        "--node",
-        "node2=10.77.0.2",
-        "--issuers",
-        "node1",
-        "--cert-ttl",
-        "600",
-    ])
-    .arg(format!("--ek=node1={}", work.path().join("ek1.pem").display()))
-    .arg(format!("--ek=node2={}", work.path().join("ek2.pem").display()))
-    .arg("--trust-keys")
-    .arg(&keys));
+    common::ok(
+        common::keel()
+            .args(["cluster", "init", "--dir"])
+            .arg(&dir)
+            .args([
+                "--node",
+                "node1=10.77.0.1",
+                "--node",
+                "node2=10.77.0.2",
+                "--issuers",
+                "node1",
+                "--cert-ttl",
+                "600",
+            ])
+            .arg(format!(
+                "--ek=node1={}",
+                work.path().join("ek1.pem").display()
+            ))
+            .arg(format!(
+                "--ek=node2={}",
+                work.path().join("ek2.pem").display()
+            ))
+            .arg("--trust-keys")
+            .arg(&keys),
+    );
     let bytes = std::fs::read(dir.join("node1.ign")).unwrap();
     for n in ["node1.ign", "node2.ign"] {
         let text = std::fs::read_to_string(dir.join(n)).unwrap();
@@ -519,11 +626,11 @@ fn cluster_init_seals_the_issuer_to_its_members_tpm_and_config() {
     }];
     let issuer = keel::node::attest::service::unseal_issuer(&root, &mut tpm, &keys_list)
         .expect("the member's TPM opens its issuer in the signed state with its config");
-    assert!(issuer
-        .cert
-        .subject_name()
-        .entries()
-        .any(|e| e.data().to_string().unwrap().contains("keel issuer node1")));
+    assert!(issuer.cert.subject_name().entries().any(|e| e
+        .data()
+        .to_string()
+        .unwrap()
+        .contains("keel issuer node1")));
 
     // The same config on another machine: its TPM cannot import the blob.
     let mut tpm2 = other.open();
@@ -535,7 +642,8 @@ fn cluster_init_seals_the_issuer_to_its_members_tpm_and_config() {
 
     // The member's own TPM with PCR 12 extended once more, as another config or a command line
     // from outside the UKI would.
-    tpm.extend(12, Sha256::digest(b"another config").into()).unwrap();
+    tpm.extend(12, Sha256::digest(b"another config").into())
+        .unwrap();
     let err = keel::node::attest::service::unseal_issuer(&root, &mut tpm, &keys_list)
         .err()
         .expect("PCR 12 changed");

@@ -88,6 +88,7 @@ fn fixture() -> &'static Fixture {
                     config_sha256: None,
                 }],
                 deny_pcr11: vec![],
+                allow_secure_boot_off: false,
             },
             keys: vec![TrustedKey {
                 file: keel::node::agent::boot_state::BOOT_KEY.into(),
@@ -117,6 +118,7 @@ fuzz_target!(|data: &[u8]| {
         keys: &f.keys,
         issuer: &f.issuer,
         name: "node1",
+        db_cert: None,
     };
     // A frame as read from a socket.
     let _ = protocol::read_frame_bytes(&mut &data[..]);

@@ -44,6 +44,11 @@ pub struct Admission {
     /// PCR 11 values (hex) no longer admitted: boot states of images the operator withdrew.
     #[serde(default)]
     pub deny_pcr11: Vec<String>,
+    /// Admit machines that booted without Secure Boot, or whose db trusts other keys than the
+    /// operator's. Off by default: on such a machine anyone who boots their own code can extend
+    /// PCR 11 to a signed state by hand (docs/attestation.md).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_secure_boot_off: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +93,21 @@ impl Admission {
             if !eks.insert(&m.ek_sha256) {
                 return bad(format!("EK {} is listed twice", m.ek_sha256));
             }
+            if let Some(c) = &m.config_sha256 {
+                if !is_sha256_hex(c) {
+                    return bad(format!(
+                        "{}: config-sha256 `{c}` is not 64 lower-case hex digits",
+                        m.name
+                    ));
+                }
+            }
+        }
+        // A deny-list entry written any other way would never match, and the withdrawn image
+        // would still be admitted.
+        if let Some(d) = self.deny_pcr11.iter().find(|d| !is_sha256_hex(d)) {
+            return bad(format!(
+                "deny-pcr11 `{d}` is not a PCR value (64 lower-case hex digits)"
+            ));
         }
         Ok(())
     }
@@ -126,6 +146,12 @@ impl Admission {
     }
 }
 
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 fn name_char(c: char) -> bool {
     c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.'
 }
@@ -158,6 +184,7 @@ mod tests {
                 config_sha256: None,
             }],
             deny_pcr11: vec![],
+            allow_secure_boot_off: false,
         }
     }
 
@@ -193,6 +220,21 @@ mod tests {
         assert!(a.check().is_err());
         let mut a = list();
         a.machines[0].name = "Node 1".into();
+        assert!(a.check().is_err());
+        let mut a = list();
+        a.deny_pcr11.push(format!("sha256:{}", "a".repeat(64)));
+        assert!(
+            a.check().is_err(),
+            "a prefixed deny entry would never match"
+        );
+        let mut a = list();
+        a.deny_pcr11.push("A".repeat(64));
+        assert!(
+            a.check().is_err(),
+            "an upper-case deny entry would never match"
+        );
+        let mut a = list();
+        a.machines[0].config_sha256 = Some("AB".repeat(32));
         assert!(a.check().is_err());
     }
 }

@@ -11,14 +11,23 @@ use sha2::{Digest, Sha256};
 /// Where a first member's sealed issuer key is delivered (an Ignition file; ciphertext only its
 /// TPM can import).
 pub const SEALED_ISSUER_PATH: &str = "/etc/keel/attest/issuer.sealed";
+/// Where the admission list and its signature are delivered.
+pub const ADMISSION_PATH: &str = "/etc/keel/attest/admission.json";
+pub const ADMISSION_SIG_PATH: &str = "/etc/keel/attest/admission.json.sig";
+
+/// Files whose contents are left out of a config's measurement: each is authenticated on its
+/// own (the sealed issuer by the TPM, the admission list by the CA's signature), and each
+/// depends on the measurement (the issuer is sealed to it; the list pins every node's).
+pub const ELIDED_PATHS: &[&str] = &[SEALED_ISSUER_PATH, ADMISSION_PATH, ADMISSION_SIG_PATH];
 
 /// The sha256 (hex) of a provisioning config as measured into PCR 12. It is the hash of the
-/// config's bytes, except for a config that delivers a sealed issuer: that blob is sealed to
-/// the PCR 12 value of the config it travels in, so its own contents cannot be part of what
-/// is measured. Such a config is measured as its JSON with that file's `contents.source`
-/// emptied (keys sorted, no spaces), under its own domain tag. Leaving the blob out loses
-/// nothing: it is integrity-protected by the TPM, and a swapped blob yields a key that does not
-/// match the issuer certificate the (measured) config names.
+/// config's bytes, except for a config that delivers one of [`ELIDED_PATHS`]: a sealed issuer
+/// is sealed to the PCR 12 value of the config it travels in, and the admission list pins that
+/// value, so their contents cannot be part of what is measured. Such a config is measured as
+/// its JSON with those files' `contents.source` emptied (keys sorted, no spaces), under its own
+/// domain tag. Leaving them out loses nothing: a swapped blob yields a key that does not match
+/// the issuer certificate the (measured) config names, and a list counts only when the CA
+/// signed it.
 pub fn measured_config_sha256(bytes: &[u8]) -> String {
     let plain = || hex::encode(Sha256::digest(bytes));
     let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(bytes) else {
@@ -32,7 +41,8 @@ pub fn measured_config_sha256(bytes: &[u8]) -> String {
     };
     let mut found = false;
     for f in files.iter_mut() {
-        if f.get("path").and_then(serde_json::Value::as_str) == Some(SEALED_ISSUER_PATH) {
+        let path = f.get("path").and_then(serde_json::Value::as_str);
+        if path.is_some_and(|p| ELIDED_PATHS.contains(&p)) {
             if let Some(src) = f.pointer_mut("/contents/source") {
                 *src = serde_json::Value::String(String::new());
                 found = true;
@@ -44,7 +54,7 @@ pub fn measured_config_sha256(bytes: &[u8]) -> String {
     }
     let canonical = serde_json::to_vec(&v).unwrap_or_default();
     let mut h = Sha256::new();
-    h.update(b"keel-ignition-sealed-issuer-elided/v1\0");
+    h.update(b"keel-ignition-attest-files-elided/v1\0");
     h.update(&canonical);
     hex::encode(h.finalize())
 }

@@ -5,6 +5,7 @@ pub mod escrow;
 pub mod eventlog;
 pub mod keys;
 pub mod measure;
+pub mod secureboot;
 
 use crate::image::TrustSettings;
 use anyhow::{Context, Result};

@@ -104,6 +104,8 @@ pub struct AttestInit {
     pub boot_key: openssl::pkey::PKey<openssl::pkey::Public>,
     /// Lifetime of the nodes' certificates, seconds.
     pub cert_ttl: u64,
+    /// Admit nodes that booted without Secure Boot (or with other keys in db).
+    pub allow_secure_boot_off: bool,
 }
 
 pub(super) fn data_url(bytes: &[u8]) -> String {
@@ -388,15 +390,15 @@ pub fn init(
             }
         }
         Credentials::Attested(a) => {
-            let admission = super::attested::admission(nodes, a, 1)?;
-            let (list, sig) = admission
-                .sign(&openssl::pkey::PKey::private_key_from_pem(&ca.key_pem)?)
-                .context("signing the admission list")?;
+            let (configs, list, sig) = super::attested::configs(nodes, &record, &ca, a)?;
             write(&dir.join("admission.json"), &list, 0o644)?;
-            write(&dir.join("admission.json.sig"), sig.as_bytes(), 0o644)?;
-            for n in nodes {
-                let cfg = super::attested::node_config(n, nodes, &record, &ca, a, &list, &sig)?;
-                write(&dir.join(format!("{}.ign", n.name)), &cfg, 0o644)?;
+            write(
+                &dir.join("admission.json.sig"),
+                format!("{sig}\n").as_bytes(),
+                0o644,
+            )?;
+            for (name, cfg) in configs {
+                write(&dir.join(format!("{name}.ign")), &cfg, 0o644)?;
             }
         }
     }

@@ -45,9 +45,14 @@ pub enum ClusterCommand {
         /// Lifetime of the certificates verifiers issue, in seconds (renewed at half).
         #[arg(long, default_value_t = 86400)]
         cert_ttl: u64,
+        /// Admit nodes that booted without Secure Boot, or whose firmware db trusts other keys
+        /// than the operator's. On such machines anyone who boots their own code can forge a
+        /// signed PCR 11 by hand: for test rigs only.
+        #[arg(long)]
+        allow_secure_boot_off: bool,
         /// Put each node's private key into its config instead (machines without a TPM): anyone
         /// who reads a config holds that node's cluster credentials.
-        #[arg(long, conflicts_with_all = ["eks", "issuers", "trust_keys"])]
+        #[arg(long, conflicts_with_all = ["eks", "issuers", "trust_keys", "allow_secure_boot_off"])]
         keys_in_configs: bool,
     },
     /// Print the endorsement key of a VM's software TPM (state directory DIR, created when
@@ -86,6 +91,7 @@ fn attest_init(
     issuers: Vec<String>,
     trust_keys: Option<PathBuf>,
     cert_ttl: u64,
+    allow_secure_boot_off: bool,
 ) -> Result<init::AttestInit> {
     use anyhow::Context;
     let mut map = std::collections::BTreeMap::new();
@@ -113,6 +119,7 @@ fn attest_init(
         issuers,
         boot_key,
         cert_ttl,
+        allow_secure_boot_off,
     })
 }
 
@@ -141,6 +148,7 @@ pub fn command(c: ClusterCommand) -> Result<()> {
             issuers,
             trust_keys,
             cert_ttl,
+            allow_secure_boot_off,
             keys_in_configs,
         } => {
             let creds = if keys_in_configs {
@@ -151,7 +159,12 @@ pub fn command(c: ClusterCommand) -> Result<()> {
                 );
             } else {
                 init::Credentials::Attested(attest_init(
-                    &nodes, &eks, issuers, trust_keys, cert_ttl,
+                    &nodes,
+                    &eks,
+                    issuers,
+                    trust_keys,
+                    cert_ttl,
+                    allow_secure_boot_off,
                 )?)
             };
             init::init(&dir, &nodes, &network_config, &creds)?;

@@ -36,6 +36,11 @@ pub const ROOT_CA: &str = "etc/keel/pki/ca.pem";
 pub const NODE_CERT: &str = "run/keel/pki/node.pem";
 pub const NODE_KEY: &str = "run/keel/pki/node-key.pem";
 pub const STATUS: &str = "run/keel/attest/status.json";
+/// The highest admission list serial this node accepted (on the sealed root): a verifier never
+/// goes back to an older list, which could re-admit a removed machine.
+pub const HIGH_WATER: &str = "var/lib/keel/attest/admission.high-water";
+/// The operator's Secure Boot db certificate in the image.
+pub const DB_CERT: &str = "usr/lib/keel/trust/db.crt";
 
 /// Sessions a verifier serves at once; more wait in the kernel's accept queue.
 pub const MAX_SESSIONS: usize = 8;
@@ -82,7 +87,8 @@ pub enum Step {
     Expire,
 }
 
-/// Renewal at half the lifetime; retries after failures every `retry` seconds.
+/// Renewal at half the lifetime left when the certificate was obtained (`cert` is (obtained,
+/// not after)); retries after failures at `retry_at`.
 pub fn next_step(cert: Option<(i64, i64)>, now: i64, retry_at: Option<i64>) -> Step {
     let Some((not_before, not_after)) = cert else {
         return match retry_at {
@@ -125,7 +131,8 @@ pub fn load_config(root: &Path) -> Result<AttestConfig> {
     serde_json::from_slice(&bytes).with_context(|| format!("{}: not an attest config", CONFIG))
 }
 
-/// The valid admission list with the highest serial among the config's and a later delivery.
+/// The valid admission list with the highest serial among the config's and a later delivery,
+/// never one below the highest serial this node accepted before (recorded as it goes up).
 pub fn load_admission(root: &Path, ca: &X509) -> Result<Admission> {
     let key = ca.public_key().context("the CA certificate's key")?;
     let mut best: Option<Admission> = None;
@@ -145,21 +152,63 @@ pub fn load_admission(root: &Path, ca: &X509) -> Result<Admission> {
     for e in &errors {
         tracing::warn!("{e}");
     }
-    best.with_context(|| format!("no valid admission list ({})", errors.join("; ")))
+    let best = best.with_context(|| format!("no valid admission list ({})", errors.join("; ")))?;
+    let hw_path = root.join(HIGH_WATER);
+    let seen: u64 = match std::fs::read_to_string(&hw_path) {
+        Ok(t) => t
+            .trim()
+            .parse()
+            .with_context(|| format!("{}: not a serial", hw_path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", hw_path.display())),
+    };
+    if best.serial < seen {
+        bail!(
+            "the newest admission list here has serial {}, but serial {seen} was in force: put the newest list back ({})",
+            best.serial,
+            root.join(ADMISSION_UPDATE).display()
+        );
+    }
+    if best.serial > seen {
+        crate::atomic::write(&hw_path, format!("{}\n", best.serial).as_bytes(), 0o644)
+            .with_context(|| format!("recording serial {}", best.serial))?;
+    }
+    Ok(best)
 }
 
+/// Writes a private file whole: created 0600 (never readable by others, not even for a moment),
+/// given to `owner`, then renamed over `path`. A leftover temporary file is removed first, and a
+/// symlink in its place is not followed.
 fn write_private(path: &Path, data: &[u8], owner: Option<&str>) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
     }
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    match std::fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", tmp.display())),
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
     if let Some(user) = owner.and_then(|o| nix::unistd::User::from_name(o).ok().flatten()) {
-        nix::unistd::chown(&tmp, Some(user.uid), Some(user.gid))
+        nix::unistd::fchown(&f, Some(user.uid), Some(user.gid))
             .with_context(|| format!("giving {} to {}", tmp.display(), user.name))?;
     }
+    f.write_all(data)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
 }
 
@@ -251,9 +300,26 @@ pub struct Shared {
     pub ca_pem: Vec<u8>,
     pub keys: Vec<TrustedKey>,
     pub node_key: PKey<Private>,
-    /// This node's current chain (leaf, issuer), once it has one.
+    /// This node's current chain (leaf, issuer), once it has one; the verifier serves only
+    /// while it holds a valid one.
     pub chain: Mutex<Option<Vec<u8>>>,
     pub issuer: Option<Issuer>,
+    /// The operator's Secure Boot db certificate (DER), from the image.
+    pub db_cert: Option<Vec<u8>>,
+}
+
+/// The image's db certificate as DER, if it has one.
+pub fn load_db_cert(root: &Path) -> Option<Vec<u8>> {
+    let pem = std::fs::read(root.join(DB_CERT)).ok()?;
+    X509::from_pem(&pem).ok()?.to_der().ok()
+}
+
+/// A name from the network, fit for a log line.
+fn printable(name: &str) -> String {
+    name.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.')
+        .take(64)
+        .collect()
 }
 
 /// Self-issue on an issuer: its own boot state must be trusted and its own EK enrolled under its
@@ -309,9 +375,10 @@ fn attest_remote(
     for i in 0..n {
         let addr = cfg.verifiers[(start + i) % n];
         let attempt = (|| -> Result<Answer> {
+            // Connect first: a verifier that is down costs no TPM work.
+            let mut tls = session::connect(addr, &s.ca_pem)?;
             let csr = session::csr(&s.name, &s.node_key)?;
             let sess = NodeSession::start(tpm, &s.name, &config_sha, csr)?;
-            let mut tls = session::connect(addr, &s.ca_pem)?;
             session::attest(&mut tls, tpm, sess, &logs)
         })();
         match attempt {
@@ -389,35 +456,59 @@ pub fn serve_verifier(shared: Arc<Shared>, listener: TcpListener) {
 }
 
 fn serve_one(s: &Shared, tcp: std::net::TcpStream) -> Result<()> {
-    let peer = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-    tcp.set_read_timeout(Some(session::DEADLINE))?;
-    tcp.set_write_timeout(Some(session::DEADLINE))?;
-    let chain = s.chain.lock().map_err(|_| anyhow::anyhow!("lock"))?.clone();
-    let chain = chain.context("this verifier has no certificate yet")?;
-    let acceptor = session::acceptor(&chain, &s.node_key)?;
-    let mut tls = acceptor
-        .accept(tcp)
-        .map_err(|e| anyhow::anyhow!("TLS from {peer}: {e}"))?;
+    let peer = tcp.peer_addr().context("the peer's address")?;
     let admission = load_admission(&s.root, &s.ca)?;
-    let issuer = s.issuer.as_ref().context("not an issuer")?;
-    let v = Verifier {
-        admission: &admission,
-        keys: &s.keys,
-        issuer,
-        name: &s.name,
-    };
-    match session::serve(&mut tls, &v, now)? {
-        Served::Admitted(a) => tracing::info!(
-            "admitted {} from {peer} (PCR 11 {}, not after {})",
-            a.name,
-            a.pcr11,
-            a.not_after
-        ),
-        Served::Refused { name, refusal } => {
-            tracing::warn!("refused `{name}` from {peer}: {refusal}")
-        }
+    // Only machines in the list get a TLS handshake and RSA work.
+    if !admission.machines.iter().any(|m| m.ip == peer.ip()) {
+        bail!("{peer}: not an address in the admission list; closed");
     }
-    Ok(())
+    // One deadline for the whole session, however slowly the peer sends: when it passes the
+    // socket is shut down and any read or write in progress fails.
+    let watchdog = tcp.try_clone().context("watchdog socket")?;
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = Arc::clone(&done);
+    std::thread::spawn(move || {
+        let until = std::time::Instant::now() + session::DEADLINE;
+        while std::time::Instant::now() < until {
+            if flag.load(Ordering::SeqCst) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        let _ = watchdog.shutdown(std::net::Shutdown::Both);
+    });
+    let result = (|| -> Result<()> {
+        tcp.set_read_timeout(Some(session::DEADLINE))?;
+        tcp.set_write_timeout(Some(session::DEADLINE))?;
+        let chain = s.chain.lock().map_err(|_| anyhow::anyhow!("lock"))?.clone();
+        let chain = chain.context("this verifier holds no valid certificate: not serving")?;
+        let acceptor = session::acceptor(&chain, &s.node_key)?;
+        let mut tls = acceptor
+            .accept(tcp)
+            .map_err(|e| anyhow::anyhow!("TLS from {peer}: {e}"))?;
+        let issuer = s.issuer.as_ref().context("not an issuer")?;
+        let v = Verifier {
+            admission: &admission,
+            keys: &s.keys,
+            issuer,
+            name: &s.name,
+            db_cert: s.db_cert.as_deref(),
+        };
+        match session::serve(&mut tls, &v, now)? {
+            Served::Admitted(a) => tracing::info!(
+                "admitted {} from {peer} (PCR 11 {}, not after {})",
+                a.name,
+                a.pcr11,
+                a.not_after
+            ),
+            Served::Refused { name, refusal } => {
+                tracing::warn!("refused `{}` from {peer}: {refusal}", printable(&name))
+            }
+        }
+        Ok(())
+    })();
+    done.store(true, Ordering::SeqCst);
+    result
 }
 
 /// The service: obtain, write, renew; serve the verifier on an issuer.
@@ -453,6 +544,7 @@ pub fn run(root: &Path) -> Result<()> {
         node_key,
         chain: Mutex::new(None),
         issuer,
+        db_cert: load_db_cert(root),
     });
     let mut status = Status {
         name: cfg.name.clone(),
@@ -482,6 +574,7 @@ pub fn run(root: &Path) -> Result<()> {
             }
             Step::Obtain => {
                 status.last_attempt = now();
+                let began = std::time::Instant::now();
                 let got = if shared.issuer.is_some() {
                     self_issue(&shared, &tpm)
                 } else {
@@ -501,12 +594,15 @@ pub fn run(root: &Path) -> Result<()> {
                         if cert.is_some() {
                             status.renewals += 1;
                         }
-                        cert = Some(v);
+                        // Renewal is timed from when this node got the certificate, not from
+                        // its notBefore (backdated for clock skew).
+                        let obtained = now();
+                        cert = Some((obtained, v.1));
                         *shared.chain.lock().map_err(|_| anyhow::anyhow!("lock"))? = Some(chain);
                         status.state = "admitted".into();
                         status.issued_by = by.clone();
                         status.not_after = v.1;
-                        status.renew_after = v.0 + (v.1 - v.0) / 2;
+                        status.renew_after = obtained + (v.1 - obtained) / 2;
                         status.last_error.clear();
                         status.admission_serial = load_admission(root, &shared.ca)
                             .map(|a| a.serial)
@@ -514,8 +610,9 @@ pub fn run(root: &Path) -> Result<()> {
                         failures = 0;
                         retry_at = None;
                         tracing::info!(
-                            "certificate for {} from {by}, serial {}, not after {}",
+                            "certificate for {} from {by} in {} ms, serial {}, not after {}",
                             cfg.name,
+                            began.elapsed().as_millis(),
                             status.serial,
                             v.1
                         );
@@ -535,6 +632,11 @@ pub fn run(root: &Path) -> Result<()> {
                         }
                     }
                     Err(e) => {
+                        if shared.issuer.is_some() {
+                            // An issuer that no longer passes its own checks (removed from the
+                            // list, deny-listed, untrusted) stops admitting others at once.
+                            *shared.chain.lock().map_err(|_| anyhow::anyhow!("lock"))? = None;
+                        }
                         failures = failures.saturating_add(1);
                         let delay = backoff(failures);
                         retry_at = Some(now() + delay);
@@ -563,7 +665,9 @@ mod tests {
         assert_eq!(next_step(None, 100, None), Step::Obtain);
         assert_eq!(next_step(None, 100, Some(105)), Step::Wait(105));
         assert_eq!(next_step(None, 110, Some(105)), Step::Obtain);
-        // Issued at 0, expires at 100: wait until 50, then renew.
+        // Obtained at 0, expires at 100: wait until 50, then renew. (A certificate backdated
+        // for clock skew must not count from its notBefore: with a lifetime shorter than the
+        // backdating that renewed it at once, over and over.)
         assert_eq!(next_step(Some((0, 100)), 10, None), Step::Wait(50));
         assert_eq!(next_step(Some((0, 100)), 50, None), Step::Obtain);
         // A failed renewal waits for its retry, never past expiry; at expiry the cert goes.

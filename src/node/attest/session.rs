@@ -116,27 +116,28 @@ pub fn connect(addr: SocketAddr, root_pem: &[u8]) -> Result<openssl::ssl::SslStr
         .map_err(|e| anyhow::anyhow!("TLS with the verifier at {addr}: {e}"))
 }
 
-/// Runs a whole session on `stream` and returns the verifier's answer.
+/// Runs a whole session on `stream` and returns the verifier's answer. The session's
+/// attestation key leaves the TPM however the session ends.
 pub fn attest<S: Read + Write>(
     stream: &mut S,
     tpm: &mut Tpm,
     session: NodeSession,
     logs: &BootLogs,
 ) -> Result<Answer> {
-    protocol::write_frame(stream, &session.hello).context("sending Hello")?;
-    let first: ChallengeOrRefusal =
-        protocol::read_frame(stream).context("reading the challenge")?;
-    let challenge = match first {
-        ChallengeOrRefusal::Challenge(c) => c,
-        ChallengeOrRefusal::Refused { reason } => {
-            session.finish(tpm);
-            return Ok(Answer::Refused { reason });
-        }
-    };
-    let evidence = session.evidence(tpm, &challenge, logs);
+    let result = (|| -> Result<Answer> {
+        protocol::write_frame(stream, &session.hello).context("sending Hello")?;
+        let first: ChallengeOrRefusal =
+            protocol::read_frame(stream).context("reading the challenge")?;
+        let challenge = match first {
+            ChallengeOrRefusal::Challenge(c) => c,
+            ChallengeOrRefusal::Refused { reason } => return Ok(Answer::Refused { reason }),
+        };
+        let evidence = session.evidence(tpm, &challenge, logs)?;
+        protocol::write_frame(stream, &evidence).context("sending the evidence")?;
+        protocol::read_frame(stream).context("reading the answer")
+    })();
     session.finish(tpm);
-    protocol::write_frame(stream, &evidence?).context("sending the evidence")?;
-    protocol::read_frame(stream).context("reading the answer")
+    result
 }
 
 /// What one served session ended with, for the verifier's log.

@@ -65,6 +65,10 @@ pub enum Refusal {
     Untrusted(String),
     #[error("PCR 11 {0} is deny-listed in the admission list (a withdrawn image)")]
     Denied(String),
+    #[error("Secure Boot: {0}")]
+    SecureBoot(String),
+    #[error("{name} has no pinned config in the admission list (config-sha256): refusing an enrolled machine that could run any config")]
+    Unpinned { name: String },
     #[error("{name} must run config sha256:{expected}, it reports sha256:{found}")]
     WrongConfig {
         name: String,
@@ -89,6 +93,11 @@ pub struct Verifier<'a> {
     pub issuer: &'a Issuer,
     /// Who this verifier is (recorded in the certificates it issues).
     pub name: &'a str,
+    /// The operator's Secure Boot db certificate (DER) from the verifier's own /usr: a node's
+    /// firmware must have booted with Secure Boot on and this as the only key in db (unless the
+    /// admission list allows otherwise). `None` (an image without one) refuses every node that
+    /// the list does not allow without Secure Boot.
+    pub db_cert: Option<&'a [u8]>,
 }
 
 /// A session between the challenge and the evidence.
@@ -186,14 +195,17 @@ impl Verifier<'_> {
                 .and_then(|i| values.get(i).copied())
                 .unwrap_or([0xff; 32])
         };
-        if let Some(pinned) = &p.entry.config_sha256 {
-            if *pinned != p.config_sha256 {
-                return Err(Refusal::WrongConfig {
-                    name: p.entry.name.clone(),
-                    expected: pinned.clone(),
-                    found: p.config_sha256.clone(),
-                });
-            }
+        let Some(pinned) = &p.entry.config_sha256 else {
+            return Err(Refusal::Unpinned {
+                name: p.entry.name.clone(),
+            });
+        };
+        if *pinned != p.config_sha256 {
+            return Err(Refusal::WrongConfig {
+                name: p.entry.name.clone(),
+                expected: pinned.clone(),
+                found: p.config_sha256.clone(),
+            });
         }
         let firmware = eventlog::parse_tcg2(&e.firmware_log)
             .map_err(|x| Refusal::Malformed(format!("firmware event log: {x}")))?;
@@ -213,6 +225,14 @@ impl Verifier<'_> {
         });
         if !state.trusted {
             return Err(Refusal::Untrusted(state.problems.join("; ")));
+        }
+        if !self.admission.allow_secure_boot_off {
+            let db = self.db_cert.ok_or_else(|| {
+                Refusal::SecureBoot(
+                    "this verifier's image carries no db certificate to check against".into(),
+                )
+            })?;
+            crate::trust::secureboot::check(&firmware, &pcr(7), db).map_err(Refusal::SecureBoot)?;
         }
         if self.admission.deny_pcr11.contains(&state.pcr11) {
             return Err(Refusal::Denied(state.pcr11));
