@@ -176,6 +176,23 @@ pub fn load_admission(root: &Path, ca: &X509) -> Result<Admission> {
     Ok(best)
 }
 
+/// The directory of the node's key and certificate: root's, readable by the etcd group (etcd
+/// runs as that user), nobody else's.
+fn prepare_pki_dir(root: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = root.join(NODE_KEY);
+    let dir = dir.parent().context("the key's directory")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let group = nix::unistd::Group::from_name("etcd").ok().flatten();
+    if let Some(g) = &group {
+        nix::unistd::chown(dir, Some(nix::unistd::Uid::from_raw(0)), Some(g.gid))
+            .with_context(|| format!("giving {} to group etcd", dir.display()))?;
+    }
+    let mode = if group.is_some() { 0o750 } else { 0o700 };
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", dir.display()))
+}
+
 /// Writes a private file whole: created 0600 (never readable by others, not even for a moment),
 /// given to `owner`, then renamed over `path`. A leftover temporary file is removed first, and a
 /// symlink in its place is not followed.
@@ -522,6 +539,7 @@ pub fn run(root: &Path) -> Result<()> {
         let g = openssl::ec::EcGroup::from_curve_name(openssl::nid::Nid::X9_62_PRIME256V1)?;
         PKey::from_ec_key(openssl::ec::EcKey::generate(&g)?)?
     };
+    prepare_pki_dir(root)?;
     write_private(
         &root.join(NODE_KEY),
         &node_key.private_key_to_pem_pkcs8()?,
