@@ -284,6 +284,19 @@ fn attest(c: &Cluster, addr: SocketAddr, tpm: &mut Tpm, name: &str, logs: &BootL
     session::attest(&mut tls, tpm, s, logs).unwrap()
 }
 
+/// An enrolled node3 booted `how` asks a verifier for a certificate: the refusal's reason.
+fn refusal_for(how: Boot) -> String {
+    let c = Arc::new(Cluster::new());
+    let soft = SoftTpm::start();
+    let mut tpm = soft.open();
+    c.enrol("node3", &tpm, "10.77.0.3");
+    let logs = boot(&mut tpm, &c.boot_key, how);
+    let (addr, server) = c.serve(1);
+    let a = attest(&c, addr, &mut tpm, "node3", &logs);
+    server.join().unwrap();
+    refused(&a).to_string()
+}
+
 fn refused(a: &Answer) -> &str {
     match a {
         Answer::Refused { reason } => reason,
@@ -366,31 +379,17 @@ fn a_machine_whose_ek_is_not_enrolled_gets_nothing() {
 
 #[test]
 fn the_signed_uki_with_an_overridden_command_line_is_refused() {
-    let c = Arc::new(Cluster::new());
-    let soft = SoftTpm::start();
-    let mut tpm = soft.open();
-    c.enrol("node3", &tpm, "10.77.0.3");
-    let logs = boot(&mut tpm, &c.boot_key, Boot::CommandLineOverride);
-    let (addr, server) = c.serve(1);
-    let a = attest(&c, addr, &mut tpm, "node3", &logs);
-    assert!(refused(&a).contains("PCR 12"), "{a:?}");
-    server.join().unwrap();
+    let reason = refusal_for(Boot::CommandLineOverride);
+    assert!(reason.contains("PCR 12"), "{reason}");
 }
 
 #[test]
 fn a_boot_state_signed_by_another_key_is_refused() {
-    let c = Arc::new(Cluster::new());
-    let soft = SoftTpm::start();
-    let mut tpm = soft.open();
-    c.enrol("node3", &tpm, "10.77.0.3");
-    let logs = boot(&mut tpm, &c.boot_key, Boot::SignedByAnotherKey);
-    let (addr, server) = c.serve(1);
-    let a = attest(&c, addr, &mut tpm, "node3", &logs);
+    let reason = refusal_for(Boot::SignedByAnotherKey);
     assert!(
-        refused(&a).contains("not one of the operator's keys"),
-        "{a:?}"
+        reason.contains("not one of the operator's keys"),
+        "{reason}"
     );
-    server.join().unwrap();
 }
 
 /// The attack a signed PCR 11 alone does not stop: on an enrolled machine with Secure Boot off,
@@ -398,31 +397,17 @@ fn a_boot_state_signed_by_another_key_is_refused() {
 /// values a signed boot gives, with logs to match.
 #[test]
 fn pcr11_forged_by_hand_on_a_machine_without_secure_boot_is_refused() {
-    let c = Arc::new(Cluster::new());
-    let soft = SoftTpm::start();
-    let mut tpm = soft.open();
-    c.enrol("node3", &tpm, "10.77.0.3");
-    let logs = boot(&mut tpm, &c.boot_key, Boot::SecureBootOff);
-    let (addr, server) = c.serve(1);
-    let a = attest(&c, addr, &mut tpm, "node3", &logs);
-    assert!(refused(&a).contains("Secure Boot was off"), "{a:?}");
-    server.join().unwrap();
+    let reason = refusal_for(Boot::SecureBootOff);
+    assert!(reason.contains("Secure Boot was off"), "{reason}");
 }
 
 #[test]
 fn a_firmware_that_trusts_another_vendors_key_is_refused() {
-    let c = Arc::new(Cluster::new());
-    let soft = SoftTpm::start();
-    let mut tpm = soft.open();
-    c.enrol("node3", &tpm, "10.77.0.3");
-    let logs = boot(&mut tpm, &c.boot_key, Boot::ForeignKeyInDb);
-    let (addr, server) = c.serve(1);
-    let a = attest(&c, addr, &mut tpm, "node3", &logs);
+    let reason = refusal_for(Boot::ForeignKeyInDb);
     assert!(
-        refused(&a).contains("other keys than the operator's db"),
-        "{a:?}"
+        reason.contains("other keys than the operator's db"),
+        "{reason}"
     );
-    server.join().unwrap();
 }
 
 /// An enrolled machine booted with the signed UKI but a config of the attacker's making (one

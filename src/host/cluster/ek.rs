@@ -13,57 +13,77 @@ use std::str::FromStr;
 use std::time::Duration;
 use tss_esapi::tcti_ldr::{NetworkTPMConfig, TctiNameConf};
 
-/// The EK (PEM public key) of the software TPM whose state is in `state`.
-pub fn swtpm_ek_pem(state: &Path) -> Result<String> {
-    let swtpm = require_host_tool(HostTool::Swtpm)?;
-    std::fs::create_dir_all(state).with_context(|| format!("creating {}", state.display()))?;
-    for _ in 0..10 {
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-            l.local_addr()?.port()
-        };
-        if port == u16::MAX || std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_err() {
-            continue;
+/// A swtpm process serving the TPM whose state is in a directory over TCP on loopback (the
+/// transport tss-esapi can open), stopped with SIGTERM when dropped so its state is saved.
+pub struct SwtpmTcp {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl SwtpmTcp {
+    /// Starts swtpm on `state` (created when missing) on a free pair of loopback ports.
+    pub fn start(state: &Path) -> Result<Self> {
+        let swtpm = require_host_tool(HostTool::Swtpm)?;
+        std::fs::create_dir_all(state).with_context(|| format!("creating {}", state.display()))?;
+        for _ in 0..20 {
+            let port = {
+                let l =
+                    std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+                l.local_addr()?.port()
+            };
+            if port == u16::MAX || std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_err() {
+                continue;
+            }
+            let child = Command::new(&swtpm)
+                .args(["socket", "--tpm2", "--tpmstate"])
+                .arg(format!("dir={}", state.display()))
+                .arg("--server")
+                .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
+                .arg("--ctrl")
+                .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
+                .args(["--flags", "not-need-init,startup-clear"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting swtpm")?;
+            let t = SwtpmTcp { child, port };
+            let up = (0..100).any(|_| {
+                std::thread::sleep(Duration::from_millis(50));
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            });
+            if up {
+                return Ok(t);
+            }
         }
-        let mut child = Command::new(&swtpm)
-            .args(["socket", "--tpm2", "--tpmstate"])
-            .arg(format!("dir={}", state.display()))
-            .arg("--server")
-            .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
-            .arg("--ctrl")
-            .arg(format!("type=tcp,port={},bindaddr=127.0.0.1", port + 1))
-            .args(["--flags", "not-need-init,startup-clear"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting swtpm")?;
-        let up = (0..100).any(|_| {
-            std::thread::sleep(Duration::from_millis(50));
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-        let result = if up {
-            (|| -> Result<String> {
-                let conf = TctiNameConf::Swtpm(
-                    NetworkTPMConfig::from_str(&format!("host=127.0.0.1,port={port}"))
-                        .context("swtpm TCTI")?,
-                );
-                let tpm = Tpm::open(conf)?;
-                let ek = crate::attest::tpm2::EkPublic::parse(tpm.ek_public())?;
-                Ok(ek.pem()?)
-            })()
-        } else {
-            Err(anyhow::anyhow!("swtpm did not listen on port {port}"))
-        };
+        bail!("swtpm did not start on any of 20 port pairs")
+    }
+
+    /// Opens this TPM (and its endorsement key).
+    pub fn open(&self) -> Result<Tpm> {
+        let conf = TctiNameConf::Swtpm(
+            NetworkTPMConfig::from_str(&format!("host=127.0.0.1,port={}", self.port))
+                .context("swtpm TCTI")?,
+        );
+        Tpm::open(conf)
+    }
+}
+
+impl Drop for SwtpmTcp {
+    fn drop(&mut self) {
         let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
         );
-        let _ = child.wait();
-        if up {
-            return result
-                .with_context(|| format!("reading the EK of the TPM in {}", state.display()));
-        }
+        let _ = self.child.wait();
     }
-    bail!("could not start swtpm on a free port")
+}
+
+/// The EK (PEM public key) of the software TPM whose state is in `state`.
+pub fn swtpm_ek_pem(state: &Path) -> Result<String> {
+    let swtpm = SwtpmTcp::start(state)?;
+    let tpm = swtpm.open()?;
+    let ek = crate::attest::tpm2::EkPublic::parse(tpm.ek_public())
+        .with_context(|| format!("reading the EK of the TPM in {}", state.display()))?;
+    Ok(ek.pem()?)
 }

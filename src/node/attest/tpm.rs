@@ -91,10 +91,9 @@ impl Tpm {
         &self.ek_public
     }
 
-    /// A policy session satisfying the EK's policy (PolicySecret on the endorsement hierarchy).
-    fn ek_session(&mut self) -> Result<AuthSession> {
-        let session = self
-            .ctx
+    /// A fresh policy session (sha256, AES-128-CFB).
+    fn policy_session(&mut self, what: &str) -> Result<AuthSession> {
+        self.ctx
             .start_auth_session(
                 None,
                 None,
@@ -103,8 +102,13 @@ impl Tpm {
                 SymmetricDefinition::AES_128_CFB,
                 HashingAlgorithm::Sha256,
             )
-            .context("starting a policy session for the EK")?
-            .context("the TPM returned no session")?;
+            .with_context(|| format!("starting a policy session for {what}"))?
+            .context("the TPM returned no session")
+    }
+
+    /// A policy session satisfying the EK's policy (PolicySecret on the endorsement hierarchy).
+    fn ek_session(&mut self) -> Result<AuthSession> {
+        let session = self.policy_session("the EK")?;
         let (attrs, mask) = SessionAttributesBuilder::new()
             .with_decrypt(true)
             .with_encrypt(true)
@@ -327,18 +331,7 @@ impl Tpm {
         });
         let _ = self.ctx.flush_context(key_handle.into());
         let ticket = ticket.context("the policy signature is not the operator's key's")?;
-        let session = self
-            .ctx
-            .start_auth_session(
-                None,
-                None,
-                None,
-                SessionType::Policy,
-                SymmetricDefinition::AES_128_CFB,
-                HashingAlgorithm::Sha256,
-            )
-            .context("starting the unseal policy session")?
-            .context("the TPM returned no session")?;
+        let session = self.policy_session("the unseal")?;
         let policy = PolicySession::try_from(session).context("policy session")?;
         let steps = (|| -> Result<Vec<u8>> {
             let sel11 = selection(&[11])?;
