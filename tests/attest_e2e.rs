@@ -198,6 +198,7 @@ impl Cluster {
             ip: "127.0.0.1".parse().unwrap(),
             role: Role::Member,
             config_sha256: None,
+            subnet: None,
         };
         let leaf = verifier::issue_leaf(&issuer, &me, &csr, now(), now() + 3600).unwrap();
         let mut chain = leaf.to_pem().unwrap();
@@ -227,6 +228,7 @@ impl Cluster {
             ip: ip.parse().unwrap(),
             role: Role::Client,
             config_sha256: Some(config_sha()),
+            subnet: None,
         });
     }
 
@@ -560,6 +562,27 @@ fn cluster_init_seals_the_issuer_to_its_members_tpm_and_config() {
     )
     .unwrap();
     let dir = work.path().join("cluster");
+    // Issuers that cannot make a quorum on their own are refused: until etcd's auth is on no
+    // other node is certified.
+    let ek1 = format!("{}", work.path().join("ek1.pem").display());
+    let minority = common::run(
+        common::keel()
+            .args(["cluster", "init", "--dir"])
+            .arg(work.path().join("minority"))
+            .args(["--node", "node1=10.77.0.1", "--node", "node2=10.77.0.2"])
+            .args(["--node", "node3=10.77.0.3", "--issuers", "node1"])
+            .args(["--trust-keys"])
+            .arg(&keys)
+            .arg(format!("--ek=node1={ek1}"))
+            .arg(format!("--ek=node2={ek1}"))
+            .arg(format!("--ek=node3={ek1}")),
+    );
+    let err = String::from_utf8_lossy(&minority.stderr);
+    assert!(
+        !minority.status.success(),
+        "a minority of issuers was accepted"
+    );
+    assert!(err.contains("must be a majority (2)"), "{err}");
     common::ok(
         common::keel()
             .args(["cluster", "init", "--dir"])
@@ -569,8 +592,9 @@ fn cluster_init_seals_the_issuer_to_its_members_tpm_and_config() {
                 "node1=10.77.0.1",
                 "--node",
                 "node2=10.77.0.2",
+                // Two members: the issuers must make a quorum on their own.
                 "--issuers",
-                "node1",
+                "node1,node2",
                 "--cert-ttl",
                 "600",
             ])

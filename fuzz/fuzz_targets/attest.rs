@@ -86,6 +86,7 @@ fn fixture() -> &'static Fixture {
                     ip: "10.77.0.3".parse().unwrap(),
                     role: Role::Client,
                     config_sha256: None,
+                    subnet: None,
                 }],
                 deny_pcr11: vec![],
                 allow_secure_boot_off: false,

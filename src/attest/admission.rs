@@ -30,6 +30,9 @@ pub struct Entry {
     /// When set, the provisioning config (sha256 as measured into PCR 12) the node must run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_sha256: Option<String>,
+    /// The overlay subnet assigned to this machine: etcd lets it write that lease key only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<ipnet::Ipv4Net>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -79,11 +82,18 @@ impl Admission {
         }
         let mut names = std::collections::BTreeSet::new();
         let mut eks = std::collections::BTreeSet::new();
+        let mut ips = std::collections::BTreeSet::new();
         for m in &self.machines {
             if m.name.is_empty() || m.name.len() > 64 || !m.name.chars().all(name_char) {
                 return bad(format!(
                     "machine name `{}`: 1 to 64 of a-z, 0-9, `-`, `.`",
                     m.name
+                ));
+            }
+            if RESERVED_NAMES.contains(&m.name.as_str()) {
+                return bad(format!(
+                    "machine name `{}` is reserved: etcd takes a certificate's name as its user, and `{}` is the operator's",
+                    m.name, m.name
                 ));
             }
             crate::container::policy::check_ek(&m.ek_sha256).or_else(&bad)?;
@@ -92,6 +102,26 @@ impl Admission {
             }
             if !eks.insert(&m.ek_sha256) {
                 return bad(format!("EK {} is listed twice", m.ek_sha256));
+            }
+            // A verifier lets an address through to a handshake, and a certificate names it:
+            // one machine per address.
+            if !ips.insert(m.ip) {
+                return bad(format!("address {} is listed twice ({})", m.ip, m.name));
+            }
+            if let Some(net) = &m.subnet {
+                if net.network() != net.addr() {
+                    return bad(format!("{}: subnet {net} is not a network address", m.name));
+                }
+                if let Some(other) = self.machines.iter().find(|o| {
+                    o.name != m.name
+                        && o.subnet
+                            .is_some_and(|s| s.contains(net) || net.contains(&s))
+                }) {
+                    return bad(format!(
+                        "{} and {} are assigned overlapping subnets",
+                        m.name, other.name
+                    ));
+                }
             }
             if let Some(c) = &m.config_sha256 {
                 if !is_sha256_hex(c) {
@@ -146,6 +176,42 @@ impl Admission {
     }
 }
 
+/// Names no machine may have: etcd takes a client certificate's CN as its user name, and these
+/// are the cluster's administrators (`keel cluster init` writes `admin.pem`; etcd's `root`).
+pub const RESERVED_NAMES: &[&str] = &["root", "admin"];
+
+/// The etcd key a new signed list is published under; verifiers poll it and keep the newest
+/// valid list on their own disk, so they never need etcd to decide.
+pub const ETCD_KEY: &str = "/keel/attest/admission";
+
+/// A signed list as one document (`admission.bundle.json`): the form it travels in through etcd
+/// and is kept in on a verifier, so the list and its signature are always written together.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Bundle {
+    /// The list's exact bytes, as signed.
+    pub list: String,
+    /// Base64 signature over `list` by the cluster CA's key.
+    pub signature: String,
+}
+
+impl Bundle {
+    pub fn new(list: &[u8], signature: &str) -> Result<Bundle, AdmissionError> {
+        let list = String::from_utf8(list.to_vec())
+            .map_err(|_| AdmissionError::Invalid("the list is not UTF-8 text".into()))?;
+        Ok(Bundle {
+            list,
+            signature: signature.trim().to_string(),
+        })
+    }
+
+    /// Parses a bundle and verifies the list inside it.
+    pub fn open(bytes: &[u8], ca: &PKey<Public>) -> Result<Admission, AdmissionError> {
+        let b: Bundle = serde_json::from_slice(bytes)?;
+        Admission::from_signed(b.list.as_bytes(), &b.signature, ca)
+    }
+}
+
 pub fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64
         && s.bytes()
@@ -182,6 +248,7 @@ mod tests {
                 ip: "10.77.0.1".parse().expect("ip"),
                 role: Role::Member,
                 config_sha256: None,
+                subnet: None,
             }],
             deny_pcr11: vec![],
             allow_secure_boot_off: false,
@@ -211,6 +278,28 @@ mod tests {
     }
 
     #[test]
+    fn a_bundle_carries_the_list_and_its_signature_together() {
+        let ca = key();
+        let (bytes, sig) = list().sign(&ca).expect("sign");
+        let b = serde_json::to_vec(&Bundle::new(&bytes, &sig).expect("bundle")).expect("json");
+        assert_eq!(Bundle::open(&b, &public(&ca)).expect("valid"), list());
+        assert!(matches!(
+            Bundle::open(&b, &public(&key())),
+            Err(AdmissionError::BadSignature)
+        ));
+        // A list changed on the way (a serial raised by a mirror, a machine added) is refused.
+        let mut forged: Bundle = serde_json::from_slice(&b).expect("parse");
+        forged.list = forged.list.replace("\"serial\": 1", "\"serial\": 9");
+        assert_ne!(forged.list.as_bytes(), bytes.as_slice(), "the edit applied");
+        let forged = serde_json::to_vec(&forged).expect("json");
+        assert!(matches!(
+            Bundle::open(&forged, &public(&ca)),
+            Err(AdmissionError::BadSignature)
+        ));
+        assert!(Bundle::open(b"{\"list\": 1}", &public(&ca)).is_err());
+    }
+
+    #[test]
     fn duplicate_names_or_eks_and_odd_lifetimes_are_refused() {
         let mut a = list();
         a.machines.push(a.machines[0].clone());
@@ -221,6 +310,12 @@ mod tests {
         let mut a = list();
         a.machines[0].name = "Node 1".into();
         assert!(a.check().is_err());
+        for reserved in RESERVED_NAMES {
+            let mut a = list();
+            a.machines[0].name = (*reserved).into();
+            let e = a.check().expect_err(reserved).to_string();
+            assert!(e.contains("is reserved"), "{e}");
+        }
         let mut a = list();
         a.deny_pcr11.push(format!("sha256:{}", "a".repeat(64)));
         assert!(

@@ -208,6 +208,7 @@ pub fn boot(opts: &BootOptions) -> Result<()> {
             forwards: opts.forwards.clone(),
         }],
         incoming: false,
+        rtc_base: None,
     };
     match &opts.console {
         None => eprintln!(

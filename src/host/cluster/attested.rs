@@ -23,6 +23,7 @@ pub fn admission(
     a: &AttestInit,
     serial: u64,
     measured: &BTreeMap<String, String>,
+    subnets: &BTreeMap<String, ipnet::Ipv4Net>,
 ) -> Result<Admission> {
     let machines = nodes
         .iter()
@@ -34,6 +35,7 @@ pub fn admission(
                 ip: IpAddr::V4(n.ip),
                 role: Role::Member,
                 config_sha256: measured.get(&n.name).cloned(),
+                subnet: subnets.get(&n.name).copied(),
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -152,7 +154,7 @@ pub fn configs(
         .iter()
         .map(|d| (d.name.clone(), d.measured.clone()))
         .collect();
-    let list = admission(nodes, a, 1, &measured)?;
+    let list = admission(nodes, a, 1, &measured, &record.subnets)?;
     let ca_key = openssl::pkey::PKey::private_key_from_pem(&ca.key_pem)?;
     let (list_bytes, sig) = list.sign(&ca_key).context("signing the admission list")?;
     let mut out = Vec::new();

@@ -33,6 +33,11 @@ impl std::str::FromStr for NodeSpec {
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
             return Err(bad("the name must be letters, digits and `-`"));
         }
+        if crate::attest::admission::RESERVED_NAMES.contains(&name) {
+            return Err(bad(
+                "this name is the operator's: etcd takes a certificate's name as its user, so a node called that would be the cluster's administrator",
+            ));
+        }
         let (addr, mac) = match rest.split_once('@') {
             Some((a, m)) => {
                 if crate::node::net::plan::parse_mac(m).is_none() {
@@ -78,6 +83,10 @@ pub struct ClusterRecord {
     /// Nodes get their certificates by TPM attestation (no key in any config).
     #[serde(default)]
     pub attested: bool,
+    /// Attested clusters: each node's overlay subnet, assigned here so that etcd can let a node
+    /// write that one lease key and no other (docs/attestation.md).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub subnets: std::collections::BTreeMap<String, ipnet::Ipv4Net>,
 }
 
 pub const PKI_DIR: &str = "/etc/keel/pki";
@@ -206,9 +215,14 @@ KEEL_NET_ETCD_CERTFILE={node_pki}/node.pem\n\
 KEEL_NET_ETCD_KEYFILE={node_pki}/node-key.pem\n\
 KEEL_NET_PUBLIC_IP={ip}\n\
 KEEL_NET_HOSTNAME={name}\n\
-KEEL_NET_BOOTSTRAP_CONFIG=/etc/keel/net-config.json\n",
+KEEL_NET_BOOTSTRAP_CONFIG=/etc/keel/net-config.json\n{subnet}",
         ip = node.ip,
-        name = node.name
+        name = node.name,
+        subnet = record
+            .subnets
+            .get(&node.name)
+            .map(|s| format!("KEEL_NET_SUBNET={s}\n"))
+            .unwrap_or_default()
     );
     let etcdctl = format!(
         "ETCDCTL_API=3\nETCDCTL_ENDPOINTS={endpoints}\nETCDCTL_CACERT={PKI_DIR}/ca.pem\nETCDCTL_CERT={node_pki}/node.pem\nETCDCTL_KEY={node_pki}/node-key.pem\n"
@@ -310,6 +324,16 @@ fn check_attest_init(nodes: &[NodeSpec], a: &AttestInit) -> Result<()> {
     if a.issuers.is_empty() {
         bail!("--issuers: at least one first member must hold an issuer");
     }
+    // Until the first issuer has turned etcd's auth on, verifiers certify no other node (every
+    // certificate would be etcd's root then): the issuers alone must make a quorum.
+    let quorum = nodes.len() / 2 + 1;
+    if a.issuers.len() < quorum {
+        bail!(
+            "--issuers: {} of {} members; the issuers alone must be a majority ({quorum}), because until etcd's auth is on no other node is certified and etcd needs a quorum to turn it on",
+            a.issuers.len(),
+            nodes.len()
+        );
+    }
     Ok(())
 }
 
@@ -337,6 +361,27 @@ fn load_ca(dir: &Path) -> Result<CertPair> {
         cert_pem: read("ca.pem")?,
         key_pem: read("ca-key.pem")?,
     })
+}
+
+/// One overlay subnet per node, in the order given, from the network config's first.
+pub fn assign_subnets(
+    nodes: &[NodeSpec],
+    network_config: &str,
+) -> Result<std::collections::BTreeMap<String, ipnet::Ipv4Net>> {
+    let cfg = NetworkConfig::parse(network_config).context("--network-config")?;
+    let mut free = cfg.subnets();
+    nodes
+        .iter()
+        .map(|n| {
+            let s = free.next().with_context(|| {
+                format!(
+                    "--network-config: network {} has no /{} subnet left for {}",
+                    cfg.network, cfg.subnet_len, n.name
+                )
+            })?;
+            Ok((n.name.clone(), s))
+        })
+        .collect()
 }
 
 /// Make DIR/{ca.pem, ca-key.pem, admin.pem, admin-key.pem, cluster.json, NAME.ign...}.
@@ -372,6 +417,10 @@ pub fn init(
         network_config: network_value,
         nodes: nodes.to_vec(),
         attested: matches!(creds, Credentials::Attested(_)),
+        subnets: match creds {
+            Credentials::Attested(_) => assign_subnets(nodes, network_config)?,
+            Credentials::InConfig => Default::default(),
+        },
     };
     write(&dir.join("ca.pem"), &ca.cert_pem, 0o644)?;
     write(&dir.join("ca-key.pem"), &ca.key_pem, 0o600)?;
@@ -485,6 +534,8 @@ mod tests {
         ] {
             assert!(bad.parse::<NodeSpec>().is_err(), "{bad}");
         }
+        let e = "admin=10.0.0.9".parse::<NodeSpec>().expect_err("reserved");
+        assert!(e.contains("the operator's"), "{e}");
     }
 
     #[test]

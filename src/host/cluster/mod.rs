@@ -1,5 +1,6 @@
 //! Cluster-wide material made on the operator's machine: TLS for etcd and keel-net.
 
+pub mod admission;
 pub mod attested;
 pub mod ek;
 pub mod init;
@@ -63,6 +64,26 @@ pub enum ClusterCommand {
         /// Write the PEM here instead of printing it.
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// Change who is admitted (attested clusters): re-sign DIR/admission.json under the next
+    /// serial and write DIR/admission.bundle.json for the verifiers, which take it from etcd
+    /// (the printed `etcdctl put`). A removed machine gets no new certificate; the one it holds
+    /// lasts until it expires (docs/attestation.md, "Revocation").
+    Admission {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Take this machine out of the list.
+        #[arg(long)]
+        remove: Vec<String>,
+        /// Put a removed machine back, as the newest earlier list had it.
+        #[arg(long)]
+        restore: Vec<String>,
+        /// Refuse this PCR 11 value (64 hex digits): a withdrawn image's boot state.
+        #[arg(long)]
+        deny_pcr11: Vec<String>,
+        /// Admit a deny-listed PCR 11 value again.
+        #[arg(long)]
+        allow_pcr11: Vec<String>,
     },
     /// Issue DIR/NAME.ign for a new member joining the cluster in DIR; run
     /// `etcdctl member add NAME --peer-urls=https://IP:2380` on the cluster first.
@@ -197,6 +218,25 @@ pub fn command(c: ClusterCommand) -> Result<()> {
                 }
                 None => print!("{pem}"),
             }
+        }
+        ClusterCommand::Admission {
+            dir,
+            remove,
+            restore,
+            deny_pcr11,
+            allow_pcr11,
+        } => {
+            let old = admission::current(&dir)?;
+            let new = admission::change(
+                &dir,
+                &admission::Change {
+                    remove,
+                    restore,
+                    deny_pcr11,
+                    allow_pcr11,
+                },
+            )?;
+            print!("{}", admission::summary(&dir, &old, &new));
         }
         ClusterCommand::AddNode { dir, node, key } => {
             init::add_node(&dir, &node)?;

@@ -70,6 +70,8 @@ pub struct VmSpec {
     /// Wait for a saved machine state (`-incoming defer`, then QMP migrate-incoming) instead of
     /// booting.
     pub incoming: bool,
+    /// The real-time clock's start (UTC, `2026-12-07T10:00:00`) instead of the host's time.
+    pub rtc_base: Option<String>,
 }
 
 impl VmSpec {
@@ -107,6 +109,10 @@ impl VmSpec {
         push(self.cpus.to_string());
         push("-m".into());
         push(format!("{}M", self.memory_mib));
+        if let Some(base) = &self.rtc_base {
+            push("-rtc".into());
+            push(format!("base={base}"));
+        }
         push("-nodefaults".into());
         push("-no-user-config".into());
         push("-display".into());
@@ -243,6 +249,7 @@ mod tests {
                 },
             ],
             incoming: false,
+            rtc_base: None,
         }
     }
 
@@ -274,6 +281,14 @@ mod tests {
         ] {
             assert!(j.contains(want), "missing `{want}` in {j}");
         }
+    }
+
+    #[test]
+    fn a_clock_ahead_is_the_rtc_base() {
+        let mut s = spec();
+        assert!(!joined(&s).contains("-rtc"));
+        s.rtc_base = Some("2026-12-08T00:03:00".into());
+        assert!(joined(&s).contains("-rtc base=2026-12-08T00:03:00"));
     }
 
     #[test]

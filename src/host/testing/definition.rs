@@ -47,7 +47,20 @@ pub fn parse_secs(s: &str) -> Result<u64, String> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NodeSel {
     One(usize),
+    /// `node = [2, 3]`: these nodes, in this order (a `start` boots them side by side).
+    Some(Vec<usize>),
     All,
+}
+
+impl NodeSel {
+    /// The 1-based node numbers this selects among `nodes`.
+    pub fn numbers(&self, nodes: usize) -> Vec<usize> {
+        match self {
+            NodeSel::One(k) => vec![*k],
+            NodeSel::Some(ks) => ks.clone(),
+            NodeSel::All => (1..=nodes).collect(),
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for NodeSel {
@@ -56,13 +69,22 @@ impl<'de> Deserialize<'de> for NodeSel {
         #[serde(untagged)]
         enum Raw {
             N(usize),
+            L(Vec<usize>),
             S(String),
         }
         match Raw::deserialize(d)? {
             Raw::N(n) if n >= 1 => Ok(NodeSel::One(n)),
+            Raw::L(ns) if !ns.is_empty() && ns.iter().all(|&n| n >= 1) => {
+                let mut seen = std::collections::BTreeSet::new();
+                if ns.iter().all(|n| seen.insert(*n)) {
+                    Ok(NodeSel::Some(ns))
+                } else {
+                    Err(serde::de::Error::custom("node list names a node twice"))
+                }
+            }
             Raw::S(s) if s == "all" => Ok(NodeSel::All),
             _ => Err(serde::de::Error::custom(
-                "node must be a number from 1 or \"all\"",
+                "node must be a number from 1, a list of them ([2, 3]) or \"all\"",
             )),
         }
     }
@@ -151,6 +173,9 @@ pub enum StepKind {
         console: Vec<String>,
         console_not: Vec<String>,
         timeout: Option<Secs>,
+        /// `clock-ahead`: the machine's clock (its RTC) starts this far ahead of the host's, as
+        /// if it had stayed off that much longer (certificates that expire meanwhile).
+        clock_ahead: Option<Secs>,
     },
     /// Change bytes of a file's data in usr slot A on the node's disk (node off).
     TamperUsr {
@@ -305,6 +330,8 @@ struct RawStep {
     /// For `start` with `console`: text that must not appear on that boot's console.
     #[serde(default)]
     console_not: Vec<String>,
+    /// For `start`: the machine's clock starts this far ahead of the host's ("3m").
+    clock_ahead: Option<Secs>,
     /// Substrings that must all appear in stdout (templates like `{usr_root_hash}` expanded).
     #[serde(default)]
     expect: Vec<String>,
@@ -348,6 +375,7 @@ impl RawStep {
         add(self.text.is_some(), "text");
         add(!self.console.is_empty(), "console");
         add(!self.console_not.is_empty(), "console-not");
+        add(self.clock_ahead.is_some(), "clock-ahead");
         add(!self.expect.is_empty(), "expect");
         add(!self.expect_not.is_empty(), "expect-not");
         add(!self.expect_stderr.is_empty(), "expect-stderr");
@@ -446,8 +474,9 @@ impl RawStep {
                     console: self.console.clone(),
                     console_not: self.console_not.clone(),
                     timeout: self.timeout,
+                    clock_ahead: self.clock_ahead,
                 },
-                &["console", "console-not", "timeout"],
+                &["console", "console-not", "timeout", "clock-ahead"],
             ),
             Action::TamperUsr => match &self.path {
                 Some(p) if p.starts_with("/usr/") => {
@@ -757,15 +786,18 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile> {
         let s = raw
             .into_step()
             .map_err(|e| anyhow::anyhow!("{}: step {n} ({test}): {e}", path.display()))?;
-        if let NodeSel::One(k) = s.node {
-            if k > spec.nodes {
-                bail!(
-                    "{}: step {n} ({}) names node {k} but the test has {} node(s)",
-                    path.display(),
-                    s.test,
-                    spec.nodes
-                );
-            }
+        if let Some(k) = s
+            .node
+            .numbers(spec.nodes)
+            .into_iter()
+            .find(|&k| k > spec.nodes)
+        {
+            bail!(
+                "{}: step {n} ({}) names node {k} but the test has {} node(s)",
+                path.display(),
+                s.test,
+                spec.nodes
+            );
         }
         if let StepKind::InstallUpdate {
             definition: Some(d),
@@ -787,11 +819,11 @@ pub fn parse(path: &Path, text: &str) -> Result<TestFile> {
             }
         }
         if s.kind.edits_disk() {
-            let k = match s.node {
-                NodeSel::One(k) => k,
-                NodeSel::All => 1,
-            };
-            if !spec.node.get(k - 1).is_some_and(|c| c.raw_disk) {
+            let ks = s.node.numbers(spec.nodes);
+            if let Some(k) = ks
+                .into_iter()
+                .find(|k| !spec.node.get(k - 1).is_some_and(|c| c.raw_disk))
+            {
                 bail!(
                     "{}: step {n} ({}): {} edits the disk in place: give node {k} raw-disk = true",
                     path.display(),
@@ -1056,11 +1088,26 @@ retry-for = "30s"
     }
 
     #[test]
+    fn a_step_names_one_node_a_list_or_all() {
+        let f = parse(
+            Path::new("t.toml"),
+            "description = \"x\"\ntimeout = 5\nnodes = 3\n[[step]]\ntest = \"a\"\nnode = [3, 2]\naction = \"start\"\n[[step]]\ntest = \"a\"\nnode = \"all\"\nrun = \"true\"\n",
+        )
+        .expect("parses");
+        assert_eq!(f.spec.step[0].node.numbers(3), vec![3, 2]);
+        assert_eq!(f.spec.step[1].node.numbers(3), vec![1, 2, 3]);
+        assert_eq!(NodeSel::One(2).numbers(3), vec![2]);
+    }
+
+    #[test]
     fn bad_files_are_refused_with_position() {
         let cases = [
             ("unknown field", "description = \"x\"\ntimeout = 5\nbogus = 1\n[[step]]\ntest = \"a\"\nrun = \"true\"\n", "t.toml:3:1"),
             ("run and action", "description = \"x\"\ntimeout = 5\n[[step]]\ntest = \"a\"\nrun = \"true\"\naction = \"reboot\"\n", "exactly one of"),
             ("node out of range", "description = \"x\"\ntimeout = 5\n[[step]]\ntest = \"a\"\nnode = 3\nrun = \"true\"\n", "names node 3"),
+            ("node list out of range", "description = \"x\"\ntimeout = 5\nnodes = 2\n[[step]]\ntest = \"a\"\nnode = [1, 3]\naction = \"start\"\n", "names node 3"),
+            ("node listed twice", "description = \"x\"\ntimeout = 5\nnodes = 2\n[[step]]\ntest = \"a\"\nnode = [2, 2]\naction = \"start\"\n", "names a node twice"),
+            ("empty node list", "description = \"x\"\ntimeout = 5\n[[step]]\ntest = \"a\"\nnode = []\naction = \"start\"\n", "a list of them"),
             ("tamper without path", "description = \"x\"\ntimeout = 5\n[[step]]\ntest = \"a\"\naction = \"tamper-usr\"\n", "tamper-usr needs"),
             ("bad duration", "description = \"x\"\ntimeout = \"5h\"\n[[step]]\ntest = \"a\"\nrun = \"true\"\n", "not a duration"),
             ("tamper-uki without how", "description = \"x\"\ntimeout = 5\n[[node]]\nraw-disk = true\n[[step]]\ntest = \"a\"\naction = \"tamper-uki\"\n", "needs `how`"),
@@ -1183,6 +1230,12 @@ retry-for = "30s"
             "cluster.etcd-three-nodes",
             "cluster.overlay",
             "cluster.overlay-encrypted",
+            "attest.cluster-forms",
+            "attest.renewal",
+            "attest.cold-start",
+            "attest.revoked",
+            "attest.stolen-config-refused",
+            "attest.unknown-tpm-refused",
         ] {
             assert!(
                 names.iter().any(|n| n == want),

@@ -2,7 +2,7 @@
 //! node restored copy-on-write), steps through the guest agent, host-side actions, implicit
 //! checks, consoles and journals saved per node, and where the scenario's time went.
 
-use super::definition::{expand, Command, NodeSel, Step, StepKind, TestFile, UkiEdit};
+use super::definition::{expand, Command, Step, StepKind, TestFile, UkiEdit};
 use super::report::{self, Outcome, TestResult};
 use super::tamper;
 use super::timing::{BootWatch, ScenarioTimes};
@@ -119,19 +119,30 @@ impl Node {
             ignition: self.ignition.clone(),
             nets: self.nets.clone(),
             incoming: false,
+            rtc_base: None,
         }
     }
 
     /// Starts the VM: a boot, or with `saved`, a machine that waits for that state.
     fn launch(&mut self, accel: &str, saved: bool) -> Result<()> {
+        self.launch_at(accel, saved, None)
+    }
+
+    /// `launch`, with the machine's clock `ahead` of the host's when given.
+    fn launch_at(&mut self, accel: &str, saved: bool, ahead: Option<Duration>) -> Result<()> {
         self.boots += 1;
         let console = self
             .dir
             .join(format!("node{}.boot{}.console.log", self.index, self.boots));
         self.consoles.push(console.clone());
         self.console_in = None;
+        let rtc_base = match ahead {
+            Some(d) => Some(rtc_time(std::time::SystemTime::now() + d)?),
+            None => None,
+        };
         let spec = VmSpec {
             incoming: saved,
+            rtc_base,
             ..self.spec(accel, console)
         };
         let vm = Vm::start(spec, &self.tpm)?;
@@ -143,6 +154,10 @@ impl Node {
 
     fn start(&mut self, accel: &str) -> Result<()> {
         self.launch(accel, false)
+    }
+
+    fn start_ahead(&mut self, accel: &str, ahead: Option<Duration>) -> Result<()> {
+        self.launch_at(accel, false, ahead)
     }
 
     /// A boot of the running machine (reboot, reset) begins now: follow it from here on.
@@ -182,6 +197,12 @@ impl Node {
         };
         type_into_console(stream, text)
     }
+}
+
+/// QEMU's `-rtc base=` form of a time (UTC, whole seconds).
+fn rtc_time(t: std::time::SystemTime) -> Result<String> {
+    let ts = jiff::Timestamp::try_from(t).context("a clock time QEMU can take")?;
+    Ok(ts.strftime("%Y-%m-%dT%H:%M:%S").to_string())
 }
 
 /// The state of one named test while its scenario runs.
@@ -463,11 +484,12 @@ fn power_action(env: &mut Env, node: &mut Node, kind: &StepKind) -> Result<()> {
             console: want,
             console_not: never,
             timeout,
+            clock_ahead,
         } => {
             if node.running() {
                 bail!("node{} is already running", node.index);
             }
-            node.start(&env.ctx.accel)?;
+            node.start_ahead(&env.ctx.accel, clock_ahead.map(|c| c.0))?;
             let limit = Instant::now() + timeout.map(|t| t.0).unwrap_or(REBOOT_TIMEOUT);
             if want.is_empty() {
                 return wait_boot_counted(node, None, limit.min(env.deadline), env.times)
@@ -1205,13 +1227,21 @@ impl<'s, 'c> Scenario<'s, 'c> {
         }
         let step_started = Instant::now();
         let nested_before = self.times.boot_s + self.times.build_s;
-        let targets: Vec<usize> = match step.node {
-            NodeSel::One(k) => vec![k - 1],
-            NodeSel::All => (0..self.nodes.len()).collect(),
-        };
-        for t in targets {
-            if !self.step_on_node(si, t)? {
-                break;
+        let targets: Vec<usize> = step
+            .node
+            .numbers(self.nodes.len())
+            .into_iter()
+            .map(|k| k - 1)
+            .collect();
+        let side_by_side = targets.len() > 1
+            && matches!(&step.kind, StepKind::Start { console, .. } if console.is_empty());
+        if side_by_side {
+            self.start_side_by_side(si, &targets)?;
+        } else {
+            for t in targets {
+                if !self.step_on_node(si, t)? {
+                    break;
+                }
             }
         }
         let nested = self.times.boot_s + self.times.build_s - nested_before;
@@ -1231,6 +1261,56 @@ impl<'s, 'c> Scenario<'s, 'c> {
                     st.failed = Some(format!("implicit check: {p}"));
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// A `start` of several nodes: every machine is powered on first, then each is waited for,
+    /// so their boots overlap (a cold start of the whole cluster, or two new machines).
+    fn start_side_by_side(&mut self, si: usize, targets: &[usize]) -> Result<()> {
+        let step = &self.file.spec.step[si];
+        let (timeout, ahead) = match &step.kind {
+            StepKind::Start {
+                timeout,
+                clock_ahead,
+                ..
+            } => (
+                timeout.map(|t| t.0).unwrap_or(REBOOT_TIMEOUT),
+                clock_ahead.map(|c| c.0),
+            ),
+            _ => (REBOOT_TIMEOUT, None),
+        };
+        let limit = (Instant::now() + timeout).min(self.deadline);
+        let mut failure = None;
+        for &t in targets {
+            let node = &mut self.nodes[t];
+            let r = if node.running() {
+                Err(anyhow::anyhow!("node{} is already running", node.index))
+            } else {
+                node.start_ahead(&self.ctx.accel, ahead)
+            };
+            if let Err(e) = r {
+                failure = Some(format!(
+                    "step {} (start) failed on node{}: {e:#}",
+                    si + 1,
+                    t + 1
+                ));
+                break;
+            }
+        }
+        if failure.is_none() {
+            for &t in targets {
+                let node = &mut self.nodes[t];
+                if let Err(e) = wait_boot_counted(node, None, limit, &mut self.times) {
+                    failure = Some(format!("step {} (start) failed: {e:#}", si + 1));
+                    break;
+                }
+            }
+        }
+        if let Some(why) = failure {
+            let st = self.tests.get_mut(&step.test).context("unknown test")?;
+            st.failed = Some(why.clone());
+            self.aborted = Some(why);
         }
         Ok(())
     }
@@ -1468,6 +1548,12 @@ fn save_node(node: &mut Node, dir: &Path) -> Result<SavedState> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rtc_base_is_utc_to_the_second() {
+        let t = std::time::UNIX_EPOCH + Duration::from_secs(1_796_601_780);
+        assert_eq!(rtc_time(t).expect("time"), "2026-12-07T00:03:00");
+    }
 
     #[test]
     fn a_passed_scenario_keeps_its_logs_and_loses_its_disks() {

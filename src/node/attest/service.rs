@@ -13,7 +13,7 @@
 use super::session::{self, BootLogs, NodeSession, Served};
 use super::tpm::Tpm;
 use super::verifier::{self, Issuer, Verifier};
-use crate::attest::admission::{Admission, Role};
+use crate::attest::admission::{Admission, AdmissionError, Bundle, Role};
 use crate::attest::protocol::{self, Answer};
 use crate::attest::tpm2::ImportBlob;
 use crate::node::agent::boot_state::{self, TrustedKey, BOOT_KEY};
@@ -29,8 +29,16 @@ use std::sync::{Arc, Mutex};
 /// Node files (relative to the root).
 pub const CONFIG: &str = "etc/keel/attest/attest.json";
 pub const ADMISSION: &str = "etc/keel/attest/admission.json";
-/// A newer admission list delivered after provisioning (highest valid serial wins).
-pub const ADMISSION_UPDATE: &str = "var/lib/keel/attest/admission.json";
+/// A newer admission list published after provisioning (through etcd, `ETCD_KEY`), as a
+/// bundle (list and signature in one file); the highest valid serial wins.
+pub const ADMISSION_UPDATE: &str = "var/lib/keel/attest/admission.bundle.json";
+/// A list delivered by hand by an earlier release (`admission.json` + `.sig`), still read.
+pub const ADMISSION_UPDATE_PAIR: &str = "var/lib/keel/attest/admission.json";
+/// Present once this verifier has seen etcd's auth on: from then on it certifies other nodes
+/// (before, every certificate would be etcd's root, so only first members are certified).
+pub const AUTH_ON: &str = "var/lib/keel/attest/etcd-auth-on";
+/// How often a verifier looks for a newer list in etcd.
+pub const ADMISSION_POLL: std::time::Duration = std::time::Duration::from_secs(10);
 pub const ISSUER_CERT: &str = "etc/keel/attest/issuer.pem";
 pub const ROOT_CA: &str = "etc/keel/pki/ca.pem";
 pub const NODE_CERT: &str = "run/keel/pki/node.pem";
@@ -137,31 +145,34 @@ pub fn load_admission(root: &Path, ca: &X509) -> Result<Admission> {
     let key = ca.public_key().context("the CA certificate's key")?;
     let mut best: Option<Admission> = None;
     let mut errors = Vec::new();
-    for rel in [ADMISSION, ADMISSION_UPDATE] {
+    let mut consider = |found: Result<Admission, AdmissionError>, p: PathBuf| match found {
+        Ok(a) if best.as_ref().is_none_or(|b| a.serial > b.serial) => best = Some(a),
+        Ok(_) => {}
+        Err(e) => errors.push(format!("{}: {e}", p.display())),
+    };
+    for rel in [ADMISSION, ADMISSION_UPDATE_PAIR] {
         let p = root.join(rel);
-        let Ok(bytes) = std::fs::read(&p) else {
-            continue;
-        };
-        let sig = std::fs::read_to_string(format!("{}.sig", p.display())).unwrap_or_default();
-        match Admission::from_signed(&bytes, &sig, &key) {
-            Ok(a) if best.as_ref().is_none_or(|b| a.serial > b.serial) => best = Some(a),
-            Ok(_) => {}
-            Err(e) => errors.push(format!("{}: {e}", p.display())),
+        if let Ok(bytes) = std::fs::read(&p) {
+            let sig = std::fs::read_to_string(format!("{}.sig", p.display())).unwrap_or_default();
+            consider(Admission::from_signed(&bytes, &sig, &key), p);
         }
+    }
+    let p = root.join(ADMISSION_UPDATE);
+    if let Ok(bytes) = std::fs::read(&p) {
+        consider(Bundle::open(&bytes, &key), p);
     }
     for e in &errors {
         tracing::warn!("{e}");
     }
     let best = best.with_context(|| format!("no valid admission list ({})", errors.join("; ")))?;
+    // Sessions, the renewal and the etcd poll all land here: one at a time past this point, so
+    // that two of them never write the high-water in the wrong order (lowering it).
+    static HIGH_WATER_LOCK: Mutex<()> = Mutex::new(());
+    let _guard = HIGH_WATER_LOCK
+        .lock()
+        .map_err(|_| anyhow::anyhow!("the high-water lock"))?;
     let hw_path = root.join(HIGH_WATER);
-    let seen: u64 = match std::fs::read_to_string(&hw_path) {
-        Ok(t) => t
-            .trim()
-            .parse()
-            .with_context(|| format!("{}: not a serial", hw_path.display()))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-        Err(e) => return Err(e).with_context(|| format!("reading {}", hw_path.display())),
-    };
+    let seen = high_water(root)?;
     if best.serial < seen {
         bail!(
             "the newest admission list here has serial {}, but serial {seen} was in force: put the newest list back ({})",
@@ -174,6 +185,211 @@ pub fn load_admission(root: &Path, ca: &X509) -> Result<Admission> {
             .with_context(|| format!("recording serial {}", best.serial))?;
     }
     Ok(best)
+}
+
+/// The highest admission list serial this node accepted (0 before any).
+fn high_water(root: &Path) -> Result<u64> {
+    let hw_path = root.join(HIGH_WATER);
+    match std::fs::read_to_string(&hw_path) {
+        Ok(t) => t
+            .trim()
+            .parse()
+            .with_context(|| format!("{}: not a serial", hw_path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e).with_context(|| format!("reading {}", hw_path.display())),
+    }
+}
+
+/// What a published list did here.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Adopted {
+    /// A newer list: it is in force from now on.
+    Newer(u64),
+    /// The list in force already.
+    Same,
+}
+
+/// Takes a bundle read from etcd: kept (atomically, on the sealed root) when its signature
+/// verifies and its serial is above the list in force; an older or forged one changes nothing
+/// and is an error naming why, since only the CA's holder can publish and serials only rise.
+pub fn adopt_published(root: &Path, ca: &X509, bytes: &[u8]) -> Result<Adopted> {
+    let key = ca.public_key().context("the CA certificate's key")?;
+    let new = Bundle::open(bytes, &key).with_context(|| {
+        format!(
+            "the list published at {}",
+            crate::attest::admission::ETCD_KEY
+        )
+    })?;
+    match load_admission(root, ca) {
+        Ok(current) if new.serial == current.serial && new == current => {
+            return Ok(Adopted::Same)
+        }
+        Ok(current) if new.serial == current.serial => bail!(
+            "the list published at {} has serial {} but differs from the serial {} in force here: two different lists were signed with one serial (sign a new one with a higher serial); keeping the one in force",
+            crate::attest::admission::ETCD_KEY,
+            new.serial,
+            current.serial
+        ),
+        Ok(current) if new.serial < current.serial => bail!(
+            "the list published at {} has serial {}, older than serial {} in force here: not taken",
+            crate::attest::admission::ETCD_KEY,
+            new.serial,
+            current.serial
+        ),
+        Ok(_) => {}
+        // Nothing valid here at or above the high-water (lists lost from disk): a published
+        // list that reaches the high-water heals that.
+        Err(e) => {
+            let floor = high_water(root)?;
+            if new.serial < floor {
+                bail!(
+                    "the list published at {} has serial {}, below serial {floor} once in force here ({e:#}): not taken",
+                    crate::attest::admission::ETCD_KEY,
+                    new.serial
+                );
+            }
+        }
+    }
+    let p = root.join(ADMISSION_UPDATE);
+    if let Some(dir) = p.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    crate::atomic::write(&p, bytes, 0o644).with_context(|| format!("writing {}", p.display()))?;
+    let now_in_force = load_admission(root, ca)?;
+    Ok(Adopted::Newer(now_in_force.serial))
+}
+
+/// The local etcd member, reached with this node's certificate.
+fn local_etcd(root: &Path, prefix: &str) -> crate::node::net::store::EtcdOptions {
+    crate::node::net::store::EtcdOptions {
+        endpoints: vec!["https://127.0.0.1:2379".into()],
+        ca_file: Some(root.join(ROOT_CA)),
+        cert_file: Some(root.join(NODE_CERT)),
+        key_file: Some(root.join(NODE_KEY)),
+        prefix: prefix.into(),
+    }
+}
+
+/// keel-net's key prefix (flannel's) and the network config its config carries.
+pub const NET_PREFIX: &str = "/coreos.com/network";
+pub const NET_CONFIG: &str = "etc/keel/net-config.json";
+
+/// The first issuer (the first verifier its config names is itself) sets up etcd's users and
+/// roles and enables auth, once etcd has quorum; until then every certificate is root. Runs
+/// until auth is on (done here, or found on).
+fn bootstrap_etcd_auth(shared: Arc<Shared>) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("no runtime to set up etcd's users and roles: {e}");
+            return;
+        }
+    };
+    let root = shared.root.clone();
+    let net_config = std::fs::read_to_string(root.join(NET_CONFIG)).ok();
+    let mut last_error = String::new();
+    loop {
+        let outcome = load_admission(&root, &shared.ca).and_then(|admission| {
+            rt.block_on(async {
+                let mut store =
+                    crate::node::net::store::Store::connect(&local_etcd(&root, NET_PREFIX)).await?;
+                Ok::<_, anyhow::Error>(
+                    super::etcd_auth::bootstrap(
+                        store.client(),
+                        &admission,
+                        NET_PREFIX,
+                        net_config.as_deref(),
+                    )
+                    .await?,
+                )
+            })
+        });
+        match outcome {
+            Ok(super::etcd_auth::Bootstrap::AlreadyOn) => {
+                shared.auth_is_on();
+                return;
+            }
+            Ok(super::etcd_auth::Bootstrap::Enabled { users }) => {
+                tracing::info!(
+                    "etcd auth enabled: {users} users (root, {}, and one per machine with its own role)",
+                    super::etcd_auth::ADMIN
+                );
+                shared.auth_is_on();
+                return;
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                if msg != last_error {
+                    tracing::warn!("setting up etcd's users and roles (retrying every 5 s): {msg}");
+                    last_error = msg;
+                }
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_secs(5));
+    }
+}
+
+/// A verifier's watch on the published list: every `ADMISSION_POLL`, read `ETCD_KEY` from the
+/// local etcd member with this node's certificate and adopt a newer list. etcd only carries the
+/// list; the decision to admit is taken from the copy on disk.
+fn poll_published(shared: Arc<Shared>) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("no runtime to read the published admission list: {e}");
+            return;
+        }
+    };
+    let root = shared.root.clone();
+    let mut last_error = String::new();
+    let mut first = true;
+    loop {
+        if !first {
+            std::thread::sleep(ADMISSION_POLL);
+        }
+        first = false;
+        let opts = local_etcd(&root, "/keel/attest");
+        let check_auth = !shared.auth_on.load(Ordering::SeqCst);
+        let got = rt.block_on(async {
+            let mut store = crate::node::net::store::Store::connect(&opts).await?;
+            if check_auth {
+                // With auth on, listing roles needs the root role no node certificate has.
+                match store.client().role_list().await {
+                    Err(e) if super::etcd_auth::permission_denied(&e) => shared.auth_is_on(),
+                    _ => {}
+                }
+            }
+            store.get(crate::attest::admission::ETCD_KEY).await
+        });
+        let outcome = match got {
+            Ok(None) => Ok(Adopted::Same),
+            Ok(Some(bytes)) => adopt_published(&root, &shared.ca, &bytes),
+            Err(e) => Err(anyhow::Error::new(e).context("reading the published admission list")),
+        };
+        match outcome {
+            Ok(Adopted::Newer(serial)) => {
+                last_error.clear();
+                tracing::info!(
+                    "admission list serial {serial} adopted from {}",
+                    crate::attest::admission::ETCD_KEY
+                );
+            }
+            Ok(Adopted::Same) => last_error.clear(),
+            Err(e) => {
+                let msg = format!("{e:#}");
+                if msg != last_error {
+                    tracing::warn!("{msg}");
+                    last_error = msg;
+                }
+            }
+        }
+    }
 }
 
 /// The directory of the node's key and certificate: root's, readable by the etcd group (etcd
@@ -323,6 +539,21 @@ pub struct Shared {
     pub issuer: Option<Issuer>,
     /// The operator's Secure Boot db certificate (DER), from the image.
     pub db_cert: Option<Vec<u8>>,
+    /// etcd's auth is on (seen here once, remembered in `AUTH_ON`): other nodes may be certified.
+    pub auth_on: std::sync::atomic::AtomicBool,
+}
+
+impl Shared {
+    /// Records that etcd's auth is on (once; the file keeps it across boots).
+    fn auth_is_on(&self) {
+        if !self.auth_on.swap(true, Ordering::SeqCst) {
+            let p = self.root.join(AUTH_ON);
+            if let Err(e) = crate::atomic::write(&p, b"1\n", 0o644) {
+                tracing::warn!("recording that etcd auth is on in {}: {e:#}", p.display());
+            }
+            tracing::info!("etcd auth is on: this verifier now certifies other nodes");
+        }
+    }
 }
 
 /// The image's db certificate as DER, if it has one.
@@ -477,7 +708,23 @@ fn serve_one(s: &Shared, tcp: std::net::TcpStream) -> Result<()> {
     let admission = load_admission(&s.root, &s.ca)?;
     // Only machines in the list get a TLS handshake and RSA work.
     if !admission.machines.iter().any(|m| m.ip == peer.ip()) {
-        bail!("{peer}: not an address in the admission list; closed");
+        bail!(
+            "{peer}: not an address in the admission list (serial {}); closed",
+            admission.serial
+        );
+    }
+    // A verifier taken out of the list stops at once (not at its next renewal).
+    if admission.entry(&s.name).is_none() {
+        bail!(
+            "{peer}: this verifier ({}) is not in the admission list (serial {}): not serving",
+            s.name,
+            admission.serial
+        );
+    }
+    // Until etcd's auth is on every certificate is etcd's root: only the first members (which
+    // certify themselves) hold one then.
+    if !s.auth_on.load(Ordering::SeqCst) {
+        bail!("{peer}: etcd's auth is not on yet (the first issuer sets it up once etcd has quorum): certifying no other node until then; closed");
     }
     // One deadline for the whole session, however slowly the peer sends: when it passes the
     // socket is shut down and any read or write in progress fails.
@@ -563,6 +810,7 @@ pub fn run(root: &Path) -> Result<()> {
         chain: Mutex::new(None),
         issuer,
         db_cert: load_db_cert(root),
+        auth_on: std::sync::atomic::AtomicBool::new(root.join(AUTH_ON).exists()),
     });
     let mut status = Status {
         name: cfg.name.clone(),
@@ -645,6 +893,12 @@ pub fn run(root: &Path) -> Result<()> {
                                 let s = Arc::clone(&shared);
                                 std::thread::spawn(move || serve_verifier(s, listener));
                                 tracing::info!("verifier listening on port {}", protocol::PORT);
+                                let s = Arc::clone(&shared);
+                                std::thread::spawn(move || poll_published(s));
+                                if first_issuer(&shared, &cfg) {
+                                    let s = Arc::clone(&shared);
+                                    std::thread::spawn(move || bootstrap_etcd_auth(s));
+                                }
                             }
                             notify_ready();
                         }
@@ -666,6 +920,17 @@ pub fn run(root: &Path) -> Result<()> {
             }
         }
     }
+}
+
+/// This node is the first verifier its config names: it sets up etcd's auth.
+fn first_issuer(shared: &Shared, cfg: &AttestConfig) -> bool {
+    let Some(first) = cfg.verifiers.first() else {
+        return false;
+    };
+    load_admission(&shared.root, &shared.ca)
+        .ok()
+        .and_then(|a| a.entry(&cfg.name).map(|e| e.ip))
+        .is_some_and(|ip| ip == first.ip())
 }
 
 /// Reads the status file.
@@ -696,6 +961,119 @@ mod tests {
             (1..=8).map(backoff).collect::<Vec<_>>(),
             [10, 20, 40, 80, 160, 300, 300, 300]
         );
+    }
+
+    fn ca() -> (X509, PKey<Private>) {
+        let g = openssl::ec::EcGroup::from_curve_name(openssl::nid::Nid::X9_62_PRIME256V1)
+            .expect("group");
+        let key = PKey::from_ec_key(openssl::ec::EcKey::generate(&g).expect("key")).expect("pkey");
+        let mut name = openssl::x509::X509NameBuilder::new().expect("name");
+        name.append_entry_by_text("CN", "test ca").expect("cn");
+        let name = name.build();
+        let mut b = X509::builder().expect("builder");
+        b.set_subject_name(&name).expect("subject");
+        b.set_issuer_name(&name).expect("issuer");
+        b.set_pubkey(&key).expect("pubkey");
+        b.set_not_before(&openssl::asn1::Asn1Time::days_from_now(0).expect("t"))
+            .expect("nb");
+        b.set_not_after(&openssl::asn1::Asn1Time::days_from_now(1).expect("t"))
+            .expect("na");
+        b.sign(&key, openssl::hash::MessageDigest::sha256())
+            .expect("sign");
+        (b.build(), key)
+    }
+
+    fn list(serial: u64, names: &[&str]) -> Admission {
+        Admission {
+            cluster: "c".into(),
+            serial,
+            cert_ttl: 120,
+            machines: names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| crate::attest::admission::Entry {
+                    name: (*n).into(),
+                    ek_sha256: format!("sha256:{}", format!("{i:x}").repeat(64)),
+                    ip: format!("10.77.0.{}", i + 1).parse().expect("ip"),
+                    role: Role::Member,
+                    config_sha256: None,
+                    subnet: None,
+                })
+                .collect(),
+            deny_pcr11: vec![],
+            allow_secure_boot_off: false,
+        }
+    }
+
+    fn bundle(a: &Admission, key: &PKey<Private>) -> Vec<u8> {
+        let (bytes, sig) = a.sign(key).expect("sign");
+        serde_json::to_vec(&Bundle::new(&bytes, &sig).expect("bundle")).expect("json")
+    }
+
+    #[test]
+    fn a_published_list_is_taken_only_when_signed_and_newer() {
+        let dir = tempfile::tempdir().expect("dir");
+        let root = dir.path();
+        let (ca, key) = ca();
+        let first = list(1, &["node1", "node2", "node3"]);
+        let (bytes, sig) = first.sign(&key).expect("sign");
+        std::fs::create_dir_all(root.join("etc/keel/attest")).expect("dir");
+        std::fs::write(root.join(ADMISSION), &bytes).expect("write");
+        std::fs::write(root.join(format!("{ADMISSION}.sig")), sig).expect("write");
+        assert_eq!(load_admission(root, &ca).expect("load").serial, 1);
+
+        // The operator removes node3 (serial 2): taken, in force, recorded as the high-water.
+        let removed = list(2, &["node1", "node2"]);
+        assert_eq!(
+            adopt_published(root, &ca, &bundle(&removed, &key)).expect("adopt"),
+            Adopted::Newer(2)
+        );
+        let now = load_admission(root, &ca).expect("load");
+        assert_eq!(now.serial, 2);
+        assert!(now.entry("node3").is_none());
+        assert_eq!(
+            adopt_published(root, &ca, &bundle(&removed, &key)).expect("again"),
+            Adopted::Same
+        );
+
+        // Someone with etcd write access but not the CA key puts back the old list, or forges
+        // a newer one: nothing changes.
+        let old = adopt_published(root, &ca, &bundle(&first, &key)).expect_err("older");
+        assert!(
+            format!("{old:#}").contains("older than serial 2"),
+            "{old:#}"
+        );
+        let (_, other) = self::ca();
+        let forged = adopt_published(
+            root,
+            &ca,
+            &bundle(&list(3, &["node1", "node2", "node3"]), &other),
+        )
+        .expect_err("forged");
+        assert!(format!("{forged:#}").contains("signature"), "{forged:#}");
+        assert_eq!(load_admission(root, &ca).expect("load").serial, 2);
+
+        // Two different lists signed with one serial (two operators, a stale directory): the
+        // one in force stays, and the conflict is named.
+        let twin = list(2, &["node1"]);
+        let e = adopt_published(root, &ca, &bundle(&twin, &key)).expect_err("same serial");
+        assert!(
+            format!("{e:#}").contains("differs from the serial 2 in force"),
+            "{e:#}"
+        );
+        assert_eq!(load_admission(root, &ca).expect("load"), removed);
+
+        // Deleting the newer list from disk does not bring node3 back: the high-water refuses.
+        std::fs::remove_file(root.join(ADMISSION_UPDATE)).expect("rm");
+        let e = load_admission(root, &ca).expect_err("below the high-water");
+        assert!(format!("{e:#}").contains("serial 2 was in force"), "{e:#}");
+        // The published list heals it; the old one still does not.
+        assert!(adopt_published(root, &ca, &bundle(&first, &key)).is_err());
+        assert_eq!(
+            adopt_published(root, &ca, &bundle(&removed, &key)).expect("heals"),
+            Adopted::Newer(2)
+        );
+        assert_eq!(load_admission(root, &ca).expect("load"), removed);
     }
 
     #[test]

@@ -96,6 +96,11 @@ pub struct RunArgs {
     /// first node to start wins and later nodes never overwrite an operator's change).
     #[arg(long, env = "KEEL_NET_BOOTSTRAP_CONFIG")]
     pub bootstrap_config: Option<PathBuf>,
+    /// The subnet this node must lease, e.g. 10.5.3.0/24 (an attested cluster assigns each
+    /// node its subnet, and etcd lets the node write only that lease key). Default: choose a
+    /// free one.
+    #[arg(long, env = "KEEL_NET_SUBNET")]
+    pub subnet: Option<ipnet::Ipv4Net>,
     /// Name published in the lease (default: the host name).
     #[arg(long, env = "KEEL_NET_HOSTNAME")]
     pub hostname: Option<String>,
@@ -138,6 +143,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     None => None,
                 },
                 ip_masq: args.ip_masq,
+                subnet: args.subnet,
                 cni_conf: (!args.cni_conf.as_os_str().is_empty()).then_some(args.cni_conf),
                 hostname: args.hostname.or_else(|| {
                     nix::unistd::gethostname()

@@ -41,6 +41,8 @@ pub struct Options {
     pub hostname: Option<String>,
     /// Masquerade traffic from this node's containers that leaves the overlay network.
     pub ip_masq: bool,
+    /// The one subnet this node may lease (assigned by the cluster), instead of choosing one.
+    pub subnet: Option<Ipv4Net>,
 }
 
 /// Why one pass with a connected store ended.
@@ -534,6 +536,9 @@ impl<K: NetKernel> Daemon<K> {
         attrs: &LeaseAttrs,
         leases: &[lease::Lease],
     ) -> Result<(Ipv4Net, i64), SessionError> {
+        if let Some(subnet) = self.opts.subnet {
+            return self.acquire_assigned(store, config, attrs, subnet).await;
+        }
         let saved = files::load_saved_lease(&self.opts.state_dir)
             .filter(|s| s.public_ip == attrs.public_ip)
             .map(|s| s.subnet);
@@ -581,6 +586,43 @@ impl<K: NetKernel> Daemon<K> {
         Err(SessionError::Config(
             "could not take a subnet after 16 tries (many nodes racing?)".into(),
         ))
+    }
+
+    /// Takes the subnet the cluster assigned to this node: no other subnet, ever.
+    async fn acquire_assigned<S: LeaseStore>(
+        &mut self,
+        store: &mut S,
+        config: &NetworkConfig,
+        attrs: &LeaseAttrs,
+        subnet: Ipv4Net,
+    ) -> Result<(Ipv4Net, i64), SessionError> {
+        if !config.contains_subnet(&subnet) {
+            return Err(SessionError::Config(format!(
+                "the assigned subnet {subnet} (KEEL_NET_SUBNET) is not one network {} hands out (/{} subnets from {} to {}): the network config in etcd and the cluster's assignment disagree",
+                config.network, config.subnet_len, config.subnet_min, config.subnet_max
+            )));
+        }
+        match store.acquire(&subnet, attrs, self.opts.lease_ttl).await? {
+            Acquired::Yes { lease_id } => {
+                tracing::info!(
+                    "leased the assigned subnet {subnet} (etcd lease {lease_id:x}, ttl {} s)",
+                    self.opts.lease_ttl.as_secs()
+                );
+                files::save_lease(
+                    &self.opts.state_dir,
+                    &SavedLease {
+                        subnet,
+                        public_ip: attrs.public_ip,
+                    },
+                )
+                .map_err(|e| SessionError::Local(crate::error::chain(&e)))?;
+                Ok((subnet, lease_id))
+            }
+            Acquired::Taken => Err(SessionError::Config(format!(
+                "the assigned subnet {subnet} is leased by another address ({}): only this node and the cluster's administrators may write that key; remove the stale lease with the admin certificate",
+                lease::key(store.prefix(), &subnet)
+            ))),
+        }
     }
 
     async fn resync<S: LeaseStore>(&mut self, store: &mut S) -> Result<(), SessionError> {
@@ -828,6 +870,7 @@ mod tests {
             bootstrap_config: None,
             hostname: None,
             ip_masq: true,
+            subnet: None,
         };
         let underlay = Underlay {
             index: 2,

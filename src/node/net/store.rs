@@ -142,7 +142,13 @@ impl Store {
         &self.opts.prefix
     }
 
-    async fn get(&mut self, key: &str) -> Result<Option<Vec<u8>>> {
+    /// The connected etcd client, for what the lease store does not cover (users and roles).
+    pub fn client(&mut self) -> &mut Client {
+        &mut self.client
+    }
+
+    /// One key's value, if it is set.
+    pub async fn get(&mut self, key: &str) -> Result<Option<Vec<u8>>> {
         let what = format!("reading {key}");
         let r = self.client.get(key, None).await.map_err(self.err(what))?;
         Ok(r.kvs().first().map(|kv| kv.value().to_vec()))
