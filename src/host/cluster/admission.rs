@@ -213,12 +213,30 @@ pub fn summary(dir: &Path, old: &Admission, new: &Admission) -> String {
     if !back.is_empty() {
         out.push_str(&format!("; restored {}", back.join(", ")));
     }
+    let ctl = format!(
+        "etcdctl --endpoints https://MEMBER:2379 --cacert {d}/ca.pem --cert {d}/admin.pem --key {d}/admin-key.pem",
+        d = dir.display()
+    );
     out.push_str(&format!(
-        "; {} deny-listed PCR 11 value(s)\npublish it (verifiers take it within {} s):\n  etcdctl --endpoints https://MEMBER:2379 --cacert {d}/ca.pem --cert {d}/admin.pem --key {d}/admin-key.pem put {ETCD_KEY} < {d}/{BUNDLE}\n",
+        "; {} deny-listed PCR 11 value(s)\npublish it (verifiers take it within {} s):\n  {ctl} put {ETCD_KEY} < {}\n",
         new.deny_pcr11.len(),
         crate::node::attest::service::ADMISSION_POLL.as_secs(),
-        d = dir.display()
+        dir.join(BUNDLE).display()
     ));
+    // etcd checks a user's role at every request: taking it away cuts connections a removed
+    // machine already has open, which its certificate's expiry does not.
+    for name in &gone {
+        out.push_str(&format!(
+            "to cut {name}'s open etcd connections now, not when its certificate expires:\n  {ctl} user revoke-role {name} {}\n",
+            crate::node::attest::etcd_auth::role_name(name)
+        ));
+    }
+    for name in &back {
+        out.push_str(&format!(
+            "if {name}'s etcd role was taken away, give it back:\n  {ctl} user grant-role {name} {}\n",
+            crate::node::attest::etcd_auth::role_name(name)
+        ));
+    }
     out
 }
 
@@ -281,7 +299,9 @@ mod tests {
         assert_eq!(current(dir).expect("current"), removed);
         let text = summary(dir, &first, &removed);
         assert!(
-            text.contains("removed node3") && text.contains(ETCD_KEY),
+            text.contains("removed node3")
+                && text.contains(ETCD_KEY)
+                && text.contains("user revoke-role node3 node-node3"),
             "{text}"
         );
 

@@ -379,6 +379,11 @@ fn poll_published(shared: Arc<Shared>) {
                     "admission list serial {serial} adopted from {}",
                     crate::attest::admission::ETCD_KEY
                 );
+                // `keel-agent attest status` shows the list in force from now on.
+                if let Ok(mut st) = status(&root) {
+                    st.admission_serial = serial;
+                    write_status(&root, &st);
+                }
             }
             Ok(Adopted::Same) => last_error.clear(),
             Err(e) => {
