@@ -274,19 +274,26 @@ fn local_etcd(root: &Path, prefix: &str) -> crate::node::net::store::EtcdOptions
 pub const NET_PREFIX: &str = "/coreos.com/network";
 pub const NET_CONFIG: &str = "etc/keel/net-config.json";
 
+/// A runtime for one thread's etcd calls (etcd-client is async; keel-attest is not).
+fn etcd_runtime(what: &str) -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            tracing::error!("no runtime to {what}: {e}");
+            None
+        }
+    }
+}
+
 /// The first issuer (the first verifier its config names is itself) sets up etcd's users and
 /// roles and enables auth, once etcd has quorum; until then every certificate is root. Runs
 /// until auth is on (done here, or found on).
 fn bootstrap_etcd_auth(shared: Arc<Shared>) {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!("no runtime to set up etcd's users and roles: {e}");
-            return;
-        }
+    let Some(rt) = etcd_runtime("set up etcd's users and roles") else {
+        return;
     };
     let root = shared.root.clone();
     let net_config = std::fs::read_to_string(root.join(NET_CONFIG)).ok();
@@ -336,15 +343,8 @@ fn bootstrap_etcd_auth(shared: Arc<Shared>) {
 /// local etcd member with this node's certificate and adopt a newer list. etcd only carries the
 /// list; the decision to admit is taken from the copy on disk.
 fn poll_published(shared: Arc<Shared>) {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!("no runtime to read the published admission list: {e}");
-            return;
-        }
+    let Some(rt) = etcd_runtime("read the published admission list") else {
+        return;
     };
     let root = shared.root.clone();
     let mut last_error = String::new();

@@ -567,15 +567,7 @@ impl<K: NetKernel> Daemon<K> {
                         "leased {subnet} (etcd lease {lease_id:x}, ttl {} s)",
                         self.opts.lease_ttl.as_secs()
                     );
-                    files::save_lease(
-                        &self.opts.state_dir,
-                        &SavedLease {
-                            subnet,
-                            public_ip: attrs.public_ip,
-                        },
-                    )
-                    .map_err(|e| SessionError::Local(crate::error::chain(&e)))?;
-                    return Ok((subnet, lease_id));
+                    return self.remember_lease(subnet, attrs, lease_id);
                 }
                 Acquired::Taken => {
                     taken.insert(subnet);
@@ -586,6 +578,24 @@ impl<K: NetKernel> Daemon<K> {
         Err(SessionError::Config(
             "could not take a subnet after 16 tries (many nodes racing?)".into(),
         ))
+    }
+
+    /// Records a lease just taken (for the next boot) and returns it.
+    fn remember_lease(
+        &self,
+        subnet: Ipv4Net,
+        attrs: &LeaseAttrs,
+        lease_id: i64,
+    ) -> Result<(Ipv4Net, i64), SessionError> {
+        files::save_lease(
+            &self.opts.state_dir,
+            &SavedLease {
+                subnet,
+                public_ip: attrs.public_ip,
+            },
+        )
+        .map_err(|e| SessionError::Local(crate::error::chain(&e)))?;
+        Ok((subnet, lease_id))
     }
 
     /// Takes the subnet the cluster assigned to this node: no other subnet, ever.
@@ -608,15 +618,7 @@ impl<K: NetKernel> Daemon<K> {
                     "leased the assigned subnet {subnet} (etcd lease {lease_id:x}, ttl {} s)",
                     self.opts.lease_ttl.as_secs()
                 );
-                files::save_lease(
-                    &self.opts.state_dir,
-                    &SavedLease {
-                        subnet,
-                        public_ip: attrs.public_ip,
-                    },
-                )
-                .map_err(|e| SessionError::Local(crate::error::chain(&e)))?;
-                Ok((subnet, lease_id))
+                self.remember_lease(subnet, attrs, lease_id)
             }
             Acquired::Taken => Err(SessionError::Config(format!(
                 "the assigned subnet {subnet} is leased by another address ({}): only this node and the cluster's administrators may write that key; remove the stale lease with the admin certificate",
